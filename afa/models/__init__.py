@@ -1,0 +1,30 @@
+"""Networks of AFA: the MiT encoder, the SegFormer decoder, AFANet and PAR."""
+
+from afa.models.afa_net import AFANet, AFAOutput, load_state_dict_flexible
+from afa.models.mix_transformer import (
+    MixVisionTransformer,
+    load_pretrained,
+    mit_b0,
+    mit_b1,
+    mit_b2,
+    mit_b3,
+    mit_b4,
+    mit_b5,
+)
+from afa.models.segformer_head import SegFormerHead, convert_sync_batchnorm
+
+__all__ = [
+    "AFANet",
+    "AFAOutput",
+    "MixVisionTransformer",
+    "SegFormerHead",
+    "convert_sync_batchnorm",
+    "load_pretrained",
+    "load_state_dict_flexible",
+    "mit_b0",
+    "mit_b1",
+    "mit_b2",
+    "mit_b3",
+    "mit_b4",
+    "mit_b5",
+]

@@ -1,0 +1,139 @@
+"""AFANet: MiT encoder + CAM classifier + affinity-from-attention head + SegFormer decoder.
+
+Reference: Ru, Zhan, Yu, Du, "Learning Affinity from Attention: End-to-End Weakly-Supervised
+Semantic Segmentation with Transformers", CVPR 2022.
+
+The state-dict layout (``encoder.*``, ``decoder.*``, ``attn_proj.*``, ``classifier.weight``) equals
+the authors' trained checkpoints, so their VOC/COCO models evaluate with our tools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afa.models import mix_transformer
+from afa.models.segformer_head import SegFormerHead
+
+__all__ = ["AFANet", "AFAOutput", "load_state_dict_flexible"]
+
+
+class AFAOutput(NamedTuple):
+    cls_logits: torch.Tensor  # (B, C-1) image-level logits, no background
+    seg_logits: torch.Tensor  # (B, C, H/4, W/4) segmentation logits, background first
+    attn_logits: list  # per last-stage block: (B, heads, N, N) raw q.k, N = (H/16)(W/16)
+    aff_pred: torch.Tensor  # (B, N, N) predicted affinity in (0, 1), symmetric
+
+
+class AFANet(nn.Module):
+    """The AFA network.
+
+    Args:
+        backbone: ``mit_b0`` .. ``mit_b5``.
+        num_classes: classes including background (21 for VOC, 81 for COCO).
+        embedding_dim: width of the SegFormer decoder.
+        stride: strides of the four encoder stages; AFA keeps stride 16 at stage 4.
+        pooling: ``"gmp"`` (global max pooling, AFA's default) or ``"gap"`` for the classifier.
+        pretrained: path to the official ``mit_b*.pth`` (or a Hugging Face directory), or None.
+        drop_path_rate: stochastic depth of the encoder.
+    """
+
+    def __init__(self, backbone: str = "mit_b1", num_classes: int = 21, embedding_dim: int = 256,
+                 stride=(4, 2, 2, 1), pooling: str = "gmp", pretrained: str | Path | None = None,
+                 drop_path_rate: float = 0.1):
+        super().__init__()
+        if backbone not in mix_transformer.MIT_SETTINGS:
+            raise ValueError(f"Unknown backbone '{backbone}'; choose one of "
+                             f"{sorted(mix_transformer.MIT_SETTINGS)}")
+        if pooling not in ("gmp", "gap"):
+            raise ValueError(f"pooling must be 'gmp' or 'gap', got '{pooling}'")
+        self.num_classes = num_classes
+        self.pooling = pooling
+        self.encoder = getattr(mix_transformer, backbone)(
+            strides=tuple(stride), drop_path_rate=drop_path_rate)
+        if pretrained:
+            mix_transformer.load_pretrained(self.encoder, pretrained, name=backbone)
+        dims = self.encoder.embed_dims
+        self.decoder = SegFormerHead(dims, embedding_dim, num_classes)
+        self.classifier = nn.Conv2d(dims[3], num_classes - 1, 1, bias=False)
+        self.attn_proj = nn.Conv2d(self.encoder.num_attn_channels, 1, 1, bias=True)
+
+    @property
+    def stride(self) -> int:
+        return self.encoder.stride
+
+    def _affinity(self, attn_logits: list[torch.Tensor]) -> torch.Tensor:
+        attn = torch.cat(attn_logits, dim=1)  # (B, blocks*heads, N, N)
+        attn = attn + attn.transpose(-1, -2)  # symmetric: affinity is undirected
+        return torch.sigmoid(self.attn_proj(attn)).squeeze(1)  # (B, N, N)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "gmp":
+            return F.adaptive_max_pool2d(x, 1)
+        return F.adaptive_avg_pool2d(x, 1)
+
+    def forward(self, x: torch.Tensor) -> AFAOutput:
+        features, attn_logits = self.encoder(x)
+        seg_logits = self.decoder(features)
+        cls_logits = self.classifier(self._pool(features[3])).flatten(1)
+        return AFAOutput(cls_logits, seg_logits, attn_logits, self._affinity(attn_logits))
+
+    def forward_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CAMs ``(B, C-1, h, w)`` before ReLU and the affinity ``(B, N, N)``; skips the decoder."""
+        features, attn_logits = self.encoder(x)
+        cam = F.conv2d(features[3], self.classifier.weight)
+        return cam, self._affinity(attn_logits)
+
+    def param_groups(self) -> list[dict]:
+        """Named optimiser groups with their learning-rate multipliers (AFA: 1, 0, 10, 10)."""
+        norm_ids = {id(p) for m in self.encoder.modules() if isinstance(m, nn.LayerNorm)
+                    for p in m.parameters(recurse=False)}
+        encoder = list(self.encoder.parameters())
+        return [
+            {"name": "backbone", "lr_mult": 1.0,
+             "params": [p for p in encoder if id(p) not in norm_ids]},
+            {"name": "backbone_norm", "lr_mult": 0.0,
+             "params": [p for p in encoder if id(p) in norm_ids]},
+            {"name": "heads", "lr_mult": 10.0,
+             "params": list(self.classifier.parameters()) + list(self.attn_proj.parameters())},
+            {"name": "decoder", "lr_mult": 10.0, "params": list(self.decoder.parameters())},
+        ]
+
+    def load_weights(self, checkpoint: str | Path | dict) -> None:
+        """Load our checkpoints or the authors' (``module.``-prefixed DDP ones included)."""
+        load_state_dict_flexible(self, checkpoint)
+
+
+def load_state_dict_flexible(model: nn.Module, checkpoint: str | Path | dict) -> None:
+    """Strictly load ``checkpoint`` into ``model``, unwrapping ``model``/``state_dict`` entries and
+    stripping a ``module.`` prefix; a mismatch names the first offending key and both shapes."""
+    source = "the given state dict"
+    if not isinstance(checkpoint, dict):
+        source = f"'{checkpoint}'"
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"Checkpoint not found: '{checkpoint}'")
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state_dict = checkpoint
+    for key in ("model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state_dict:
+            raise KeyError(f"Checkpoint {source} lacks '{key}' (shape {tuple(value.shape)}); "
+                           "was it trained with another backbone or number of classes?")
+        if state_dict[key].shape != value.shape:
+            raise RuntimeError(
+                f"Checkpoint {source} does not fit this model: '{key}' has shape "
+                f"{tuple(state_dict[key].shape)}, the model expects {tuple(value.shape)} "
+                "(check backbone and num_classes).")
+    extra = [k for k in state_dict if k not in own]
+    if extra:
+        raise KeyError(f"Checkpoint {source} has keys this model does not: '{extra[0]}' "
+                       f"and {len(extra) - 1} more")
+    model.load_state_dict(state_dict, strict=True)

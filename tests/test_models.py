@@ -1,0 +1,272 @@
+"""The AFA network: MiT variants, shapes, attention logits, gradients, checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afa.models import AFANet, convert_sync_batchnorm, load_pretrained, load_state_dict_flexible
+from afa.models import mix_transformer as mit
+from afa.models.hf_convert import convert_hf_mit_keys
+
+VARIANTS = ["mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5"]
+
+
+def _shapes(state_dict):
+    return {k: list(v.shape) for k, v in state_dict.items()}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_matches_official_state_dict(name, reference_dir):
+    reference = json.loads((reference_dir / "mit_imagenet_state_dict_shapes.json").read_text())[name]
+    reference = {k: v for k, v in reference.items() if not k.startswith("head.")}
+    with torch.device("meta"):
+        encoder = getattr(mit, name)()
+    assert _shapes(encoder.state_dict()) == reference
+
+
+def test_afanet_matches_authors_checkpoint_layout(reference_dir):
+    reference = json.loads((reference_dir / "afa_mit_b1_voc_checkpoint_shapes.json").read_text())
+    with torch.device("meta"):
+        model = AFANet("mit_b1", num_classes=21)
+    assert _shapes(model.state_dict()) == reference
+
+
+@pytest.mark.parametrize("name, channels", [("mit_b0", 16), ("mit_b2", 24), ("mit_b4", 24)])
+def test_attention_width_is_derived_from_encoder(name, channels):
+    with torch.device("meta"):
+        model = AFANet(name, num_classes=5)
+    assert model.attn_proj.in_channels == channels == model.encoder.depths[3] * 8
+
+
+def _expected_sizes(size, strides=(4, 2, 2, 1)):
+    sizes = []
+    for i, s in enumerate(strides):
+        k = 7 if i == 0 else 3
+        size = (size + 2 * (k // 2) - k) // s + 1
+        sizes.append(size)
+    return sizes
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (50, 77), (97, 33)])
+def test_output_shapes_and_strides(hw):
+    model = AFANet("mit_b0", num_classes=6).eval()
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        features, attn = model.encoder(x)
+        out = model(x)
+    hs, ws = _expected_sizes(hw[0]), _expected_sizes(hw[1])
+    for i, f in enumerate(features):
+        assert f.shape == (2, model.encoder.embed_dims[i], hs[i], ws[i])
+    # stride 16 at stage 4 means ceil(H/16) with AFA's (4, 2, 2, 1)
+    assert (hs[3], ws[3]) == (math.ceil(hw[0] / 16), math.ceil(hw[1] / 16))
+    n = hs[3] * ws[3]
+    assert out.cls_logits.shape == (2, 5)
+    assert out.seg_logits.shape == (2, 6, hs[0], ws[0])
+    assert len(out.attn_logits) == 2 and all(a.shape == (2, 8, n, n) for a in out.attn_logits)
+    assert out.aff_pred.shape == (2, n, n)
+    cam, aff = model.forward_cam(x)
+    assert cam.shape == (2, 5, hs[3], ws[3])
+    torch.testing.assert_close(aff, out.aff_pred)
+
+
+def test_configurable_strides():
+    encoder = mit.mit_b0(strides=(4, 2, 2, 2)).eval()
+    features, _ = encoder(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in features] == [16, 8, 4, 2]
+    assert encoder.stride == 32
+
+
+def test_attention_logits_equal_hand_computation():
+    model = AFANet("mit_b0", num_classes=4).eval()
+    captured = {}
+    block = model.encoder.block4[1]
+    block.attn.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 48, 64))
+        x = captured["x"]  # (B, N, C) input of the attention, after norm1
+        b, n, c = x.shape
+        heads = block.attn.num_heads
+        q = F.linear(x, block.attn.q.weight, block.attn.q.bias)
+        k = F.linear(x, block.attn.kv.weight[:c], block.attn.kv.bias[:c])
+        q = q.view(b, n, heads, c // heads).permute(0, 2, 1, 3)
+        k = k.view(b, n, heads, c // heads).permute(0, 2, 1, 3)
+        expected = torch.einsum("bhid,bhjd->bhij", q, k)  # unscaled, before softmax
+    torch.testing.assert_close(out.attn_logits[1], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 4])
+def test_fused_attention_equals_explicit(stage):
+    encoder = mit.mit_b0().eval()
+    block = getattr(encoder, f"block{stage}")[0]
+    dim = encoder.embed_dims[stage - 1]
+    h, w = 12, 10
+    x = torch.randn(2, h * w, dim)
+    with torch.no_grad():
+        fused, none = block.attn(x, h, w, return_attn=False)
+        explicit, logits = block.attn(x, h, w, return_attn=True)
+    assert none is None and logits is not None
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_with_all_explicit_blocks_equals_default():
+    encoder = mit.mit_b0().eval()
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        default, _ = encoder(x)
+        for i in range(1, 4):
+            for blk in getattr(encoder, f"block{i}"):
+                blk.return_attn = True
+        explicit, attn = encoder(x)
+    assert len(attn) == sum(encoder.depths)
+    for a, b in zip(default, explicit):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_affinity_is_symmetric_probability():
+    model = AFANet("mit_b0", num_classes=3).eval()
+    with torch.no_grad():
+        aff = model(torch.randn(2, 3, 64, 64)).aff_pred
+    torch.testing.assert_close(aff, aff.transpose(1, 2))
+    assert aff.min() > 0 and aff.max() < 1
+
+
+def test_every_parameter_gets_a_gradient():
+    model = AFANet("mit_b0", num_classes=4).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    seg_target = torch.randint(0, 4, out.seg_logits.shape[:1] + out.seg_logits.shape[2:])
+    aff_target = (torch.rand_like(out.aff_pred) > 0.5).float()
+    loss = (F.multilabel_soft_margin_loss(out.cls_logits, labels)
+            + F.cross_entropy(out.seg_logits, seg_target)
+            + F.binary_cross_entropy(out.aff_pred, aff_target))
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+
+
+def test_param_groups_are_named_and_cover_every_parameter():
+    model = AFANet("mit_b0", num_classes=4)
+    groups = {g["name"]: g for g in model.param_groups()}
+    assert {k: g["lr_mult"] for k, g in groups.items()} == {
+        "backbone": 1.0, "backbone_norm": 0.0, "heads": 10.0, "decoder": 10.0}
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    norm_names = {n for n, p in model.encoder.named_parameters()
+                  if any(p is q for q in groups["backbone_norm"]["params"])}
+    assert norm_names and all("norm" in n for n in norm_names)
+    assert all(p is not model.classifier.weight for p in groups["backbone"]["params"])
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_checkpoint_round_trip(tmp_path, prefix):
+    model = AFANet("mit_b0", num_classes=4)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {prefix + k: v for k, v in model.state_dict().items()}}, path)
+    other = AFANet("mit_b0", num_classes=4)
+    other.load_weights(path)
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_of_other_shape_is_refused_with_the_key_named():
+    state = AFANet("mit_b0", num_classes=21).state_dict()
+    with pytest.raises(RuntimeError, match=r"decoder\.linear_pred\.weight.*\(21, 256, 1, 1\)"):
+        load_state_dict_flexible(AFANet("mit_b0", num_classes=5), state)
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        AFANet("mit_b0", num_classes=4).load_weights(tmp_path / "nope.pth")
+
+
+def test_missing_pretrained_file_explains_where_to_get_it(tmp_path):
+    path = tmp_path / "pretrained" / "mit_b1.pth"
+    with pytest.raises(FileNotFoundError) as err:
+        AFANet("mit_b1", pretrained=path)
+    message = str(err.value)
+    assert str(path) in message and "mit_b1.pth" in message and "SegFormer" in message
+
+
+def _official_checkpoint(name):
+    """An official-format checkpoint: encoder keys plus the ImageNet ``head``."""
+    encoder = getattr(mit, name)()
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in encoder.state_dict().items()}
+    state["head.weight"] = torch.randn(1000, encoder.embed_dims[3])
+    state["head.bias"] = torch.randn(1000)
+    return state
+
+
+def test_official_pretrained_weights_load(tmp_path):
+    state = _official_checkpoint("mit_b0")
+    torch.save(state, tmp_path / "mit_b0.pth")
+    model = AFANet("mit_b0", num_classes=4, pretrained=tmp_path / "mit_b0.pth")
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_wrong_pretrained_variant_is_refused(tmp_path):
+    torch.save(_official_checkpoint("mit_b1"), tmp_path / "mit_b1.pth")
+    with pytest.raises(RuntimeError, match=r"patch_embed1\.proj\.weight.*mit_b0\.pth"):
+        AFANet("mit_b0", pretrained=tmp_path / "mit_b1.pth")
+
+
+def _to_hf_names(state):
+    """Rename official MiT keys the way Hugging Face's SegformerForImageClassification does."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            out["classifier." + key[5:]] = value
+            continue
+        parts = key.split(".")
+        top = parts[0]
+        if top.startswith("patch_embed"):
+            i = int(top[-1]) - 1
+            rest = ".".join(parts[1:]).replace("norm.", "layer_norm.")
+            out[f"segformer.encoder.patch_embeddings.{i}.{rest}"] = value
+        elif top.startswith("norm"):
+            out[f"segformer.encoder.layer_norm.{int(top[-1]) - 1}.{parts[1]}"] = value
+        else:
+            i, j, rest = int(top[-1]) - 1, parts[1], ".".join(parts[2:])
+            base = f"segformer.encoder.block.{i}.{j}."
+            if rest.startswith("attn.kv."):
+                kind = parts[-1]
+                half = value.shape[0] // 2
+                out[base + f"attention.self.key.{kind}"] = value[:half]
+                out[base + f"attention.self.value.{kind}"] = value[half:]
+                continue
+            rest = (rest.replace("norm1.", "layer_norm_1.").replace("norm2.", "layer_norm_2.")
+                    .replace("attn.q.", "attention.self.query.")
+                    .replace("attn.sr.", "attention.self.sr.")
+                    .replace("attn.norm.", "attention.self.layer_norm.")
+                    .replace("attn.proj.", "attention.output.dense.")
+                    .replace("mlp.fc1.", "mlp.dense1.").replace("mlp.fc2.", "mlp.dense2."))
+            out[base + rest] = value
+    return out
+
+
+def test_hugging_face_directory_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _official_checkpoint("mit_b0")
+    hf = {k: v.contiguous() for k, v in _to_hf_names(state).items()}
+    save_file(hf, str(tmp_path / "model.safetensors"))
+    assert set(convert_hf_mit_keys(hf)) == {k for k in state if not k.startswith("head.")}
+    encoder = mit.mit_b0()
+    load_pretrained(encoder, tmp_path, name="mit_b0")
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_sync_batchnorm_only_for_multi_process_cuda():
+    model = AFANet("mit_b0", num_classes=4)
+    cpu = convert_sync_batchnorm(model, world_size=2, device=torch.device("cpu"))
+    assert isinstance(cpu.decoder.linear_fuse.bn, nn.BatchNorm2d)
+    assert not isinstance(cpu.decoder.linear_fuse.bn, nn.SyncBatchNorm)
+    gpu = convert_sync_batchnorm(model, world_size=2, device=torch.device("cuda"))
+    assert isinstance(gpu.decoder.linear_fuse.bn, nn.SyncBatchNorm)
