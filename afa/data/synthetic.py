@@ -1,0 +1,323 @@
+"""A synthetic weakly-supervised segmentation set in the PASCAL VOC layout (``make demo``).
+
+Design. Eight object classes whose identity is carried by *shape and texture together*, never by
+colour: every colour in an image (both colours of each object's texture, the background field and
+the clutter) is drawn from one shared distribution (uniform RGB), so no colour threshold separates
+a class from another class or from the background. Each class has its own silhouette and its own
+texture, drawn in the object's rotated frame:
+
+    class      shape                         texture
+    disc       filled circle                 polka dots
+    square     square                        checkerboard
+    triangle   equilateral triangle          straight stripes
+    star       five-pointed star             solid (flat colour)
+    ring       annulus (background inside)   grid of thin lines
+    cross      plus sign                     linear colour gradient
+    crescent   disc minus an offset disc     wavy stripes
+    ellipse    ellipse, aspect ~0.45         concentric rings
+
+What makes it a WSSS problem rather than a colour-threshold one:
+
+- the background is a smooth random colour field (same colour distribution) with clutter on top:
+  random lines and small blobs, then pixel noise over the whole image; flat and gradient objects
+  look locally like background, so their extent must be inferred from the shape;
+- 1-3 objects per image from 1-2 classes, diameters 27-62% of the image side, random rotation and
+  position (objects may be cut by the border), later objects partially occlude earlier ones (each
+  keeps at least half of its visible area), and sometimes a thin occluding stick crosses the scene;
+- classes come in fixed co-occurring pairs (disc+ring, square+cross, triangle+ellipse,
+  star+crescent): a two-class image shows such a pair 60% of the time, so image-level labels alone
+  do not tell a class from its partner; single-class images (half of all) break the tie;
+- the ring's hole shows background, so a CAM that fills the convex hull is penalised.
+
+It stays learnable by a tiny transformer trained from scratch on a CPU in minutes: objects are
+large, silhouettes are distinct, and texture periods (6-9% of the side) survive the 0.5x rescale.
+
+Masks follow VOC: 0 background, 1..8 the classes, 255 on a thin band (one pixel on each side) along
+every label boundary, where JPEG and anti-aliasing make the true label ambiguous. Image-level labels
+are the classes present in the final mask. Each image is generated from its own generator seeded by
+``(seed, split, index)``, so the output is byte-identical for a seed on any machine with the same
+PIL/zlib/libjpeg, however the work is scheduled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from afa.constants import IGNORE_INDEX, color_palette
+from afa.data.voc import labels_from_mask, write_label_file, write_name_list
+
+__all__ = [
+    "DEMO_CLASSES",
+    "CLASS_TEXTURES",
+    "CO_OCCURRING",
+    "render_sample",
+    "generate_split",
+    "make_demo_dataset",
+]
+
+DEMO_CLASSES = (
+    "background", "disc", "square", "triangle", "star", "ring", "cross", "crescent", "ellipse",
+)
+CLASS_TEXTURES = (
+    None, "dots", "checker", "stripes", "solid", "grid", "gradient", "waves", "concentric",
+)
+CO_OCCURRING = ((1, 5), (2, 6), (3, 8), (4, 7))
+
+_SPLIT_CODES = {"train": 0, "val": 1}
+_JPEG_QUALITY = 90
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes: boolean membership of rotated, radius-normalised coordinates (u, v) (object radius 1)
+# --------------------------------------------------------------------------------------------
+
+
+def _star(u, v):
+    angle = np.arctan2(v, u)
+    # Radius oscillates between 0.45 (inner corners) and 1.0 (tips), five times round the circle.
+    phase = np.abs(((angle * 5 / (2 * np.pi)) % 1.0) - 0.5) * 2  # 1 at a tip, 0 between tips
+    return np.hypot(u, v) <= 0.45 + 0.55 * phase ** 2
+
+
+def _triangle(u, v):
+    inside = np.ones_like(u, dtype=bool)
+    for k in range(3):  # three half-planes at distance 0.5 from the centre
+        angle = np.pi / 2 + k * 2 * np.pi / 3
+        inside &= u * np.cos(angle) + v * np.sin(angle) <= 0.5
+    return inside
+
+
+_SHAPES = (
+    None,
+    lambda u, v: u * u + v * v <= 1.0,                                             # disc
+    lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.8,                          # square
+    _triangle,                                                                     # triangle
+    _star,                                                                         # star
+    lambda u, v: (u * u + v * v <= 1.0) & (u * u + v * v >= 0.55 ** 2),            # ring
+    lambda u, v: ((np.abs(u) <= 0.32) | (np.abs(v) <= 0.32))
+    & (np.maximum(np.abs(u), np.abs(v)) <= 1.0),                                   # cross
+    lambda u, v: (u * u + v * v <= 1.0) & ((u - 0.5) ** 2 + v * v >= 0.8 ** 2),    # crescent
+    lambda u, v: u * u + (v / 0.45) ** 2 <= 1.0,                                   # ellipse
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Textures: mixing weight t in [0, 1] between an object's two colours, in rotated pixel units
+# --------------------------------------------------------------------------------------------
+
+
+def _texture(kind: str, a: np.ndarray, b: np.ndarray, u: np.ndarray, period: float) -> np.ndarray:
+    """``a, b``: pixel offsets in the object frame (phase-shifted); ``u``: radius-normalised a."""
+    if kind == "solid":
+        return np.zeros_like(a)
+    if kind == "gradient":
+        return np.clip((u + 1) / 2, 0, 1)
+    if kind == "dots":
+        da, db = a % period - period / 2, b % period - period / 2
+        return (da * da + db * db <= (0.3 * period) ** 2).astype(np.float32)
+    if kind == "checker":
+        return ((np.floor(a / period) + np.floor(b / period)) % 2).astype(np.float32)
+    if kind == "stripes":
+        return (a % period < period / 2).astype(np.float32)
+    if kind == "grid":
+        return ((a % period < 0.3 * period) | (b % period < 0.3 * period)).astype(np.float32)
+    if kind == "waves":
+        bent = a + 0.3 * period * np.sin(2 * np.pi * b / (1.5 * period))
+        return (bent % period < period / 2).astype(np.float32)
+    if kind == "concentric":
+        return (np.hypot(a, b) % period < period / 2).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# One sample
+# --------------------------------------------------------------------------------------------
+
+
+def _colour(rng: np.random.Generator) -> np.ndarray:
+    """The one colour distribution shared by objects, background and clutter."""
+    return rng.uniform(15, 240, size=3).astype(np.float32)
+
+
+def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours far enough apart for a texture to be visible."""
+    first = _colour(rng)
+    while True:
+        second = _colour(rng)
+        if np.abs(first - second).sum() >= 150:
+            return first, second
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Smooth random colour field + random lines and small blobs, (size, size, 3) float32."""
+    cells = int(rng.integers(2, 5))
+    grid = np.stack([_colour(rng) for _ in range(cells * cells)]).reshape(cells, cells, 3)
+    image = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
+    image = np.ascontiguousarray(np.clip(image, 0, 255))
+    for _ in range(int(rng.integers(2, 7))):
+        p0, p1 = rng.integers(0, size, size=2), rng.integers(0, size, size=2)
+        thickness = int(rng.integers(1, max(2, size // 48) + 1))
+        cv2.line(image, tuple(int(x) for x in p0), tuple(int(x) for x in p1),
+                 _colour(rng).tolist(), thickness, lineType=cv2.LINE_AA)
+    for _ in range(int(rng.integers(2, 7))):
+        centre = tuple(int(x) for x in rng.integers(0, size, size=2))
+        axes = tuple(int(x) for x in rng.integers(max(1, size // 64), max(2, size // 20) + 1,
+                                                  size=2))
+        cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360,
+                    _colour(rng).tolist(), -1, lineType=cv2.LINE_AA)
+    return image
+
+
+def _pick_classes(rng: np.random.Generator) -> list[int]:
+    """Class of each object: 1-3 objects from 1-2 classes, pairs biased to co-occur."""
+    num_fg = len(DEMO_CLASSES) - 1
+    if rng.random() < 0.5:
+        cls = int(rng.integers(1, num_fg + 1))
+        count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
+        return [cls] * count
+    if rng.random() < 0.6:
+        pair = list(CO_OCCURRING[int(rng.integers(len(CO_OCCURRING)))])
+    else:
+        pair = [int(c) for c in rng.choice(np.arange(1, num_fg + 1), size=2, replace=False)]
+    rng.shuffle(pair)
+    if rng.random() < 0.3:
+        pair.append(pair[int(rng.integers(2))])
+    return pair
+
+
+def _place(rng: np.random.Generator, classes: list[int], size: int):
+    """Random geometry per object; retried until every object keeps half of its in-image area."""
+    diameter_range = {1: (0.4, 0.62), 2: (0.32, 0.52), 3: (0.27, 0.44)}[len(classes)]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(50):
+        objects, masks = [], []
+        for cls in classes:
+            radius = rng.uniform(*diameter_range) * size / 2
+            cy, cx = rng.uniform(0.5 * radius, size - 0.5 * radius, size=2)
+            angle = rng.uniform(0, 2 * np.pi)
+            cos, sin = np.cos(angle), np.sin(angle)
+            a = (xx - cx) * cos + (yy - cy) * sin  # object frame, pixels
+            b = -(xx - cx) * sin + (yy - cy) * cos
+            inside = _SHAPES[cls](a / radius, b / radius)
+            objects.append((cls, radius, a, b))
+            masks.append(inside)
+        visible_ok = True
+        for i, inside in enumerate(masks):
+            covered = np.zeros_like(inside)
+            for later in masks[i + 1:]:
+                covered |= later
+            area = inside.sum()
+            if area < 0.01 * size * size or (inside & ~covered).sum() < 0.5 * area:
+                visible_ok = False
+                break
+        if visible_ok:
+            return objects, masks
+    raise RuntimeError("could not place the objects without hiding one (check the size)")
+
+
+def _boundary_band(mask: np.ndarray) -> np.ndarray:
+    """Pixels with a 4-neighbour of another label (both sides of every boundary)."""
+    band = np.zeros(mask.shape, dtype=bool)
+    vertical = mask[1:] != mask[:-1]
+    horizontal = mask[:, 1:] != mask[:, :-1]
+    band[1:] |= vertical
+    band[:-1] |= vertical
+    band[:, 1:] |= horizontal
+    band[:, :-1] |= horizontal
+    return band
+
+
+def render_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """One image (size, size, 3) uint8 RGB and its mask (size, size) uint8 (0, 1..8, 255)."""
+    image = _background(rng, size)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    objects, masks = _place(rng, _pick_classes(rng), size)
+    for (cls, radius, a, b), inside in zip(objects, masks):
+        period = rng.uniform(0.06, 0.09) * size
+        phase_a, phase_b = rng.uniform(0, period, size=2)
+        t = _texture(CLASS_TEXTURES[cls], a[inside] + phase_a, b[inside] + phase_b,
+                     a[inside] / radius, period)[:, None]
+        first, second = _colour_pair(rng)
+        # A mild illumination ramp so flat textures are not perfectly flat.
+        light = 1 + 0.15 * (b[inside] / radius)[:, None] * rng.uniform(-1, 1)
+        image[inside] = np.clip(((1 - t) * first + t * second) * light, 0, 255)
+        mask[inside] = cls
+    if rng.random() < 0.3:  # a thin occluding stick in front of everything
+        p0, p1 = rng.integers(0, size, size=2), rng.integers(0, size, size=2)
+        thickness = int(rng.integers(2, max(3, size // 32) + 1))
+        ends = (tuple(int(x) for x in p0), tuple(int(x) for x in p1))
+        cv2.line(image, *ends, _colour(rng).tolist(), thickness)
+        cv2.line(mask, *ends, 0, thickness)
+    image += rng.normal(0, rng.uniform(2, 8), size=image.shape).astype(np.float32)
+    mask[_boundary_band(mask)] = IGNORE_INDEX
+    return np.clip(image + 0.5, 0, 255).astype(np.uint8), mask
+
+
+# --------------------------------------------------------------------------------------------
+# Writing the data set
+# --------------------------------------------------------------------------------------------
+
+
+def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, _SPLIT_CODES[split], index])
+
+
+def generate_split(
+    root: str | os.PathLike, split: str, num: int, seed: int, size: int, progress: bool = True
+) -> dict[str, list[int]]:
+    """Write ``num`` images and masks of ``split`` under ``root``; returns ``{id: classes}``."""
+    root = Path(root)
+    (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
+    palette = color_palette(256).ravel().tolist()
+    labels = {}
+    for index in tqdm(range(num), desc=f"demo {split}", disable=not progress, unit="img"):
+        name = f"{split}_{index:05d}"
+        image, mask = render_sample(_sample_rng(seed, split, index), size)
+        Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=_JPEG_QUALITY)
+        mask_png = Image.fromarray(mask)
+        mask_png.putpalette(palette)
+        mask_png.save(root / "SegmentationClassAug" / f"{name}.png")
+        labels[name] = labels_from_mask(mask, len(DEMO_CLASSES))
+    return labels
+
+
+def make_demo_dataset(
+    root: str | os.PathLike,
+    seed: int = 0,
+    num_train: int = 3000,
+    num_val: int = 300,
+    size: int = 128,
+    progress: bool = True,
+) -> dict[str, list[int]]:
+    """Write the demo set under ``root`` in the VOC layout; returns the labels of all ids.
+
+    Besides ``JPEGImages/`` and ``SegmentationClassAug/`` it writes what ``tools/prepare_voc.py``
+    would write for it, inside ``root`` itself: ``train_aug.txt``, ``val.txt``, ``cls_labels.json``;
+    plus ``ImageSets/Segmentation/{train_aug,val}.txt`` (so ``prepare_voc.py --root root`` works
+    on it too) and ``meta.json`` (class names and generation parameters).
+    """
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}")
+    root = Path(root)
+    labels = {}
+    lists = {}
+    for split, num, list_name in (("train", num_train, "train_aug"), ("val", num_val, "val")):
+        split_labels = generate_split(root, split, num, seed, size, progress)
+        labels.update(split_labels)
+        lists[list_name] = sorted(split_labels)
+    for list_name, names in lists.items():
+        write_name_list(root / f"{list_name}.txt", names)
+        write_name_list(root / "ImageSets" / "Segmentation" / f"{list_name}.txt", names)
+    write_label_file(root / "cls_labels.json", labels)
+    meta = {"classes": list(DEMO_CLASSES), "num_classes": len(DEMO_CLASSES), "seed": seed,
+            "num_train": num_train, "num_val": num_val, "size": size}
+    (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return labels

@@ -1,0 +1,380 @@
+"""The VOC-style dataset: PASCAL VOC 2012 (+SBD), COCO converted to VOC layout, and the demo set.
+
+Layout read (``split=None``, VOC and the demo set)::
+
+    root/JPEGImages/<id>.jpg        root/<mask_dir>/<id>.png        (mask_dir: SegmentationClassAug)
+
+and with ``split="train"`` (COCO after ``tools/prepare_coco.py``)::
+
+    root/JPEGImages/train/<id>.jpg  root/<mask_dir>/train/<id>.png  (mask_dir: SegmentationClass)
+
+Which ids to use comes from a *name list* (one id per line) and image-level labels from a *label
+file* (JSON ``{id: sorted list of class indices in 1..C-1}``); ``tools/prepare_voc.py``,
+``tools/prepare_coco.py`` and ``tools/make_demo_data.py`` write both. Masks are PNGs of class
+indices (palette index values, not colours): 0 background, 1..C-1 objects, 255 ignore.
+
+Two modes of :class:`VOCStyleDataset`, each returning a dict (batched by the default collate):
+
+- ``mode="cls"`` (classification training, masks never read):
+  ``name`` str, ``image`` (3, h, w) float32 normalised, ``label`` (C-1,) float32 multi-hot,
+  ``box`` (4,) int64.
+- ``mode="seg"`` (segmentation evaluation): the same keys plus ``mask`` (h, w) int64. ``label``
+  comes from the label file when one is given, otherwise from the classes present in the mask.
+
+``box = (y0, y1, x0, x1)``: ``image[:, y0:y1, x0:x1]`` is image content, the rest is zero padding
+added by the random crop (the whole image when there is no crop). Pseudo labels are set to ignore
+outside it.
+
+Bad input raises :class:`DataError` naming the file and the problem. With ``skip_bad=True`` the
+dataset instead warns, leaves bad ids out (recorded in ``dataset.skipped``), and at load time
+replaces an undecodable sample by the next one (counted in ``dataset.load_failures``).
+
+Randomness: each sample draws its augmentation generator from torch's RNG, which the DataLoader
+seeds per worker from its ``generator``; :func:`make_loader` wires this up so that a run is
+repeatable (and :func:`seed_worker` also seeds ``numpy``/``random`` for any other code in a worker).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from afa.constants import IGNORE_INDEX
+from afa.data.transforms import Augment, normalize
+
+__all__ = [
+    "DataError",
+    "read_image",
+    "read_mask",
+    "labels_from_mask",
+    "read_name_list",
+    "write_name_list",
+    "read_label_file",
+    "write_label_file",
+    "VOCStyleDataset",
+    "seed_worker",
+    "make_generator",
+    "make_loader",
+]
+
+# Mask PNG modes that store class indices directly (palette, 8-bit grey, 16/32-bit grey).
+_INDEX_MODES = ("P", "L", "I", "I;16")
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB, whatever its mode (grey, RGBA, palette, CMYK).
+
+    EXIF orientation is deliberately not applied: masks are aligned with the stored pixels.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for corrupt/truncated data
+        raise DataError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def read_mask(
+    path: str | os.PathLike, num_classes: int | None = None, ignore_index: int = IGNORE_INDEX
+) -> np.ndarray:
+    """Read a class-index mask PNG as (H, W) uint8.
+
+    Palette PNGs give their index values (the VOC convention), not colours. Colour (RGB/RGBA)
+    masks are rejected. With ``num_classes``, values outside ``0..num_classes-1`` and
+    ``ignore_index`` raise :class:`DataError`.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: mask file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            mask = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode mask ({exc})") from exc
+    if mode not in _INDEX_MODES:
+        raise DataError(f"{path}: mask has mode {mode}; expected class indices (a palette or "
+                        "single-channel PNG), not colours")
+    if num_classes is not None:
+        values = np.flatnonzero(np.bincount(mask.ravel().astype(np.int64)))
+        bad = values[(values >= num_classes) & (values != ignore_index)]
+        if bad.size:
+            raise DataError(f"{path}: mask values {bad.tolist()} outside 0..{num_classes - 1} "
+                            f"and {ignore_index}")
+    return mask.astype(np.uint8)
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
+    """Sorted object classes present in a mask: indices in 1..num_classes-1 (no 0, no ignore)."""
+    counts = np.bincount(mask.ravel().astype(np.int64), minlength=num_classes)
+    return [int(c) for c in np.flatnonzero(counts[1:num_classes]) + 1]
+
+
+def read_name_list(path: str | os.PathLike) -> list[str]:
+    """Ids from a name list, one per line; blank lines are skipped.
+
+    Only the first column counts, and a path in it is reduced to its stem, so the
+    ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png`` lists that circulate for SBD also work.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: name list not found")
+    names = []
+    for line in Path(path).read_text().splitlines():
+        fields = line.split()
+        if fields:
+            names.append(Path(fields[0]).stem if "/" in fields[0] else fields[0])
+    return names
+
+
+def write_name_list(path: str | os.PathLike, names: list[str]) -> None:
+    """Write ids one per line (parent directories are created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(f"{name}\n" for name in names))
+
+
+def read_label_file(path: str | os.PathLike, num_classes: int) -> dict[str, list[int]]:
+    """Read ``{id: [class indices]}`` and check every index lies in 1..num_classes-1."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: label file not found")
+    try:
+        labels = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a JSON label file ({exc})") from exc
+    if not isinstance(labels, dict):
+        raise DataError(f"{path}: expected a JSON object {{id: [class indices]}}")
+    for name, classes in labels.items():
+        if not isinstance(classes, list) or not all(
+            isinstance(c, int) and 1 <= c < num_classes for c in classes
+        ):
+            raise DataError(f"{path}: labels of {name!r} must be a list of class indices in "
+                            f"1..{num_classes - 1}, got {classes!r}")
+    return labels
+
+
+def write_label_file(path: str | os.PathLike, labels: dict[str, list[int]]) -> None:
+    """Write ``{id: sorted classes}`` as JSON, one id per line, ids sorted."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{json.dumps(name)}: {json.dumps(sorted(int(c) for c in labels[name]))}"
+             for name in sorted(labels)]
+    Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+
+class VOCStyleDataset(Dataset):
+    """Images + image-level labels (``mode="cls"``) or images + masks (``mode="seg"``).
+
+    Args:
+        root: dataset root holding ``JPEGImages`` and ``mask_dir``.
+        name_list: file with one id per line.
+        label_file: JSON ``{id: [classes]}``; required for ``mode="cls"``.
+        num_classes: classes including background (VOC 21, COCO 81).
+        split: sub-folder of ``JPEGImages`` and ``mask_dir`` (COCO layout); None for VOC.
+        mask_dir: folder of the class-index PNGs.
+        mode: ``"cls"`` or ``"seg"``.
+        crop_size, scale_range, hflip, jitter: augmentation, see :class:`afa.data.transforms.Augment`
+            (all off by default; the paper's training uses ``crop_size=512, scale_range=(0.5, 2.0),
+            hflip=True``).
+        skip_bad: warn and skip bad ids instead of raising.
+        ignore_index: mask value that is ignored (padding fill of the mask).
+    """
+
+    MODES = ("cls", "seg")
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        name_list: str | os.PathLike,
+        label_file: str | os.PathLike | None,
+        num_classes: int,
+        *,
+        split: str | None = None,
+        mask_dir: str = "SegmentationClassAug",
+        mode: str = "cls",
+        crop_size: int | None = None,
+        scale_range: tuple[float, float] | None = None,
+        hflip: bool = False,
+        jitter: tuple[float, float, float, float] | None = None,
+        skip_bad: bool = False,
+        ignore_index: int = IGNORE_INDEX,
+    ):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+        if mode == "cls" and label_file is None:
+            raise ValueError("mode='cls' needs a label_file")
+        self.root = Path(root)
+        self.mode = mode
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.skip_bad = skip_bad
+        self.augment = Augment(crop_size, scale_range, hflip, jitter, ignore_index)
+        self.image_dir = self.root / "JPEGImages"
+        self.mask_dir = self.root / mask_dir
+        if split is not None:
+            self.image_dir, self.mask_dir = self.image_dir / split, self.mask_dir / split
+        if not self.image_dir.is_dir():
+            raise DataError(f"{self.image_dir}: image folder not found (root={self.root})")
+        if mode == "seg" and not self.mask_dir.is_dir():
+            raise DataError(f"{self.mask_dir}: mask folder not found (root={self.root})")
+
+        names = read_name_list(name_list)
+        if not names:
+            raise DataError(f"{name_list}: name list is empty")
+        duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
+        if duplicates:
+            raise DataError(f"{name_list}: duplicate ids {duplicates[:5]}")
+        self.labels = None if label_file is None else read_label_file(label_file, num_classes)
+
+        self.skipped: list[tuple[str, str]] = []  # (id, reason) left out at construction
+        self.load_failures = 0  # samples replaced at load time (this process only)
+        self.names = []
+        for name in names:
+            problem = self._check_files(name, label_file)
+            if problem is None:
+                self.names.append(name)
+            elif skip_bad:
+                self.skipped.append((name, problem))
+            else:
+                raise DataError(problem)
+        if self.skipped:
+            shown = "; ".join(reason for _, reason in self.skipped[:5])
+            warnings.warn(f"{name_list}: skipped {len(self.skipped)} of {len(names)} ids: {shown}"
+                          + (" ..." if len(self.skipped) > 5 else ""), stacklevel=2)
+        if not self.names:
+            raise DataError(f"{name_list}: no usable ids left after skipping bad ones")
+
+    def _check_files(self, name: str, label_file) -> str | None:
+        """The problem with ``name`` that can be seen without decoding, or None."""
+        if self.labels is not None and name not in self.labels:
+            return f"{label_file}: no labels for id {name!r}"
+        if not self.image_path(name).is_file():
+            return f"{self.image_path(name)}: image file not found"
+        if self.mode == "seg" and not self.mask_path(name).is_file():
+            return f"{self.mask_path(name)}: mask file not found"
+        return None
+
+    def image_path(self, name: str) -> Path:
+        return self.image_dir / f"{name}.jpg"
+
+    def mask_path(self, name: str) -> Path:
+        return self.mask_dir / f"{name}.png"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def multi_hot(self, classes: list[int]) -> torch.Tensor:
+        """Class indices 1..C-1 -> (C-1,) float32 multi-hot (background has no entry)."""
+        label = torch.zeros(self.num_classes - 1, dtype=torch.float32)
+        label[[c - 1 for c in classes]] = 1.0
+        return label
+
+    def load(self, index: int, rng: np.random.Generator) -> dict:
+        """Decode, check and augment sample ``index`` with the given generator."""
+        name = self.names[index]
+        image = read_image(self.image_path(name))
+        mask = None
+        if self.mode == "seg":
+            mask = read_mask(self.mask_path(name), self.num_classes, self.ignore_index)
+            if mask.shape != image.shape[:2]:
+                raise DataError(f"{self.mask_path(name)}: mask size {mask.shape[::-1]} differs from "
+                                f"image size {image.shape[1::-1]} ({self.image_path(name)})")
+        classes = self.labels[name] if self.labels is not None else labels_from_mask(
+            mask, self.num_classes)
+        image, mask, box = self.augment(image, mask, rng)
+        sample = {"name": name, "image": normalize(image), "label": self.multi_hot(classes),
+                  "box": torch.from_numpy(box)}
+        if mask is not None:
+            sample["mask"] = torch.from_numpy(mask.astype(np.int64))
+        return sample
+
+    def __getitem__(self, index: int) -> dict:
+        # One generator per sample, seeded from torch's RNG: the DataLoader seeds that per worker.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+        if not self.skip_bad:
+            return self.load(index, rng)
+        for attempt in range(len(self.names)):
+            try:
+                return self.load((index + attempt) % len(self.names), rng)
+            except DataError as exc:
+                self.load_failures += 1
+                warnings.warn(f"skipping a bad sample ({exc}); {self.load_failures} so far in "
+                              "this process", stacklevel=2)
+        raise DataError(f"{self.root}: no sample of the dataset could be loaded")
+
+    def __repr__(self) -> str:
+        return (f"VOCStyleDataset(root={str(self.root)!r}, mode={self.mode!r}, "
+                f"num_classes={self.num_classes}, size={len(self)}, {self.augment})")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed ``numpy`` and ``random`` from torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A seeded CPU generator for the DataLoader (shuffling and the workers' base seed)."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    sampler: Sampler | None = None,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A repeatable DataLoader: same ``seed`` -> same order and same augmentations.
+
+    Under DDP pass a ``DistributedSampler`` (shuffle there) and ``seed + rank`` so that ranks
+    draw different augmentations.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        worker_init_fn=seed_worker,
+        generator=make_generator(seed),
+        persistent_workers=num_workers > 0,
+    )
