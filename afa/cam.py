@@ -1,0 +1,212 @@
+"""Class activation maps and the pseudo labels derived from them.
+
+DESIGN.md section 3: multi-scale CAM (step 2), CAM label (step 3), PAR-refined pseudo label
+(step 4) and the affinity pseudo label from propagated CAMs (step 9).
+
+Box convention: ``boxes`` is (B, 4) integer ``[y0, y1, x0, x1]``, half-open, in pixels of the
+(H, W) crop: ``crop[y0:y1, x0:x1]`` is image content, the rest is padding (the same convention as
+``afa.data.transforms.random_crop``). Every label built here is ``ignore_index`` outside the box.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afa.constants import IGNORE_INDEX
+
+__all__ = [
+    "MultiScaleCAM",
+    "multi_scale_cam",
+    "box_mask",
+    "cam_to_label",
+    "refine_cams_with_par",
+    "refine_propagated_cams",
+]
+
+
+class MultiScaleCAM(NamedTuple):
+    cam: torch.Tensor  # (B, C-1, H, W) normalised to [0, 1] per image and class
+    aff: torch.Tensor  # (B, N, N) affinity of the largest scale, N = tokens of that scale
+
+
+@torch.no_grad()
+def multi_scale_cam(model: nn.Module, images: torch.Tensor,
+                    scales: Sequence[float] = (1.0, 0.5, 1.5)) -> MultiScaleCAM:
+    """Multi-scale + flip CAM (DESIGN step 2).
+
+    Args:
+        model: exposes ``forward_cam(x) -> (cam (B, C-1, h, w) before ReLU, aff (B, N, N))``.
+        images: (B, 3, H, W) normalised images.
+        scales: resize factors; the affinity of the largest one is returned.
+
+    The model is called in whatever mode it is in; the caller decides train/eval.
+    """
+    batch, _, height, width = images.shape
+    largest = max(scales)
+    cam_sum = images.new_zeros(())
+    aff = None
+    for scale in scales:
+        size = (int(scale * height), int(scale * width))
+        x = images if size == (height, width) else F.interpolate(
+            images, size=size, mode="bilinear", align_corners=False)
+        cam, scale_aff = model.forward_cam(torch.cat([x, x.flip(-1)], dim=0))
+        cam = F.interpolate(cam.float(), size=(height, width), mode="bilinear", align_corners=False)
+        cam = torch.maximum(cam[:batch], cam[batch:].flip(-1))  # (B, C-1, H, W)
+        cam_sum = cam_sum + F.relu(cam)
+        if scale == largest and aff is None:
+            aff = scale_aff[:batch]
+    cam_sum = cam_sum - cam_sum.amin(dim=(2, 3), keepdim=True)
+    cam_sum = cam_sum / (cam_sum.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    return MultiScaleCAM(cam=cam_sum, aff=aff)
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, H, W) bool, True inside each ``[y0, y1, x0, x1]`` box (half-open)."""
+    boxes = boxes.to(torch.long)
+    ys = torch.arange(height, device=boxes.device)
+    xs = torch.arange(width, device=boxes.device)
+    inside_y = (ys[None, :] >= boxes[:, 0:1]) & (ys[None, :] < boxes[:, 1:2])  # (B, H)
+    inside_x = (xs[None, :] >= boxes[:, 2:3]) & (xs[None, :] < boxes[:, 3:4])  # (B, W)
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+def cam_to_label(cam: torch.Tensor, labels: torch.Tensor, bkg_score: float = 0.45,
+                 high: float | None = None, low: float | None = None,
+                 boxes: torch.Tensor | None = None,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Hard label from CAMs (DESIGN step 3).
+
+    Args:
+        cam: (B, C-1, H, W) normalised CAMs.
+        labels: (B, C-1) multi-hot image labels; CAMs of absent classes are zeroed.
+        bkg_score: background where the best class score is ``<= bkg_score``.
+        high, low: the training variant (give both): ``<= high`` is ignore, ``<= low`` background,
+            overriding ``bkg_score``.
+        boxes: (B, 4) valid region; outside it the label is ``ignore_index``.
+
+    Returns:
+        (B, H, W) long: 0 background, c for class c (1-based), ``ignore_index``.
+    """
+    if (high is None) != (low is None):
+        raise ValueError("give both `high` and `low` (the training variant) or neither")
+    score, index = (cam * labels[:, :, None, None]).max(dim=1)  # (B, H, W)
+    label = index + 1
+    label[score <= bkg_score] = 0
+    if high is not None:
+        label[score <= high] = ignore_index
+        label[score <= low] = 0
+    if boxes is not None:
+        label[~box_mask(boxes, *label.shape[-2:])] = ignore_index
+    return label
+
+
+def _combine_high_low(label_high: torch.Tensor, label_low: torch.Tensor,
+                      ignore_index: int) -> torch.Tensor:
+    """Foreground where the high-background label has it; background only where both agree."""
+    label = label_high.clone()
+    label[label_high == 0] = ignore_index
+    label[(label_high == 0) & (label_low == 0)] = 0
+    return label
+
+
+def _present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel ids of background + present classes per image, padded to the batch maximum.
+
+    Returns ``index`` (B, 1 + P) long into the (B, C) background-first channel axis (padding
+    points at 0) and ``valid`` (B, 1 + P) bool. Refining only these channels keeps PAR's cost
+    proportional to the few classes an image has, not to C.
+    """
+    present = labels.bool()  # (B, C-1)
+    count = int(present.sum(dim=1).max()) if present.numel() else 0
+    # A stable sort puts the present classes first, in increasing class order.
+    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+    valid = torch.gather(present, 1, order)  # (B, P)
+    index = torch.where(valid, order + 1, torch.zeros_like(order))
+    index = F.pad(index, (1, 0), value=0)
+    valid = F.pad(valid, (1, 0), value=True)
+    return index, valid
+
+
+@torch.no_grad()
+def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
+                         labels: torch.Tensor, boxes: torch.Tensor, high: float = 0.55,
+                         low: float = 0.35, ignore_index: int = IGNORE_INDEX,
+                         down_scale: int = 2) -> torch.Tensor:
+    """PAR-refined pseudo label from CAMs (DESIGN step 4), all images of the batch at once.
+
+    Args:
+        par: a ``PAR`` module.
+        rgb: (B, 3, H, W) image in [0, 1].
+        cams: (B, C-1, H, W) normalised CAMs.
+        labels: (B, C-1) multi-hot image labels.
+        boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``.
+        high, low: constant background scores of the two stacks.
+        down_scale: PAR runs at (H // down_scale, W // down_scale).
+
+    Returns:
+        (B, H, W) long pseudo label with ``ignore_index``.
+    """
+    batch, _, height, width = cams.shape
+    small = (height // down_scale, width // down_scale)
+    small_rgb = F.interpolate(rgb, size=small, mode="bilinear", align_corners=False)
+    small_cams = F.interpolate(cams, size=small, mode="bilinear", align_corners=False)
+    index, valid = _present_classes(labels)  # (B, 1 + P)
+    # Background-first scores; the background row is replaced by the constant of each stack.
+    scores = F.pad(small_cams, (0, 0, 0, 0, 1, 0))  # (B, C, h, w)
+    scores = torch.gather(scores, 1, index[:, :, None, None].expand(-1, -1, *small))
+    stacks = []
+    for bkg_score in (high, low):
+        stack = scores.clone()
+        stack[:, 0] = bkg_score
+        stacks.append(stack.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1))
+    refined = par(small_rgb, torch.cat(stacks, dim=1))  # (B, 2 (1 + P), h, w)
+    refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
+    label_high, label_low = (torch.gather(index, 1, part.argmax(dim=1).flatten(1)).view(batch, height, width)
+                             for part in refined.chunk(2, dim=1))
+    label = _combine_high_low(label_high, label_low, ignore_index)
+    label[~box_mask(boxes, height, width)] = ignore_index
+    return label
+
+
+@torch.no_grad()
+def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch.Tensor,
+                           walked_low: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
+                           ignore_index: int = IGNORE_INDEX, down_scale: int = 2) -> torch.Tensor:
+    """Affinity pseudo label: PAR on random-walk-propagated maps (DESIGN step 9).
+
+    Args:
+        par: a ``PAR`` module.
+        rgb: (B, 3, H, W) image in [0, 1].
+        walked_high, walked_low: (B, C, H, W) outputs of ``afa.affinity.propagate_cams`` with
+            ``high`` and ``low`` as background score (channel 0 background).
+        labels: (B, C-1) multi-hot image labels.
+        boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``.
+        down_scale: PAR runs on the box crop at 1 / ``down_scale`` of its size.
+
+    Each image is refined on its own box crop, so padding never enters PAR's neighbourhoods; the
+    propagated maps are not re-normalised.
+
+    Returns:
+        (B, H, W) long pseudo label with ``ignore_index``.
+    """
+    batch, _, height, width = walked_high.shape
+    index, valid = _present_classes(labels)
+    label = torch.full((batch, height, width), ignore_index, dtype=torch.long, device=rgb.device)
+    for b in range(batch):
+        y0, y1, x0, x1 = (int(v) for v in boxes[b])
+        keys = index[b][valid[b]]  # (1 + P_b,) background + present classes
+        crop_rgb = rgb[b:b + 1, :, y0:y1, x0:x1]
+        small = (max(1, (y1 - y0) // down_scale), max(1, (x1 - x0) // down_scale))
+        small_rgb = F.interpolate(crop_rgb, size=small, mode="bilinear", align_corners=False)
+        stack = torch.cat([walked_high[b:b + 1, keys, y0:y1, x0:x1],
+                           walked_low[b:b + 1, keys, y0:y1, x0:x1]], dim=1)
+        refined = par(small_rgb, stack)  # (1, 2 (1 + P_b), h, w)
+        refined = F.interpolate(refined, size=(y1 - y0, x1 - x0), mode="bilinear",
+                                align_corners=False)
+        label_high, label_low = (keys[part.argmax(dim=1)] for part in refined.chunk(2, dim=1))
+        label[b:b + 1, y0:y1, x0:x1] = _combine_high_low(label_high, label_low, ignore_index)
+    return label

@@ -1,0 +1,171 @@
+"""Multi-scale CAM, CAM labels and the two PAR-refined pseudo labels."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afa.cam import (box_mask, cam_to_label, multi_scale_cam, refine_cams_with_par,
+                     refine_propagated_cams)
+from afa.models.par import PAR
+
+
+class TinyCAMModel(nn.Module):
+    """Stand-in network: stride-4 CAMs from a fixed 1x1 conv; affinity from one pooled channel."""
+
+    def __init__(self, num_fg=3):
+        super().__init__()
+        self.proj = nn.Conv2d(3, num_fg, 1)
+
+    def forward_cam(self, x):
+        feat = F.avg_pool2d(x, 4)
+        tokens = feat[:, 0].flatten(1)  # (B, N)
+        return self.proj(feat), torch.sigmoid(tokens[:, :, None] - tokens[:, None, :])
+
+
+def test_multi_scale_cam_matches_per_copy_reference():
+    torch.manual_seed(0)
+    model = TinyCAMModel()
+    images = torch.randn(2, 3, 32, 40)
+    scales = (1.0, 0.5, 1.5)
+    out = multi_scale_cam(model, images, scales=scales)
+
+    expected = 0
+    for s in scales:
+        x = F.interpolate(images, size=(int(s * 32), int(s * 40)), mode="bilinear",
+                          align_corners=False)
+        plain = F.interpolate(model.forward_cam(x)[0], size=(32, 40), mode="bilinear",
+                              align_corners=False)
+        flipped = model.forward_cam(x.flip(-1))[0]
+        flipped = F.interpolate(flipped, size=(32, 40), mode="bilinear", align_corners=False)
+        expected = expected + F.relu(torch.maximum(plain, flipped.flip(-1)))
+    expected = expected - expected.amin(dim=(2, 3), keepdim=True)
+    expected = expected / (expected.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    torch.testing.assert_close(out.cam, expected.detach())
+    assert out.cam.amin() >= 0 and out.cam.amax() <= 1
+
+    x_large = F.interpolate(images, size=(48, 60), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.aff, model.forward_cam(x_large)[1].detach())  # un-flipped
+    cam, aff = out  # unpacks like a tuple
+    assert aff.shape == (2, 12 * 15, 12 * 15)
+
+
+def test_cam_to_label_boundaries_are_inclusive():
+    values = torch.tensor([0.2, 0.25, 0.3, 0.5, 0.6, 0.75, 0.8])  # exact in binary
+    cam = torch.zeros(1, 2, 1, 7)
+    cam[0, 1, 0] = values  # class 2 holds the scores
+    labels = torch.tensor([[1.0, 1.0]])
+    plain = cam_to_label(cam, labels, bkg_score=0.5)
+    assert plain[0, 0].tolist() == [0, 0, 0, 0, 2, 2, 2]
+    train = cam_to_label(cam, labels, bkg_score=0.5, high=0.75, low=0.25)
+    assert train[0, 0].tolist() == [0, 0, 255, 255, 255, 255, 2]
+
+
+def test_cam_to_label_default_thresholds_in_float32():
+    cam = torch.tensor([0.35, 0.45, 0.55, 0.5501]).view(1, 1, 1, 4)
+    labels = torch.ones(1, 1)
+    assert cam_to_label(cam, labels)[0, 0].tolist() == [0, 0, 1, 1]
+    train = cam_to_label(cam, labels, high=0.55, low=0.35)
+    assert train[0, 0].tolist() == [0, 255, 255, 1]
+    with pytest.raises(ValueError):
+        cam_to_label(cam, labels, high=0.55)
+
+
+def test_cam_to_label_masks_absent_classes_and_box():
+    cam = torch.zeros(2, 3, 4, 5)
+    cam[:, 0] = 0.9  # class 1 is strongest everywhere ...
+    cam[:, 2] = 0.7
+    labels = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])  # ... but absent from image 0
+    boxes = torch.tensor([[0, 4, 0, 5], [1, 3, 2, 4]])
+    label = cam_to_label(cam, labels, boxes=boxes)
+    assert (label[0] == 3).all()
+    inside = box_mask(boxes, 4, 5)
+    assert inside[1].sum() == 4 and inside[1, 1:3, 2:4].all()
+    assert (label[1][inside[1]] == 1).all() and (label[1][~inside[1]] == 255).all()
+
+
+def _block_cams():
+    """CAMs constant on 8x8 blocks of a 32x32 crop, scores chosen in each threshold band."""
+    torch.manual_seed(3)
+    blocks = torch.rand(2, 20, 4, 4)
+    cams = blocks.repeat_interleave(8, dim=2).repeat_interleave(8, dim=3)
+    labels = torch.zeros(2, 20)
+    labels[0, [3, 16]] = 1
+    labels[1, 11] = 1
+    return cams, labels
+
+
+def test_refined_label_without_propagation_follows_the_thresholds():
+    cams, labels = _block_cams()
+    rgb = torch.rand(2, 3, 32, 32)
+    boxes = torch.tensor([[0, 32, 0, 32], [0, 24, 8, 32]])
+    label = refine_cams_with_par(PAR(num_iter=0), rgb, cams, labels, boxes, high=0.55, low=0.35)
+    expected = cam_to_label(cams, labels, high=0.55, low=0.35, boxes=boxes)
+    # Compare away from block borders, where the down/up-sampling blends neighbouring blocks.
+    interior = torch.zeros(32, 32, dtype=torch.bool)
+    for k in range(4):
+        interior[8 * k + 2:8 * k + 6, :] = True
+    interior &= interior.clone().T
+    assert torch.equal(label[:, interior], expected[:, interior])
+    assert set(label.unique().tolist()) >= {0, 255}
+    assert (label[1, 24:] == 255).all() and (label[1, :, :8] == 255).all()
+
+
+def test_refined_label_batch_equals_per_image_reference():
+    cams, labels = _block_cams()
+    cams = cams + 0.1 * torch.rand_like(cams)
+    rgb = torch.rand(2, 3, 32, 32)
+    boxes = torch.tensor([[0, 32, 0, 32], [4, 32, 0, 28]])
+    par = PAR(dilations=(1, 2, 4), num_iter=3)
+    label = refine_cams_with_par(par, rgb, cams, labels, boxes, high=0.55, low=0.35)
+    for b in range(2):
+        keys = labels[b].nonzero()[:, 0].tolist()
+        small = F.interpolate(cams[b:b + 1, keys], size=(16, 16), mode="bilinear",
+                              align_corners=False)
+        per_bkg = []
+        for bkg in (0.55, 0.35):
+            stack = torch.cat([torch.full((1, 1, 16, 16), bkg), small], dim=1).softmax(dim=1)
+            refined = par(F.interpolate(rgb[b:b + 1], size=(16, 16), mode="bilinear",
+                                        align_corners=False), stack)
+            refined = F.interpolate(refined, size=(32, 32), mode="bilinear", align_corners=False)
+            per_bkg.append(torch.tensor([0] + [k + 1 for k in keys])[refined.argmax(dim=1)[0]])
+        high, low = per_bkg
+        expected = high.clone()
+        expected[high == 0] = 255
+        expected[(high == 0) & (low == 0)] = 0
+        expected[~box_mask(boxes[b:b + 1], 32, 32)[0]] = 255
+        assert torch.equal(label[b], expected)
+
+
+def test_affinity_pseudo_label_uses_only_the_box_crop():
+    torch.manual_seed(4)
+    labels = torch.zeros(2, 20)
+    labels[0, [2, 9]] = 1
+    labels[1, 0] = 1
+    walked_high = torch.rand(2, 21, 32, 32) * F.pad(labels, (1, 0), value=1)[:, :, None, None]
+    walked_low = torch.rand(2, 21, 32, 32) * F.pad(labels, (1, 0), value=1)[:, :, None, None]
+    rgb = torch.rand(2, 3, 32, 32)
+    boxes = torch.tensor([[0, 32, 0, 32], [2, 30, 4, 24]])
+    par = PAR(dilations=(1, 2), num_iter=3)
+    label = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes)
+
+    noisy = rgb.clone()
+    noisy[1, :, :2] = torch.rand(3, 2, 32)  # padding content must not matter
+    assert torch.equal(label, refine_propagated_cams(par, noisy, walked_high, walked_low, labels,
+                                                     boxes))
+    inside = box_mask(boxes, 32, 32)
+    assert (label[~inside] == 255).all()
+    assert set(label[0].unique().tolist()) <= {0, 3, 10, 255}
+    assert set(label[1][inside[1]].unique().tolist()) <= {0, 1, 255}
+    # Image 1 by hand: crop, half resolution, PAR, upsample, argmax, high/low combination.
+    keys = torch.tensor([0, 1])
+    crop_rgb = F.interpolate(rgb[1:2, :, 2:30, 4:24], size=(14, 10), mode="bilinear",
+                             align_corners=False)
+    stack = torch.cat([walked_high[1:2, [0, 1], 2:30, 4:24], walked_low[1:2, [0, 1], 2:30, 4:24]],
+                      dim=1)
+    refined = F.interpolate(par(crop_rgb, stack), size=(28, 20), mode="bilinear",
+                            align_corners=False)
+    high = keys[refined[:, :2].argmax(dim=1)[0]]
+    low = keys[refined[:, 2:].argmax(dim=1)[0]]
+    expected = torch.where(high == 0, torch.where(low == 0, 0, 255), high)
+    assert torch.equal(label[1, 2:30, 4:24], expected)
