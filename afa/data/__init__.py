@@ -13,6 +13,7 @@ from afa.data.voc import (
     read_name_list,
     seed_worker,
     write_label_file,
+    write_mask,
     write_name_list,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "read_name_list",
     "seed_worker",
     "write_label_file",
+    "write_mask",
     "write_name_list",
 ]

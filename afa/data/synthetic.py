@@ -50,8 +50,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from afa.constants import IGNORE_INDEX, color_palette
-from afa.data.voc import labels_from_mask, write_label_file, write_name_list
+from afa.constants import IGNORE_INDEX
+from afa.data.voc import labels_from_mask, write_label_file, write_mask, write_name_list
 
 __all__ = [
     "DEMO_CLASSES",
@@ -276,15 +276,12 @@ def generate_split(
     root = Path(root)
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
-    palette = color_palette(256).ravel().tolist()
     labels = {}
     for index in tqdm(range(num), desc=f"demo {split}", disable=not progress, unit="img"):
         name = f"{split}_{index:05d}"
         image, mask = render_sample(_sample_rng(seed, split, index), size)
         Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=_JPEG_QUALITY)
-        mask_png = Image.fromarray(mask)
-        mask_png.putpalette(palette)
-        mask_png.save(root / "SegmentationClassAug" / f"{name}.png")
+        write_mask(root / "SegmentationClassAug" / f"{name}.png", mask)
         labels[name] = labels_from_mask(mask, len(DEMO_CLASSES))
     return labels
 

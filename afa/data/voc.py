@@ -48,13 +48,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from afa.constants import IGNORE_INDEX
+from afa.constants import IGNORE_INDEX, color_palette
 from afa.data.transforms import Augment, normalize
 
 __all__ = [
     "DataError",
     "read_image",
     "read_mask",
+    "write_mask",
     "labels_from_mask",
     "read_name_list",
     "write_name_list",
@@ -68,6 +69,7 @@ __all__ = [
 
 # Mask PNG modes that store class indices directly (palette, 8-bit grey, 16/32-bit grey).
 _INDEX_MODES = ("P", "L", "I", "I;16")
+_PALETTE = color_palette(256).ravel().tolist()
 
 
 class DataError(ValueError):
@@ -122,6 +124,17 @@ def read_mask(
             raise DataError(f"{path}: mask values {bad.tolist()} outside 0..{num_classes - 1} "
                             f"and {ignore_index}")
     return mask.astype(np.uint8)
+
+
+def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
+    """Write (H, W) uint8 class indices as a VOC-palette PNG, atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))  # mode L
+    png.putpalette(_PALETTE)
+    tmp = path.with_name(f".{path.name}.tmp")
+    png.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
