@@ -12,6 +12,8 @@ After conversion the COCO set is read by :class:`afa.data.voc.VOCStyleDataset` w
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from pycocotools import mask as mask_utils
 
@@ -55,7 +57,9 @@ def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
         rle = mask_utils.frPyObjects(segmentation, height, width)
     else:
         rle = segmentation
-    return mask_utils.decode(rle).astype(bool)
+    with warnings.catch_warnings():  # pycocotools' decode trips a numpy 2 DeprecationWarning
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 def instances_to_mask(annotations: list[dict], height: int, width: int) -> np.ndarray:

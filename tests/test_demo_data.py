@@ -1,0 +1,90 @@
+"""The synthetic demo set: deterministic, masks agree with labels, VOC layout, not colour-separable."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from afa.data import VOCStyleDataset, labels_from_mask, read_mask
+from afa.data.synthetic import DEMO_CLASSES, _sample_rng, make_demo_dataset, render_sample
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+NUM_CLASSES = len(DEMO_CLASSES)
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    tool = _load_tool("make_demo_data")
+    assert tool.main(["--out", str(root), "--seed", "3", "--num-train", "24", "--num-val", "8"]) == 0
+    return root
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(demo, tmp_path):
+    make_demo_dataset(tmp_path / "again", seed=3, num_train=24, num_val=8, progress=False)
+    assert _files(demo) == _files(tmp_path / "again")
+    make_demo_dataset(tmp_path / "other", seed=4, num_train=24, num_val=8, progress=False)
+    other = _files(tmp_path / "other")
+    assert other.keys() == _files(demo).keys() and other != _files(demo)
+
+
+def test_layout_lists_and_labels_match_masks(demo):
+    assert (demo / "train_aug.txt").read_text().split() == [f"train_{i:05d}" for i in range(24)]
+    assert (demo / "val.txt").read_text().split() == [f"val_{i:05d}" for i in range(8)]
+    assert (demo / "ImageSets/Segmentation/val.txt").read_text() == (demo / "val.txt").read_text()
+    labels = json.loads((demo / "cls_labels.json").read_text())
+    assert len(labels) == 32
+    for name, classes in labels.items():
+        mask = read_mask(demo / "SegmentationClassAug" / f"{name}.png", NUM_CLASSES)
+        assert mask.shape == (128, 128)
+        assert classes == labels_from_mask(mask, NUM_CLASSES) and 1 <= len(classes) <= 2
+    assert json.loads((demo / "meta.json").read_text())["classes"] == list(DEMO_CLASSES)
+
+
+def test_prepare_voc_reproduces_the_demo_lists(demo, tmp_path):
+    prepare_voc = _load_tool("prepare_voc")
+    out = tmp_path / "lists"
+    assert prepare_voc.main(["--root", str(demo), "--out", str(out), "--num-classes",
+                             str(NUM_CLASSES), "--workers", "1"]) == 0
+    for name in ("train_aug.txt", "val.txt", "cls_labels.json"):
+        assert (out / name).read_bytes() == (demo / name).read_bytes(), name
+
+
+def test_loader_reads_the_demo_with_voc_arguments(demo):
+    ds = VOCStyleDataset(demo, demo / "train_aug.txt", demo / "cls_labels.json", NUM_CLASSES,
+                         crop_size=96, scale_range=(0.5, 2.0), hflip=True)
+    sample = ds[0]
+    assert sample["image"].shape == (3, 96, 96) and sample["label"].shape == (NUM_CLASSES - 1,)
+    val = VOCStyleDataset(demo, demo / "val.txt", demo / "cls_labels.json", NUM_CLASSES, mode="seg")
+    assert val[0]["mask"].shape == (128, 128)
+
+
+def test_colour_does_not_identify_the_class():
+    """Nearest class-mean colour of an object's pixels is close to chance (1/8)."""
+    colours, classes = [], []
+    for index in range(240):
+        image, mask = render_sample(_sample_rng(0, "train", index), 64)
+        for cls in labels_from_mask(mask, NUM_CLASSES):
+            colours.append(image[mask == cls].mean(axis=0))
+            classes.append(cls)
+    colours, classes = np.asarray(colours), np.asarray(classes)
+    assert set(classes.tolist()) == set(range(1, NUM_CLASSES))
+    half = len(classes) // 2
+    means = np.stack([colours[:half][classes[:half] == c].mean(0) for c in range(1, NUM_CLASSES)])
+    predicted = np.argmin(((colours[half:, None] - means[None]) ** 2).sum(-1), axis=1) + 1
+    assert (predicted == classes[half:]).mean() < 0.25
