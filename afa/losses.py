@@ -1,0 +1,191 @@
+"""AFA's training losses (DESIGN.md section 3, steps 7, 10, 11 and 12).
+
+- ``classification_loss``: multi-label soft margin on the image-level logits.
+- ``affinity_loss``: pulls the predicted affinity to 1 on same-label pairs and to 0 across labels.
+- ``balanced_seg_loss``: cross-entropy averaged separately over background and foreground pixels.
+- ``DenseCRFLoss``: the regularized (DenseCRF) loss of Tang et al. as gated by AFA, with the
+  bilateral filter evaluated on the permutohedral lattice of ``pydensecrf2``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afa.cam import box_mask
+from afa.constants import IGNORE_INDEX
+
+try:
+    import pydensecrf.densecrf as dcrf
+    import pydensecrf.eigen as eigen
+except ImportError:  # optional: only DenseCRFLoss needs it, and it says so when built
+    dcrf = None
+    eigen = None
+
+__all__ = [
+    "classification_loss",
+    "affinity_loss",
+    "balanced_seg_loss",
+    "bilateral_filter",
+    "DenseCRFLoss",
+]
+
+
+def classification_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label soft margin loss of (B, C-1) logits against (B, C-1) multi-hot labels."""
+    return F.multilabel_soft_margin_loss(cls_logits.float(), labels.float())
+
+
+def affinity_loss(aff_pred: torch.Tensor, aff_label: torch.Tensor) -> torch.Tensor:
+    """Affinity loss (DESIGN step 7) of (B, N, N) predictions in (0, 1) and labels in {0, 1, ignore}.
+
+    Positive and negative pairs are averaged separately (the +1 guards empty sets) so that the many
+    same-label pairs of a large object do not drown the few boundary pairs.
+    """
+    aff_pred = aff_pred.float()
+    pos = (aff_label == 1).float()
+    neg = (aff_label == 0).float()
+    pos_loss = (pos * (1 - aff_pred)).sum() / (pos.sum() + 1)
+    neg_loss = (neg * aff_pred).sum() / (neg.sum() + 1)
+    return 0.5 * pos_loss + 0.5 * neg_loss
+
+
+def _masked_mean_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor,
+                    ignore_index: int) -> torch.Tensor:
+    """Mean cross-entropy over the pixels in ``keep``; 0 (not NaN) when there are none."""
+    target = torch.where(keep, target, torch.full_like(target, ignore_index))
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return ce / keep.sum().clamp(min=1)
+
+
+def balanced_seg_loss(seg_logits: torch.Tensor, target: torch.Tensor,
+                      ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean of the background CE and the foreground CE (DESIGN step 10).
+
+    Args:
+        seg_logits: (B, C, h, w) logits, upsampled (bilinear) to the label size here.
+        target: (B, H, W) long label with ``ignore_index``.
+
+    Weighting background and foreground equally keeps the large background from dominating. An
+    empty part (e.g. no foreground pixel in the batch) contributes 0 instead of NaN.
+    """
+    logits = F.interpolate(seg_logits.float(), size=target.shape[-2:], mode="bilinear",
+                           align_corners=False)
+    target = target.long()
+    bkg = target == 0
+    fg = (target != 0) & (target != ignore_index)
+    return 0.5 * (_masked_mean_ce(logits, target, bkg, ignore_index)
+                  + _masked_mean_ce(logits, target, fg, ignore_index))
+
+
+def bilateral_filter(values: np.ndarray, image: np.ndarray, sigma_rgb: float,
+                     sigma_xy: float) -> np.ndarray:
+    """``W @ values`` for the dense bilateral Gaussian ``W`` on the permutohedral lattice.
+
+    Args:
+        values: (K, N) float32, N = h * w pixels in row-major order.
+        image: (h, w, 3) float32 RGB in 0-255.
+        sigma_rgb, sigma_xy: kernel widths in intensity and pixel units.
+
+    Returns:
+        (K, N) float32 ``sum_j k(i, j) values[:, j]`` with
+        ``k(i, j) ~ exp(-|p_i - p_j|^2 / 2 sigma_xy^2 - |I_i - I_j|^2 / 2 sigma_rgb^2)`` (self
+        included); the lattice approximates the Gaussian up to a near-constant factor.
+
+    With ``compat=-1`` the Potts compatibility (which computes ``-compat * filtered``) returns the
+    filtered values themselves; ``NO_NORMALIZATION`` skips the per-pixel normalisation. One
+    ``stepInference`` writes the last pairwise term, i.e. this filter, into ``tmp2`` (its update
+    of ``Q`` is discarded). ``tmp2`` must be allocated at full size: the Python wrapper keeps the
+    shape it was created with, and an equal-size Eigen assignment writes in place.
+    """
+    num_labels, num_pixels = values.shape
+    height, width, _ = image.shape
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    feats = np.stack([xs.ravel() / sigma_xy, ys.ravel() / sigma_xy,
+                      *(image[..., c].ravel() / sigma_rgb for c in range(3))])  # (5, N)
+    crf = dcrf.DenseCRF(num_pixels, num_labels)
+    crf.addPairwiseEnergy(np.ascontiguousarray(feats, dtype=np.float32), compat=-1,
+                          kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NO_NORMALIZATION)
+    q = eigen.matrixXf(np.ascontiguousarray(values, dtype=np.float32))
+    tmp1 = eigen.MatrixXf()
+    tmp2 = eigen.matrixXf(np.zeros((num_labels, num_pixels), dtype=np.float32))
+    crf.stepInference(q, tmp1, tmp2)
+    return np.array(tmp2, dtype=np.float32, order="C")
+
+
+class _DenseEnergy(torch.autograd.Function):
+    """``E = -sum(S * gate * W S) / B``; backward ``dE/dS = -2 gate * W S / B`` (the authors' form).
+
+    The backward treats ``gate`` as a constant and uses the symmetric-W shortcut of the authors'
+    implementation; it equals the exact gradient where ``gate`` is locally constant.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, gate, image, sigma_rgb, sigma_xy):
+        # probs (B, K, h, w); gate (B, h, w); image (B, 3, h, w) in 0-255
+        batch, num_labels, height, width = probs.shape
+        probs_np = probs.detach().float().cpu().numpy().reshape(batch, num_labels, -1)
+        images_np = image.detach().float().permute(0, 2, 3, 1).cpu().numpy()
+        filtered = np.stack([bilateral_filter(probs_np[b], images_np[b], sigma_rgb, sigma_xy)
+                             for b in range(batch)])  # (B, K, N)
+        filtered = torch.from_numpy(filtered).to(probs).view_as(probs)
+        gated = gate[:, None] * filtered  # (B, K, h, w)
+        ctx.save_for_backward(gated)
+        ctx.batch = batch
+        return -(probs * gated).sum() / batch
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (gated,) = ctx.saved_tensors
+        return -2.0 * grad_output * gated / ctx.batch, None, None, None, None
+
+
+class DenseCRFLoss(nn.Module):
+    """Regularized (DenseCRF) loss on the segmentation softmax (DESIGN step 12).
+
+    Args:
+        sigma_rgb: bilateral kernel width in 0-255 intensity units.
+        sigma_xy: kernel width in pixels of the full-resolution crop; scaled with ``scale_factor``.
+        scale_factor: the loss is evaluated at this fraction of the crop resolution.
+        energy_scale: multiplies the energy (the authors' 1e-7); the caller applies the loss weight.
+        ignore_index: pixels with this pseudo label get the full gate of 1.
+    """
+
+    def __init__(self, sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale_factor: float = 0.5,
+                 energy_scale: float = 1e-7, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        if dcrf is None:
+            raise ImportError("The regularized (DenseCRF) loss needs pydensecrf2: "
+                              "`pip install pydensecrf2`, or disable the loss.")
+        self.sigma_rgb = sigma_rgb
+        self.sigma_xy = sigma_xy
+        self.scale_factor = scale_factor
+        self.energy_scale = energy_scale
+        self.ignore_index = ignore_index
+
+    def forward(self, rgb: torch.Tensor, probs: torch.Tensor, label: torch.Tensor,
+                boxes: torch.Tensor) -> torch.Tensor:
+        """Scalar loss.
+
+        Args:
+            rgb: (B, 3, H, W) image in [0, 1].
+            probs: (B, K, H, W) softmax of the segmentation logits (carries the gradient).
+            label: (B, H, W) pseudo label; ignore pixels are fully regularized.
+            boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``; probabilities outside are zeroed.
+        """
+        _, _, height, width = probs.shape
+        size = (int(height * self.scale_factor), int(width * self.scale_factor))
+        image = F.interpolate(rgb.float() * 255, size=size, mode="bilinear", align_corners=False)
+        probs = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
+        label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0]
+        inside = F.interpolate(box_mask(boxes, height, width)[:, None].float(), size=size,
+                               mode="nearest")  # (B, 1, h, w)
+        probs = probs * inside
+        # Confident pixels are left alone (gate 1 - max S); unsupervised pixels get the full term.
+        gate = torch.where(label == self.ignore_index, torch.ones_like(label),
+                           1 - probs.detach().amax(dim=1))  # (B, h, w)
+        energy = _DenseEnergy.apply(probs, gate, image, self.sigma_rgb,
+                                    self.sigma_xy * self.scale_factor)
+        return self.energy_scale * energy

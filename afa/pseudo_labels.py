@@ -1,0 +1,118 @@
+"""One training iteration's pseudo labels and losses (DESIGN.md section 3, steps 3-12).
+
+``compute_afa_losses`` takes what the network produced (the training forward and the multi-scale
+CAM with its affinity) and returns every pseudo label and loss term of the iteration. It holds no
+network call and no config object: the trainer maps its config onto the keyword arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from afa.affinity import affinity_label, propagate_cams, token_grid
+from afa.cam import cam_to_label, refine_cams_with_par, refine_propagated_cams
+from afa.constants import IGNORE_INDEX
+from afa.losses import DenseCRFLoss, affinity_loss, balanced_seg_loss, classification_loss
+
+__all__ = ["AFALosses", "compute_afa_losses"]
+
+
+@dataclass
+class AFALosses:
+    cam_label: torch.Tensor  # (B, H, W) CAM thresholded at bkg_score, for logging
+    refined_label: torch.Tensor  # (B, H, W) PAR-refined CAM pseudo label (step 4)
+    aff_pseudo_label: torch.Tensor  # (B, H, W) pseudo label from propagated CAMs (step 9)
+    seg_target: torch.Tensor  # (B, H, W) the one of the two the segmentation is trained on
+    aff_label: torch.Tensor  # (B, N, N) affinity target on the stage-4 grid (step 6)
+    cls_loss: torch.Tensor
+    seg_loss: torch.Tensor
+    aff_loss: torch.Tensor
+    reg_loss: torch.Tensor  # 0 when the regularized loss is off or before cam_iters
+    total: torch.Tensor  # what to backpropagate
+
+
+def compute_afa_losses(
+    cls_logits: torch.Tensor,
+    seg_logits: torch.Tensor,
+    aff_pred: torch.Tensor,
+    cam: torch.Tensor,
+    cam_aff: torch.Tensor,
+    rgb: torch.Tensor,
+    labels: torch.Tensor,
+    boxes: torch.Tensor,
+    iteration: int,
+    *,
+    par: nn.Module,
+    crf_loss: DenseCRFLoss | None = None,
+    bkg_score: float = 0.45,
+    high: float = 0.55,
+    low: float = 0.35,
+    ignore_index: int = IGNORE_INDEX,
+    radius: int = 8,
+    cam_iters: int = 2000,
+    aff_switch_iter: int = 6000,
+    w_seg: float = 0.1,
+    w_aff: float = 0.1,
+    w_reg: float = 0.01,
+) -> AFALosses:
+    """Pseudo labels and losses of one iteration.
+
+    Args:
+        cls_logits: (B, C-1) classification logits of the training forward.
+        seg_logits: (B, C, H/4, W/4) segmentation logits of the training forward.
+        aff_pred: (B, N, N) predicted affinity of the training forward, N = tokens at stride 16.
+        cam: (B, C-1, H, W) multi-scale CAM (``afa.cam.multi_scale_cam(...).cam``).
+        cam_aff: (B, N', N') affinity of the CAM's largest scale (``multi_scale_cam(...).aff``).
+        rgb: (B, 3, H, W) the crop de-normalised to [0, 1] (padding is 0).
+        labels: (B, C-1) multi-hot image labels.
+        boxes: (B, 4) integer ``[y0, y1, x0, x1]``, half-open: ``crop[y0:y1, x0:x1]`` is image
+            content, the rest padding. All pseudo labels are ignore outside.
+        iteration: 0-based iteration counter. Below ``cam_iters`` only the classification loss
+            counts; from ``aff_switch_iter`` on the segmentation target is the affinity pseudo
+            label instead of the refined one.
+        par: the ``PAR`` module.
+        crf_loss: a ``DenseCRFLoss`` to add the regularized loss, or None.
+        bkg_score, high, low: CAM thresholds (DESIGN section 3).
+        radius: Chebyshev radius of the affinity on the stride-16 grid.
+        w_seg, w_aff, w_reg: loss weights after ``cam_iters``.
+
+    Before ``cam_iters`` the segmentation and affinity terms are still computed and added with
+    weight 0, so every parameter takes part in the backward pass (DistributedDataParallel needs
+    it); the CPU-bound regularized loss is skipped there.
+    """
+    height, width = rgb.shape[-2:]
+    cls_loss = classification_loss(cls_logits, labels)
+
+    with torch.no_grad():
+        cam_label = cam_to_label(cam, labels, bkg_score=bkg_score, boxes=boxes,
+                                 ignore_index=ignore_index)
+        refined_label = refine_cams_with_par(par, rgb, cam, labels, boxes, high=high, low=low,
+                                             ignore_index=ignore_index)
+        aff_label = affinity_label(refined_label, token_grid(aff_pred.shape[-1], height, width),
+                                   radius=radius, ignore_index=ignore_index)
+        walked_high = propagate_cams(cam, labels, cam_aff, bkg_score=high, radius=radius)
+        walked_low = propagate_cams(cam, labels, cam_aff, bkg_score=low, radius=radius)
+        aff_pseudo_label = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
+                                                  ignore_index=ignore_index)
+    seg_target = refined_label if iteration < aff_switch_iter else aff_pseudo_label
+
+    aff_loss = affinity_loss(aff_pred, aff_label)
+    seg_loss = balanced_seg_loss(seg_logits, seg_target, ignore_index=ignore_index)
+    joint = iteration >= cam_iters
+    if crf_loss is not None and joint:
+        probs = F.interpolate(seg_logits.float(), size=(height, width), mode="bilinear",
+                              align_corners=False).softmax(dim=1)
+        reg_loss = crf_loss(rgb, probs, seg_target, boxes)
+    else:
+        reg_loss = cls_loss.new_zeros(())
+
+    weight = 1.0 if joint else 0.0
+    total = cls_loss + weight * (w_seg * seg_loss + w_aff * aff_loss + w_reg * reg_loss)
+    return AFALosses(cam_label=cam_label, refined_label=refined_label,
+                     aff_pseudo_label=aff_pseudo_label, seg_target=seg_target, aff_label=aff_label,
+                     cls_loss=cls_loss, seg_loss=seg_loss, aff_loss=aff_loss, reg_loss=reg_loss,
+                     total=total)
