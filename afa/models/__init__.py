@@ -11,12 +11,14 @@ from afa.models.mix_transformer import (
     mit_b4,
     mit_b5,
 )
+from afa.models.par import PAR
 from afa.models.segformer_head import SegFormerHead, convert_sync_batchnorm
 
 __all__ = [
     "AFANet",
     "AFAOutput",
     "MixVisionTransformer",
+    "PAR",
     "SegFormerHead",
     "convert_sync_batchnorm",
     "load_pretrained",

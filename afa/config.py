@@ -1,0 +1,192 @@
+"""The configuration: typed defaults, one merge order, and the mapping onto plain arguments.
+
+Merge order (the only one): the defaults below -> the YAML file -> ``key=value`` overrides from the
+command line. Unknown keys and values of the wrong type are errors that name the key. The merged
+config is saved into the work dir as ``config.yaml``. Modules never read the config: functions in
+this file (``*_kwargs``) turn its sections into keyword arguments.
+
+The defaults are the paper's VOC setting (DESIGN.md sections 3-4); ``configs/*.yaml`` override
+what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["Config", "ConfigError", "load_config", "save_config"]
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mit_b1"
+    pretrained: Optional[str] = "pretrained/mit_b1.pth"  # null: train from scratch
+    pooling: str = "gmp"  # gmp (AFA) | gap
+    stride: list[int] = field(default_factory=lambda: [4, 2, 2, 1])
+    embedding_dim: int = 256
+    drop_path_rate: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    name: str = "voc"  # voc | coco | demo: picks class names for logs and tables
+    root: str = "data/VOCdevkit/VOC2012"  # holds JPEGImages/ and the mask folder
+    list_dir: str = "data/voc"  # holds <split>.txt and cls_labels.json (tools/prepare_voc.py)
+    mask_dir: str = "SegmentationClassAug"
+    split_subdirs: bool = False  # COCO layout: JPEGImages/<split>/, <mask_dir>/<split>/
+    train_split: str = "train_aug"
+    val_split: str = "val"
+    num_classes: int = 21  # with background
+    crop_size: int = 512
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    num_workers: int = 4
+    val_max_images: Optional[int] = None  # validate on the first N val images (quick checks)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_iters: int = 20000
+    global_batch: int = 4  # kept on any number of GPUs by gradient accumulation
+    batch_per_gpu: int = 2
+    cam_iters: int = 2000  # classification loss only before this iteration
+    aff_switch_iter: int = 6000  # segmentation target: refined label before, affinity label after
+    eval_iters: int = 2000
+    log_iters: int = 50
+    ckpt_iters: int = 2000
+    keep_last: int = 3
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    image_log_iters: int = 2000  # TensorBoard image grids
+
+
+@dataclass
+class CamConfig:
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 1.5])
+    bkg_score: float = 0.45
+    high: float = 0.55
+    low: float = 0.35
+    radius: int = 8
+    ignore_index: int = 255
+
+
+@dataclass
+class ParConfig:
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    num_iter: int = 10
+    w1: float = 0.3
+    w2: float = 0.3
+    w3: float = 0.01
+
+
+@dataclass
+class LossConfig:
+    w_seg: float = 0.1
+    w_aff: float = 0.1
+    reg_loss: bool = True  # the regularized DenseCRF loss of the paper's 66.0 run
+    w_reg: float = 0.01
+    reg_rgb_sigma: float = 15.0
+    reg_xy_sigma: float = 100.0
+    reg_scale: float = 0.5  # the loss works on images downsampled by this factor
+
+
+@dataclass
+class InferConfig:
+    long_side: int = 512
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.75])
+    flip: bool = True
+    crf_iters: int = 10
+    crf_gauss_sxy: float = 3.0
+    crf_gauss_compat: float = 3.0
+    crf_bilateral_sxy: float = 64.0
+    crf_bilateral_srgb: float = 5.0
+    crf_bilateral_compat: float = 4.0
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    work_dir: str = "work_dirs/voc"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    par: ParConfig = field(default_factory=ParConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+_CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "model.pooling": ("gmp", "gap"),
+    "data.name": ("voc", "coco", "demo"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
+    """Defaults -> YAML ``path`` -> ``overrides`` (``["train.max_iters=10", ...]``)."""
+    cfg = OmegaConf.structured(Config)
+    sources = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: '{path}'")
+        sources.append((str(path), OmegaConf.load(path)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"Overrides must look like key=value, got '{bad[0]}'")
+        sources.append(("the command line", OmegaConf.from_dotlist(list(overrides))))
+    for where, source in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, source)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "?"
+            raise ConfigError(f"Bad config key '{key}' in {where}: {str(err.msg).splitlines()[0]}") from None
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"'{key}' must be one of {allowed}, got '{value}'")
+    if cfg.train.global_batch % cfg.train.batch_per_gpu:
+        raise ConfigError(f"'train.global_batch' ({cfg.train.global_batch}) must be a multiple of "
+                          f"'train.batch_per_gpu' ({cfg.train.batch_per_gpu})")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(OmegaConf.to_yaml(cfg))
+
+
+def model_kwargs(cfg: DictConfig) -> dict:
+    m = cfg.model
+    return dict(backbone=m.backbone, num_classes=cfg.data.num_classes,
+                embedding_dim=m.embedding_dim, stride=tuple(m.stride), pooling=m.pooling,
+                pretrained=m.pretrained, drop_path_rate=m.drop_path_rate)
+
+
+def par_kwargs(cfg: DictConfig) -> dict:
+    p = cfg.par
+    return dict(dilations=tuple(p.dilations), num_iter=p.num_iter, w1=p.w1, w2=p.w2, w3=p.w3)

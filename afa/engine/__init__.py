@@ -1,0 +1,1 @@
+"""Training machinery: distributed set-up, optimiser and schedule, checkpoints, the trainer."""

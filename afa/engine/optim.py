@@ -1,0 +1,32 @@
+"""AdamW over named parameter groups, and the learning rate as a pure function of the iteration."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["build_optimizer", "lr_at", "set_lr"]
+
+
+def build_optimizer(param_groups: list[dict], lr: float, weight_decay: float,
+                    betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with one group per named group; each keeps ``name`` and ``lr_mult`` for the schedule."""
+    groups = [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"],
+               "lr": lr * g["lr_mult"]} for g in param_groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+def lr_at(iteration: int, base_lr: float, max_iters: int, warmup_iters: int = 1500,
+          warmup_ratio: float = 1e-6, power: float = 1.0) -> float:
+    """Base learning rate at ``iteration`` (0-based): linear warm-up, then polynomial decay.
+
+    Warm-up rises linearly from ``warmup_ratio * base_lr`` to ``base_lr`` over ``warmup_iters``;
+    after it the rate is ``base_lr * (1 - iteration / max_iters) ** power``, reaching 0 at the end.
+    """
+    if iteration < warmup_iters:
+        return base_lr * (warmup_ratio + (1.0 - warmup_ratio) * iteration / warmup_iters)
+    return base_lr * (1.0 - min(iteration, max_iters) / max_iters) ** power
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]

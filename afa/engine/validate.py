@@ -1,0 +1,88 @@
+"""Validation during training (DESIGN.md section 3, step 13), sharded across ranks.
+
+Each rank runs every ``world_size``-th validation image at its own size (single-scale forward and
+the multi-scale CAM); confusion matrices and F1 sums are added across ranks, so every rank ends
+with the scores of the whole set. Five label maps are scored against the ground truth:
+
+- ``cam``: the multi-scale CAM thresholded at ``bkg_score``;
+- ``refined``: the same CAMs refined by PAR (background score ``bkg_score``), the refined pseudo
+  label of step 4 without the ignore band;
+- ``aff_cam``: the CAMs propagated by the random walk with the image's own (scale 1) affinity and
+  ``low`` as background score;
+- ``affinity``: those propagated maps refined by PAR, the affinity pseudo label of step 9 without
+  the ignore band;
+- ``seg``: the argmax of the segmentation logits upsampled to the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from afa.affinity import propagate_cams
+from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
+from afa.data import denormalize
+from afa.engine import distributed as D
+from afa.metrics import ConfusionMatrix, multilabel_f1
+
+__all__ = ["KINDS", "predict_labels", "validate"]
+
+KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
+
+
+@torch.no_grad()
+def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_scales,
+                   bkg_score: float, low: float, radius: int) -> tuple[dict, torch.Tensor]:
+    """The five label maps of one image (1, 3, H, W) with labels (1, C-1); and the cls logits."""
+    height, width = image.shape[-2:]
+    out = model(image)
+    cam = multi_scale_cam(model, image, cam_scales).cam.float()
+    rgb = denormalize(image.float())
+    box = torch.tensor([[0, height, 0, width]], device=image.device)
+    walked = propagate_cams(cam, label, out.aff_pred.float(), bkg_score=low, radius=radius)
+    seg = F.interpolate(out.seg_logits.float(), size=(height, width), mode="bilinear",
+                        align_corners=False)
+    labels = {
+        "cam": cam_to_label(cam, label, bkg_score=bkg_score),
+        "refined": refine_cams_with_par(par, rgb, cam, label, box, high=bkg_score, low=bkg_score),
+        "aff_cam": walked.argmax(dim=1),
+        "affinity": refine_propagated_cams(par, rgb, walked, walked, label, box),
+        "seg": seg.argmax(dim=1),
+    }
+    return labels, out.cls_logits.float()
+
+
+@torch.no_grad()
+def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score: float,
+             low: float, radius: int, class_names: list[str], amp: str = "none") -> dict:
+    """Scores of every kind in ``KINDS`` (``SegmentationScores.to_dict()``) plus ``cls_f1``."""
+    was_training = model.training
+    model.eval()
+    matrices = {k: ConfusionMatrix(len(class_names), device=device) for k in KINDS}
+    f1 = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image F1, image count
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" and device.type == "cuda" else contextlib.nullcontext())
+    indices = range(D.rank(), len(dataset), D.world_size())
+    for index in tqdm(indices, desc="val", disable=not D.is_main(), leave=False):
+        sample = dataset[index]
+        image = sample["image"][None].to(device)
+        label = sample["label"][None].to(device)
+        mask = sample["mask"][None].to(device)
+        with autocast:
+            labels, cls_logits = predict_labels(model, image, label, par=par,
+                                                cam_scales=cam_scales, bkg_score=bkg_score,
+                                                low=low, radius=radius)
+        for kind, pred in labels.items():
+            matrices[kind].update(pred, mask)
+        f1[0] += multilabel_f1(cls_logits, label, reduction="sum").double()
+        f1[1] += 1
+    D.all_reduce_sum(f1)
+    scores = {"cls_f1": float(f1[0] / f1[1].clamp(min=1))}
+    for kind, matrix in matrices.items():
+        matrix.reduce_(D.all_reduce_sum)
+        scores[kind] = matrix.compute(class_names).to_dict()
+    model.train(was_training)
+    return scores
