@@ -209,6 +209,9 @@ def test_mask_values_out_of_range(tree):
     ds = VOCStyleDataset(root, names, labels, NUM_CLASSES, mode="seg")
     with pytest.raises(DataError, match=r"img_b\.png: mask values \[30, 254\] outside 0\.\.20"):
         ds[1]
+    Image.fromarray(np.full((30, 24), 300, np.uint16)).save(root / "SegmentationClassAug/img_b.png")
+    with pytest.raises(DataError, match=r"img_b\.png: mask values span 300\.\.300, beyond 0\.\.255"):
+        ds[1]
 
 
 def test_colour_mask_is_rejected(tree):

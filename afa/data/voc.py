@@ -117,13 +117,16 @@ def read_mask(
     if mode not in _INDEX_MODES:
         raise DataError(f"{path}: mask has mode {mode}; expected class indices (a palette or "
                         "single-channel PNG), not colours")
+    if mask.dtype != np.uint8 and mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise DataError(f"{path}: mask values span {mask.min()}..{mask.max()}, beyond 0..255")
+    mask = mask.astype(np.uint8)
     if num_classes is not None:
-        values = np.flatnonzero(np.bincount(mask.ravel().astype(np.int64)))
+        values = np.flatnonzero(np.bincount(mask.ravel()))
         bad = values[(values >= num_classes) & (values != ignore_index)]
         if bad.size:
             raise DataError(f"{path}: mask values {bad.tolist()} outside 0..{num_classes - 1} "
                             f"and {ignore_index}")
-    return mask.astype(np.uint8)
+    return mask
 
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
@@ -376,13 +379,13 @@ def make_loader(
 ) -> DataLoader:
     """A repeatable DataLoader: same ``seed`` -> same order and same augmentations.
 
-    Under DDP pass a ``DistributedSampler`` (shuffle there) and ``seed + rank`` so that ranks
-    draw different augmentations.
+    Under DDP pass a ``DistributedSampler`` (it shuffles; leave ``shuffle`` False) and
+    ``seed + rank``, so that ranks draw different augmentations.
     """
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
+        shuffle=shuffle,
         sampler=sampler,
         num_workers=num_workers,
         drop_last=drop_last,
