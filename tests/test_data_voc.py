@@ -161,6 +161,14 @@ def test_loader_is_repeatable_across_workers(tree):
     assert not torch.equal(first[0]["image"], other[0]["image"])
 
 
+def test_load_with_an_explicit_generator_is_reproducible(tree):
+    root, names, labels = tree
+    ds = VOCStyleDataset(root, names, labels, NUM_CLASSES, crop_size=16, scale_range=(0.5, 2.0),
+                         hflip=True)
+    a, b = ds.load(0, np.random.default_rng(7)), ds.load(0, np.random.default_rng(7))
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["box"], b["box"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: an error naming the file and the problem, or (skip_bad) a counted warning
 # ----------------------------------------------------------------------------------------------

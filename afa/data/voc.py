@@ -29,9 +29,11 @@ Bad input raises :class:`DataError` naming the file and the problem. With ``skip
 dataset instead warns, leaves bad ids out (recorded in ``dataset.skipped``), and at load time
 replaces an undecodable sample by the next one (counted in ``dataset.load_failures``).
 
-Randomness: each sample draws its augmentation generator from torch's RNG, which the DataLoader
-seeds per worker from its ``generator``; :func:`make_loader` wires this up so that a run is
-repeatable (and :func:`seed_worker` also seeds ``numpy``/``random`` for any other code in a worker).
+Randomness: ``dataset[i]`` draws the sample's augmentation generator from torch's RNG, which the
+DataLoader seeds per worker from its ``generator``; :func:`make_loader` wires this up so that a run
+is repeatable (and :func:`seed_worker` also seeds ``numpy``/``random`` for any other code in a
+worker). ``dataset.load(i, rng)`` takes the generator explicitly, for samplers that derive a seed per
+sample (resumable data order).
 """
 
 from __future__ import annotations
@@ -310,7 +312,27 @@ class VOCStyleDataset(Dataset):
         return label
 
     def load(self, index: int, rng: np.random.Generator) -> dict:
-        """Decode, check and augment sample ``index`` with the given generator."""
+        """Sample ``index`` augmented with ``rng`` (the entry point for custom samplers).
+
+        With ``skip_bad``, a sample that fails to decode is replaced by the next one, with a warning.
+        """
+        if not self.skip_bad:
+            return self._load_one(index, rng)
+        for attempt in range(len(self.names)):
+            try:
+                return self._load_one((index + attempt) % len(self.names), rng)
+            except DataError as exc:
+                self.load_failures += 1
+                warnings.warn(f"skipping a bad sample ({exc}); {self.load_failures} so far in "
+                              "this process", stacklevel=2)
+        raise DataError(f"{self.root}: no sample of the dataset could be loaded")
+
+    def __getitem__(self, index: int) -> dict:
+        # One generator per sample, seeded from torch's RNG: the DataLoader seeds that per worker.
+        return self.load(index, np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item())))
+
+    def _load_one(self, index: int, rng: np.random.Generator) -> dict:
+        """Decode, check and augment one sample."""
         name = self.names[index]
         image = read_image(self.image_path(name))
         mask = None
@@ -327,20 +349,6 @@ class VOCStyleDataset(Dataset):
         if mask is not None:
             sample["mask"] = torch.from_numpy(mask.astype(np.int64))
         return sample
-
-    def __getitem__(self, index: int) -> dict:
-        # One generator per sample, seeded from torch's RNG: the DataLoader seeds that per worker.
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-        if not self.skip_bad:
-            return self.load(index, rng)
-        for attempt in range(len(self.names)):
-            try:
-                return self.load((index + attempt) % len(self.names), rng)
-            except DataError as exc:
-                self.load_failures += 1
-                warnings.warn(f"skipping a bad sample ({exc}); {self.load_failures} so far in "
-                              "this process", stacklevel=2)
-        raise DataError(f"{self.root}: no sample of the dataset could be loaded")
 
     def __repr__(self) -> str:
         return (f"VOCStyleDataset(root={str(self.root)!r}, mode={self.mode!r}, "
