@@ -38,7 +38,8 @@ def token_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def radius_mask(h: int, w: int, radius: int = 8, device: torch.device | str = "cpu") -> torch.Tensor:
+def radius_mask(h: int, w: int, radius: int = 8,
+                device: torch.device | str = "cpu") -> torch.Tensor:
     """(N, N) bool, True where two positions of the (h, w) grid are within Chebyshev ``radius``.
 
     Cached per size, radius and device, since every iteration asks for the same few grids. The

@@ -64,9 +64,13 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
     return MultiScaleCAM(cam=cam_sum, aff=aff)
 
 
-def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, H, W) bool, True inside each ``[y0, y1, x0, x1]`` box (half-open)."""
-    boxes = boxes.to(torch.long)
+def box_mask(boxes: torch.Tensor, height: int, width: int,
+             device: torch.device | str | None = None) -> torch.Tensor:
+    """(B, H, W) bool on ``device`` (default: that of ``boxes``), True inside each box.
+
+    Boxes are ``[y0, y1, x0, x1]``, half-open.
+    """
+    boxes = boxes.to(device=device, dtype=torch.long)
     ys = torch.arange(height, device=boxes.device)
     xs = torch.arange(width, device=boxes.device)
     inside_y = (ys[None, :] >= boxes[:, 0:1]) & (ys[None, :] < boxes[:, 1:2])  # (B, H)
@@ -100,7 +104,7 @@ def cam_to_label(cam: torch.Tensor, labels: torch.Tensor, bkg_score: float = 0.4
         label[score <= high] = ignore_index
         label[score <= low] = 0
     if boxes is not None:
-        label[~box_mask(boxes, *label.shape[-2:])] = ignore_index
+        label[~box_mask(boxes, *label.shape[-2:], device=label.device)] = ignore_index
     return label
 
 
@@ -165,10 +169,11 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
         stacks.append(stack.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1))
     refined = par(small_rgb, torch.cat(stacks, dim=1))  # (B, 2 (1 + P), h, w)
     refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
-    label_high, label_low = (torch.gather(index, 1, part.argmax(dim=1).flatten(1)).view(batch, height, width)
-                             for part in refined.chunk(2, dim=1))
+    label_high, label_low = (
+        torch.gather(index, 1, part.argmax(dim=1).flatten(1)).view(batch, height, width)
+        for part in refined.chunk(2, dim=1))
     label = _combine_high_low(label_high, label_low, ignore_index)
-    label[~box_mask(boxes, height, width)] = ignore_index
+    label[~box_mask(boxes, height, width, device=label.device)] = ignore_index
     return label
 
 
@@ -196,8 +201,7 @@ def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch
     batch, _, height, width = walked_high.shape
     index, valid = _present_classes(labels)
     label = torch.full((batch, height, width), ignore_index, dtype=torch.long, device=rgb.device)
-    for b in range(batch):
-        y0, y1, x0, x1 = (int(v) for v in boxes[b])
+    for b, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
         keys = index[b][valid[b]]  # (1 + P_b,) background + present classes
         crop_rgb = rgb[b:b + 1, :, y0:y1, x0:x1]
         small = (max(1, (y1 - y0) // down_scale), max(1, (x1 - x0) // down_scale))

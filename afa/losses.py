@@ -39,7 +39,7 @@ def classification_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 
 def affinity_loss(aff_pred: torch.Tensor, aff_label: torch.Tensor) -> torch.Tensor:
-    """Affinity loss (DESIGN step 7) of (B, N, N) predictions in (0, 1) and labels in {0, 1, ignore}.
+    """Affinity loss (DESIGN step 7): (B, N, N) predictions in (0, 1), labels in {0, 1, ignore}.
 
     Positive and negative pairs are averaged separately (the +1 guards empty sets) so that the many
     same-label pairs of a large object do not drown the few boundary pairs.
@@ -180,8 +180,8 @@ class DenseCRFLoss(nn.Module):
         image = F.interpolate(rgb.float() * 255, size=size, mode="bilinear", align_corners=False)
         probs = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
         label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0]
-        inside = F.interpolate(box_mask(boxes, height, width)[:, None].float(), size=size,
-                               mode="nearest")  # (B, 1, h, w)
+        inside = box_mask(boxes, height, width, device=probs.device)[:, None].float()
+        inside = F.interpolate(inside, size=size, mode="nearest")  # (B, 1, h, w)
         probs = probs * inside
         # Confident pixels are left alone (gate 1 - max S); unsupervised pixels get the full term.
         gate = torch.where(label == self.ignore_index, torch.ones_like(label),

@@ -47,6 +47,7 @@ def test_multi_scale_cam_matches_per_copy_reference():
     x_large = F.interpolate(images, size=(48, 60), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.aff, model.forward_cam(x_large)[1].detach())  # un-flipped
     cam, aff = out  # unpacks like a tuple
+    assert cam is out.cam
     assert aff.shape == (2, 12 * 15, 12 * 15)
 
 

@@ -33,7 +33,8 @@ def _resize_align_corners(masks, height, width):
             sx = x * (w - 1) / (width - 1) if width > 1 else 0.0
             x0 = min(int(math.floor(sx)), w - 1)
             x1, fx = min(x0 + 1, w - 1), sx - x0
-            out[:, y, x] = ((1 - fy) * (1 - fx) * masks[:, y0, x0] + (1 - fy) * fx * masks[:, y0, x1]
+            out[:, y, x] = ((1 - fy) * (1 - fx) * masks[:, y0, x0]
+                            + (1 - fy) * fx * masks[:, y0, x1]
                             + fy * (1 - fx) * masks[:, y1, x0] + fy * fx * masks[:, y1, x1])
     return out
 

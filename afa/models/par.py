@@ -62,11 +62,12 @@ class PAR(nn.Module):
         return (self.w3 * k_pos.softmax(dim=0)).float()
 
     def _neighbours(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Views of ``x`` (B, C, H, W) shifted to each neighbour: entry j holds x at p_i + offset_j."""
+        """Views of ``x`` (B, C, H, W) shifted per neighbour: entry j holds x at p_i + offset_j."""
         _, _, height, width = x.shape
         p = self.pad
         padded = F.pad(x, (p, p, p, p), mode="replicate")  # (B, C, H + 2p, W + 2p)
-        return [padded[..., p + dy:p + dy + height, p + dx:p + dx + width] for dy, dx in self.offsets]
+        return [padded[..., p + dy:p + dy + height, p + dx:p + dx + width]
+                for dy, dx in self.offsets]
 
     def affinity(self, rgb: torch.Tensor) -> torch.Tensor:
         """Propagation weights ``alpha``, (B, n_neighbours, H, W), from an RGB image in [0, 1]."""
