@@ -1,0 +1,251 @@
+"""Segmentation and classification metrics.
+
+Segmentation is scored the way the AFA paper (and every WSSS paper since) does it: one confusion
+matrix accumulated over *all pixels of all images* (not a mean of per-image scores), ground-truth
+pixels equal to ``ignore_index`` (255) skipped, and the mean IoU taken over the classes that occur in
+the prediction or the ground truth (a class absent from both has union 0 and no IoU; it is left out
+of the mean rather than counted as 0 or 1).
+
+The accumulator keeps its matrix as a plain ``torch.int64`` tensor in ``.matrix`` so that a
+distributed caller can sum it across ranks in place::
+
+    cm = ConfusionMatrix(21, device="cuda")
+    for pred, gt in loader:
+        cm.update(pred, gt)
+    torch.distributed.all_reduce(cm.matrix)     # or cm.reduce_(torch.distributed.all_reduce)
+    scores = segmentation_scores(cm.matrix, class_names=VOC_CLASSES)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from afa.constants import IGNORE_INDEX
+
+__all__ = [
+    "confusion_matrix",
+    "ConfusionMatrix",
+    "SegmentationScores",
+    "segmentation_scores",
+    "format_scores",
+    "multilabel_f1",
+]
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _as_long_tensor(array: ArrayLike, name: str) -> torch.Tensor:
+    tensor = torch.as_tensor(array)
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class indices, got dtype {tensor.dtype}")
+    return tensor.long()
+
+
+def _check_range(values: torch.Tensor, num_classes: int, name: str) -> None:
+    """Raise naming the first value outside ``[0, num_classes)``."""
+    if values.numel() == 0:
+        return
+    bad = (values < 0) | (values >= num_classes)
+    if bool(bad.any()):
+        offending = sorted({int(v) for v in values[bad].unique()[:10].tolist()})
+        raise ValueError(
+            f"{name} contains label value(s) {offending} outside [0, {num_classes}) "
+            f"(num_classes={num_classes}, ignore index {IGNORE_INDEX} is allowed only in the "
+            f"ground truth)"
+        )
+
+
+def confusion_matrix(
+    pred: ArrayLike,
+    target: ArrayLike,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Confusion matrix ``(num_classes, num_classes)`` int64: rows = ground truth, columns = prediction.
+
+    ``pred`` and ``target`` are integer label maps of the same shape (any number of dimensions,
+    numpy or torch, on any device). Target pixels equal to ``ignore_index`` are skipped. Every other
+    target value, and every prediction value at a scored pixel, must lie in ``[0, num_classes)``;
+    anything else raises ``ValueError`` naming the offending value(s).
+    """
+    pred_t = _as_long_tensor(pred, "prediction")
+    target_t = _as_long_tensor(target, "ground truth").to(pred_t.device)
+    if pred_t.shape != target_t.shape:
+        raise ValueError(
+            f"prediction shape {tuple(pred_t.shape)} != ground-truth shape {tuple(target_t.shape)}"
+        )
+    valid = target_t != ignore_index
+    target_v = target_t[valid]
+    pred_v = pred_t[valid]
+    _check_range(target_v, num_classes, "ground truth")
+    _check_range(pred_v, num_classes, "prediction")
+    flat = target_v * num_classes + pred_v
+    counts = torch.bincount(flat, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+class ConfusionMatrix:
+    """Accumulates a confusion matrix over many ``(pred, target)`` label maps.
+
+    ``.matrix`` is the raw ``(K, K)`` int64 tensor (rows = ground truth); sum it across ranks
+    before calling :func:`segmentation_scores`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = IGNORE_INDEX,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: ArrayLike, target: ArrayLike) -> None:
+        """Add one batch (or one image) of integer label maps of identical shape."""
+        counts = confusion_matrix(pred, target, self.num_classes, self.ignore_index)
+        self.matrix += counts.to(self.matrix.device)
+
+    def add_matrix(self, matrix: ArrayLike) -> None:
+        """Add an already-computed ``(K, K)`` confusion matrix (e.g. from a worker)."""
+        other = torch.as_tensor(matrix, dtype=torch.int64)
+        if other.shape != self.matrix.shape:
+            raise ValueError(f"matrix shape {tuple(other.shape)} != {tuple(self.matrix.shape)}")
+        self.matrix += other.to(self.matrix.device)
+
+    def reduce_(self, fn: Callable[[torch.Tensor], object]) -> ConfusionMatrix:
+        """Apply an in-place collective such as ``torch.distributed.all_reduce`` to the matrix."""
+        fn(self.matrix)
+        return self
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def compute(self, class_names: Sequence[str] | None = None) -> SegmentationScores:
+        return segmentation_scores(self.matrix, class_names=class_names)
+
+
+@dataclass
+class SegmentationScores:
+    """Scores derived from a confusion matrix; per-class lists hold ``nan`` for excluded classes."""
+
+    pixel_acc: float
+    mean_acc: float
+    miou: float
+    iou: list[float]
+    acc: list[float]
+    class_names: list[str]
+    num_pixels: int
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict: ``nan`` becomes ``None``, plus an ``iou_per_class`` name map."""
+
+        def clean(value: float) -> float | None:
+            return None if np.isnan(value) else float(value)
+
+        out = asdict(self)
+        out["iou"] = [clean(v) for v in self.iou]
+        out["acc"] = [clean(v) for v in self.acc]
+        out["pixel_acc"] = clean(self.pixel_acc)
+        out["mean_acc"] = clean(self.mean_acc)
+        out["miou"] = clean(self.miou)
+        out["iou_per_class"] = {name: clean(v) for name, v in zip(self.class_names, self.iou)}
+        return out
+
+
+def _nanmean(values: np.ndarray) -> float:
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def segmentation_scores(
+    matrix: ArrayLike, class_names: Sequence[str] | None = None
+) -> SegmentationScores:
+    """Pixel accuracy, mean (per-class) accuracy, mIoU and per-class IoU of a confusion matrix.
+
+    ``IoU_c = TP / (TP + FP + FN)``; classes whose union is 0 get ``nan`` and are excluded from the
+    mean. ``acc_c = TP / (pixels of class c in the ground truth)``; classes absent from the ground
+    truth get ``nan`` and are excluded from the mean accuracy.
+    """
+    if isinstance(matrix, torch.Tensor):
+        matrix = matrix.detach().cpu().numpy()
+    cm = np.asarray(matrix, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"confusion matrix must be square (K, K), got shape {cm.shape}")
+    num_classes = cm.shape[0]
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
+    tp = np.diag(cm)
+    gt_count = cm.sum(axis=1)
+    pred_count = cm.sum(axis=0)
+    union = gt_count + pred_count - tp
+    total = cm.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+        acc = np.where(gt_count > 0, tp / gt_count, np.nan)
+    return SegmentationScores(
+        pixel_acc=float(tp.sum() / total) if total > 0 else float("nan"),
+        mean_acc=_nanmean(acc),
+        miou=_nanmean(iou),
+        iou=iou.tolist(),
+        acc=acc.tolist(),
+        class_names=list(class_names),
+        num_pixels=int(total),
+    )
+
+
+def format_scores(scores: SegmentationScores) -> str:
+    """A readable table: per-class IoU (``-`` for excluded classes), then the summary scores."""
+    width = max(len("class"), *(len(name) for name in scores.class_names))
+    lines = [f"{'id':>3}  {'class':<{width}}  {'IoU':>6}  {'acc':>6}"]
+    for index, (name, iou, acc) in enumerate(zip(scores.class_names, scores.iou, scores.acc)):
+        iou_s = "-" if np.isnan(iou) else f"{100 * iou:6.2f}"
+        acc_s = "-" if np.isnan(acc) else f"{100 * acc:6.2f}"
+        lines.append(f"{index:>3}  {name:<{width}}  {iou_s:>6}  {acc_s:>6}")
+    lines.append("-" * len(lines[0]))
+    lines.append(f"pixel acc {100 * scores.pixel_acc:6.2f}")
+    lines.append(f"mean acc  {100 * scores.mean_acc:6.2f}")
+    lines.append(f"mIoU      {100 * scores.miou:6.2f}")
+    return "\n".join(lines)
+
+
+def multilabel_f1(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Per-image F1 of multi-label classification (``logit > threshold`` vs multi-hot ``labels``).
+
+    ``logits`` and ``labels`` are ``(B, C)``. Each image's F1 is ``2 TP / (2 TP + FP + FN)``; an
+    image with no positive label and no positive prediction scores 1. ``reduction`` is ``"mean"``
+    (average over images), ``"sum"`` (for summing across ranks, then dividing by the image count)
+    or ``"none"`` (the ``(B,)`` vector).
+    """
+    if logits.shape != labels.shape or logits.dim() != 2:
+        raise ValueError(
+            f"logits and labels must both be (B, C); got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    pred = logits > threshold
+    truth = labels > 0.5
+    tp = (pred & truth).sum(dim=1).float()
+    fp = (pred & ~truth).sum(dim=1).float()
+    fn = (~pred & truth).sum(dim=1).float()
+    denom = 2 * tp + fp + fn
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.ones_like(denom))
+    if reduction == "none":
+        return f1
+    if reduction == "sum":
+        return f1.sum()
+    if reduction == "mean":
+        return f1.mean()
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
