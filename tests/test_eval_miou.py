@@ -1,0 +1,110 @@
+"""tools/eval_miou.py on tiny PNG directories with a hand-computed confusion matrix."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from afa.io import write_label_png
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "eval_miou.py"
+
+# The same two images as tests/test_metrics.py: classes 0..2 present, 3..20 absent everywhere.
+GT = {
+    "img_a": np.array([[0, 0, 1, 1], [0, 255, 1, 2]]),
+    "img_b": np.array([[2, 2, 255], [0, 1, 2], [1, 1, 1]]),
+}
+PRED = {
+    "img_a": np.array([[0, 1, 1, 1], [0, 2, 2, 2]]),
+    "img_b": np.array([[2, 0, 0], [0, 1, 1], [1, 1, 1]]),
+}
+EXPECTED_TOP_LEFT = [[3, 1, 0], [0, 6, 1], [1, 1, 2]]  # rows = GT, columns = prediction
+EXPECTED_IOU = {"background": 3 / 5, "aeroplane": 6 / 9, "bicycle": 2 / 5}
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("eval_miou_tool", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+eval_miou = _load_tool()
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    for name in GT:
+        write_label_png(gt_dir / f"{name}.png", GT[name])
+        write_label_png(pred_dir / f"{name}.png", PRED[name])
+    list_file = tmp_path / "val.txt"
+    list_file.write_text("img_a\nimg_b\n")
+    return pred_dir, gt_dir, list_file
+
+
+def _args(pred_dir, gt_dir, list_file, *extra):
+    return ["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--list", str(list_file),
+            "--num-classes", "21", "--no-progress", *extra]
+
+
+def test_scores_and_json(dirs, tmp_path, capsys):
+    json_path = tmp_path / "out" / "miou.json"
+    result = eval_miou.main(_args(*dirs, "--json", str(json_path), "--workers", "2"))
+    saved = json.loads(json_path.read_text())
+    assert saved == json.loads(json.dumps(result))
+    matrix = np.array(saved["confusion_matrix"])
+    assert matrix.shape == (21, 21)
+    np.testing.assert_array_equal(matrix[:3, :3], EXPECTED_TOP_LEFT)
+    assert matrix.sum() == 15  # the two ignore pixels are not counted
+    for name, iou in EXPECTED_IOU.items():
+        assert saved["iou_per_class"][name] == pytest.approx(iou)
+    assert saved["iou_per_class"]["bird"] is None  # absent from both: excluded, not 0
+    assert saved["miou"] == pytest.approx(sum(EXPECTED_IOU.values()) / 3)
+    assert saved["pixel_acc"] == pytest.approx(11 / 15)
+    assert saved["mean_acc"] == pytest.approx((3 / 4 + 6 / 7 + 2 / 4) / 3)
+    assert saved["num_images"] == 2
+    table = capsys.readouterr().out
+    assert "aeroplane" in table and "tvmonitor" in table and "55.56" in table
+
+
+def test_missing_prediction_is_named(dirs):
+    pred_dir, gt_dir, list_file = dirs
+    (pred_dir / "img_b.png").unlink()
+    with pytest.raises(SystemExit, match=r"missing prediction.*img_b\.png"):
+        eval_miou.main(_args(pred_dir, gt_dir, list_file))
+
+
+def test_size_mismatch_names_file_and_sizes(dirs):
+    pred_dir, gt_dir, list_file = dirs
+    write_label_png(pred_dir / "img_a.png", np.zeros((2, 5), np.uint8))
+    with pytest.raises(SystemExit, match=r"img_a\.png.*5x2.*4x2"):
+        eval_miou.main(_args(pred_dir, gt_dir, list_file))
+
+
+def test_out_of_range_label_is_named(dirs):
+    pred_dir, gt_dir, list_file = dirs
+    write_label_png(pred_dir / "img_b.png", np.full((3, 3), 21, np.uint8))
+    with pytest.raises(SystemExit, match=r"img_b\.png.*\[21\]"):
+        eval_miou.main(_args(pred_dir, gt_dir, list_file))
+
+
+def test_command_line(dirs, tmp_path):
+    json_path = tmp_path / "cli.json"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *_args(*dirs, "--json", str(json_path))],
+        capture_output=True, text=True, env=env, check=True,
+    )
+    assert "mIoU" in done.stdout
+    assert json.loads(json_path.read_text())["miou"] == pytest.approx(
+        sum(EXPECTED_IOU.values()) / 3
+    )
