@@ -19,6 +19,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "barrier",
+    "broadcast_buffers",
     "cleanup",
     "init_distributed",
     "is_main",
@@ -98,6 +99,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last one each rank holds the
+    statistics of its own batch; validation and checkpoints need one common set.
+    """
+    if _active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
 
 
 def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:

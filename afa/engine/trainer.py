@@ -254,11 +254,11 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                     scaler.scale(terms.total / accum).backward()
                 finite &= bool(torch.isfinite(terms.total))
                 for key in ("cls_loss", "seg_loss", "aff_loss", "reg_loss", "total"):
-                    sums[key] += float(getattr(terms, key)) / accum
+                    sums[key] += float(getattr(terms, key).detach()) / accum
             logged += 1
             if _all_agree(not finite, info.device):
                 message = (f"Non-finite loss at iteration {iteration}: " + ", ".join(
-                    f"{k}={float(getattr(terms, k)):.4g}"
+                    f"{k}={float(getattr(terms, k).detach()):.4g}"
                     for k in ("cls_loss", "seg_loss", "aff_loss", "reg_loss")))
                 if t.nonfinite == "stop":
                     checkpoint(iteration)
@@ -287,6 +287,7 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
 
             is_best = False
             if iteration % t.eval_iters == 0 or iteration == t.max_iters:
+                D.broadcast_buffers(unwrap_model(model))
                 scores = validate(unwrap_model(model), val_set, par=par, device=info.device,
                                   cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
                                   low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
@@ -308,16 +309,18 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                 log.warning("Stopped by a signal at iteration %d; checkpoint saved. Continue with "
                             "--resume auto", iteration)
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM)
+    D.broadcast_buffers(unwrap_model(model))
     bar.close()
     run_log.close()
     return TrainResult(unwrap_model(model), scores)
 
 
 def _log_images(run_log: RunLogger, iteration: int, batch: dict, terms) -> None:
-    """TensorBoard grid of the first image: crop, CAM label, refined and affinity pseudo labels."""
-    from afa.viz import label_grid
+    """TensorBoard grid of the first crop: image and the labels derived from its CAM."""
+    from afa.viz import colorize_label, make_grid
 
     image = (denormalize(batch["image"][:1])[0] * 255).byte().permute(1, 2, 0).cpu().numpy()
-    grid = label_grid(image, [terms.cam_label[0], terms.refined_label[0],
-                              terms.aff_pseudo_label[0], terms.seg_target[0]])
+    labels = (terms.cam_label, terms.refined_label, terms.aff_pseudo_label, terms.seg_target)
+    grid = make_grid([image] + [colorize_label(label[0]) for label in labels],
+                     titles=["crop", "CAM label", "refined (PAR)", "affinity", "seg target"])
     run_log.image(iteration, "train/pseudo_labels", grid)
