@@ -1,0 +1,94 @@
+"""Visualisation: shapes and dtypes, VOC palette colours, RGB order, affinity of a chosen pixel."""
+
+import numpy as np
+import pytest
+import torch
+
+from afa.viz import (
+    affinity_of_pixel,
+    affinity_overlay,
+    colorize_label,
+    heatmap,
+    make_grid,
+    overlay_heatmap,
+    overlay_label,
+    to_chw,
+    visualize_sample,
+)
+
+H, W = 32, 48
+IMAGE = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def test_palette_colours_at_known_pixels():
+    label = np.array([[0, 1, 15], [255, 20, 0]], np.uint8)
+    colours = colorize_label(torch.from_numpy(label))
+    assert colours.shape == (2, 3, 3) and colours.dtype == np.uint8
+    assert colours[0, 0].tolist() == [0, 0, 0]  # background
+    assert colours[0, 1].tolist() == [128, 0, 0]  # aeroplane
+    assert colours[0, 2].tolist() == [192, 128, 128]  # person
+    assert colours[1, 0].tolist() == [224, 224, 192]  # ignore: distinct from every class
+    assert colours[1, 1].tolist() == [0, 64, 128]  # tvmonitor
+
+
+def test_overlay_label_keeps_background_and_tints_objects():
+    label = np.zeros((H, W), np.int64)
+    label[:10, :10] = 1
+    out = overlay_label(IMAGE, label, alpha=0.5)
+    assert out.shape == IMAGE.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[20:, 20:], IMAGE[20:, 20:])
+    expected = np.rint(0.5 * IMAGE[0, 0].astype(float) + 0.5 * np.array([128, 0, 0]))
+    np.testing.assert_array_equal(out[0, 0], expected)
+
+
+def test_heatmap_is_rgb_jet():
+    values = np.array([[0.0, 1.0]])
+    colours = heatmap(values)
+    low, high = colours[0, 0].astype(int), colours[0, 1].astype(int)
+    assert low[2] > 100 and low[0] == 0  # blue for 0
+    assert high[0] > 100 and high[2] == 0  # red for 1 (a BGR mix-up would swap these)
+
+
+def test_cam_overlay_resizes_to_image():
+    cam = torch.zeros(4, 6)
+    cam[0, 0] = 1.0
+    out = overlay_heatmap(IMAGE, cam)
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+
+
+def test_affinity_of_chosen_pixel_peaks_at_its_partner():
+    grid_h, grid_w = 4, 6  # one cell = 8 x 8 image pixels
+    n = grid_h * grid_w
+    aff = np.full((n, n), 0.1, np.float32)
+    query = (5, 41)  # image pixel in cell (0, 5) -> position 5
+    partner = 3 * grid_w + 1  # cell (3, 1): image rows 24..31, columns 8..15
+    aff[5, partner] = 1.0
+    aff[10, 5] = 1.0  # column 5 peaks elsewhere: reading a column instead of a row is caught
+    values = affinity_of_pixel(torch.from_numpy(aff), (grid_h, grid_w), query, (H, W))
+    assert values.shape == (H, W) and values.dtype == np.float32
+    peak_y, peak_x = np.unravel_index(values.argmax(), values.shape)
+    assert 24 <= peak_y < 32 and 8 <= peak_x < 16
+    out = affinity_overlay(IMAGE, aff, (grid_h, grid_w), query)
+    assert out.shape == (H, W, 3) and out.dtype == np.uint8
+    assert out[query].tolist() == [255, 255, 255]  # the query pixel is marked
+    with pytest.raises(ValueError, match="outside"):
+        affinity_of_pixel(aff, (grid_h, grid_w), (H, 0), (H, W))
+
+
+def test_grid_layout_and_sample_row():
+    grid = make_grid([IMAGE, IMAGE[:16, :24], IMAGE], pad=4)
+    # The half-size panel is scaled to the first panel's height (32 x 48).
+    assert grid.shape == (H, 3 * W + 2 * 4, 3) and grid.dtype == np.uint8
+    np.testing.assert_array_equal(grid[:, :W], IMAGE)
+    assert (grid[:, W : W + 4] == 255).all()
+
+    gt = np.zeros((H, W), np.uint8)
+    gt[5:10, 5:10] = 12
+    row = visualize_sample(IMAGE, cams=np.zeros((2, 4, 6)), cam_titles=["dog", "cat"],
+                           pred=gt, gt=gt)
+    assert row.dtype == np.uint8 and row.shape[1] == 5 * W + 4 * 4 and row.shape[0] > H
+    chw = to_chw(row)
+    assert chw.shape == (3, *row.shape[:2]) and chw.flags["C_CONTIGUOUS"]
+    no_titles = visualize_sample(IMAGE, gt=gt, titles=False)
+    assert no_titles.shape == (H, 2 * W + 4, 3)
+    np.testing.assert_array_equal(no_titles[7, W + 4 + 7], [64, 0, 128])  # dog (12)
