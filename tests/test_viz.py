@@ -1,9 +1,16 @@
-"""Visualisation: shapes and dtypes, VOC palette colours, RGB order, affinity of a chosen pixel."""
+"""Visualisation: shapes and dtypes, VOC palette colours, RGB order, affinity of a chosen pixel,
+and tools/visualize.py on a tiny directory of saved outputs."""
+
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from afa.constants import VOC_CLASSES
+from afa.io import write_label_png
 from afa.viz import (
     affinity_of_pixel,
     affinity_overlay,
@@ -92,3 +99,42 @@ def test_grid_layout_and_sample_row():
     no_titles = visualize_sample(IMAGE, gt=gt, titles=False)
     assert no_titles.shape == (H, 2 * W + 4, 3)
     np.testing.assert_array_equal(no_titles[7, W + 4 + 7], [64, 0, 128])  # dog (12)
+
+
+def _load_visualize_tool():
+    path = Path(__file__).resolve().parents[1] / "tools" / "visualize.py"
+    spec = importlib.util.spec_from_file_location("visualize_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_visualize_tool(tmp_path):
+    tool = _load_visualize_tool()
+    dirs = {name: tmp_path / name for name in ("img", "pred", "gt", "cam", "out")}
+    for directory in dirs.values():
+        directory.mkdir()
+    gt = np.zeros((H, W), np.uint8)
+    gt[5:10, 5:10] = 12
+    Image.fromarray(IMAGE).save(dirs["img"] / "a.jpg")
+    write_label_png(dirs["gt"] / "a.png", gt)
+    write_label_png(dirs["pred"] / "a.png", gt)
+    cams = np.zeros((20, 8, 12), np.float32)  # foreground classes: channel c is class c + 1
+    cams[7, 2, 2] = 0.5  # cat
+    cams[11, 1, 1] = 1.0  # dog
+    np.save(dirs["cam"] / "a.npy", cams)
+    (tmp_path / "list.txt").write_text("a\n")
+
+    _, titles = tool.load_cams(dirs["cam"], "a", VOC_CLASSES, max_cams=3)
+    assert titles == ["dog", "cat"]  # by peak; all-zero maps skipped
+    args = ["--list", str(tmp_path / "list.txt"), "--image-dir", str(dirs["img"]),
+            "--pred-dir", str(dirs["pred"]), "--gt-dir", str(dirs["gt"]),
+            "--cam-dir", str(dirs["cam"]), "--out-dir", str(dirs["out"])]
+    (written,) = tool.main(args)
+    picture = np.asarray(Image.open(written))
+    assert written == dirs["out"] / "a.png"
+    assert picture.shape[1] == 5 * W + 4 * 4 and picture.shape[0] > H  # image, 2 CAMs, pred, gt
+
+    (dirs["pred"] / "a.png").unlink()
+    with pytest.raises(SystemExit, match=r"pred[/\\]a\.png"):
+        tool.main(args)
