@@ -2,9 +2,9 @@
 
 Segmentation is scored the way the AFA paper (and every WSSS paper since) does it: one confusion
 matrix accumulated over *all pixels of all images* (not a mean of per-image scores), ground-truth
-pixels equal to ``ignore_index`` (255) skipped, and the mean IoU taken over the classes that occur in
-the prediction or the ground truth (a class absent from both has union 0 and no IoU; it is left out
-of the mean rather than counted as 0 or 1).
+pixels equal to ``ignore_index`` (255) skipped, and the mean IoU taken over the classes that occur
+in the prediction or the ground truth (a class absent from both has union 0 and no IoU; it is left
+out of the mean rather than counted as 0 or 1).
 
 The accumulator keeps its matrix as a plain ``torch.int64`` tensor in ``.matrix`` so that a
 distributed caller can sum it across ranks in place::
@@ -65,7 +65,7 @@ def confusion_matrix(
     num_classes: int,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Confusion matrix ``(num_classes, num_classes)`` int64: rows = ground truth, columns = prediction.
+    """Confusion matrix ``(K, K)`` int64, ``K = num_classes``; rows = ground truth, cols = pred.
 
     ``pred`` and ``target`` are integer label maps of the same shape (any number of dimensions,
     numpy or torch, on any device). Target pixels equal to ``ignore_index`` are skipped. Every other

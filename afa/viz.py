@@ -69,7 +69,7 @@ def colorize_label(label) -> np.ndarray:
 def overlay_label(
     image, label, alpha: float = 0.5, transparent: Sequence[int] = (0, IGNORE_INDEX)
 ) -> np.ndarray:
-    """Blend the palette colours of ``label`` over ``image``; classes in ``transparent`` stay bare."""
+    """Blend the palette colours of ``label`` over ``image``; ``transparent`` classes stay bare."""
     image = _rgb_image(image)
     label = _numpy(label)
     if label.shape != image.shape[:2]:

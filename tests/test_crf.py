@@ -91,9 +91,9 @@ def _dilate_foreground(label, radius=15):
 
 
 def _probs_from_label(label, classes, confidence=0.6):
-    """``(len(classes), H, W)``: ``confidence`` on the label's class, the rest spread evenly over the
-    image's other classes; uniform where the label is 255 (the VOC boundary band). Classes absent
-    from the image get no channel, which keeps the CRF fast (its cost grows with the channels)."""
+    """``(len(classes), H, W)``: ``confidence`` on the label's class, the rest spread evenly over
+    the image's other classes; uniform where the label is 255 (the VOC boundary band). Classes
+    absent from the image get no channel, which keeps the CRF fast (its cost grows with them)."""
     rest = (1.0 - confidence) / (len(classes) - 1)
     probs = np.where(label == 255, 1.0 / len(classes), rest)[None].repeat(len(classes), 0)
     for channel, cls in enumerate(classes):
@@ -113,7 +113,7 @@ def test_crf_repairs_misplaced_boundaries(voc_mini, corrupt):
 
     before, after = ConfusionMatrix(NUM_CLASSES), ConfusionMatrix(NUM_CLASSES)
     refined = dense_crf_many(zip(images, probs), workers=2)
-    for gt, cls, p, q in zip(gts, classes, probs, refined):
+    for gt, cls, p, q in zip(gts, classes, probs, refined, strict=True):
         before.update(cls[p.argmax(0)], gt)
         after.update(cls[q.argmax(0)], gt)
     miou_before, miou_after = before.compute().miou, after.compute().miou

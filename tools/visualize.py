@@ -1,10 +1,10 @@
 """Side-by-side pictures of saved outputs: image | CAMs | pseudo label | prediction | ground truth.
 
 Reads, for every id of a name list, ``<image-dir>/<id>.jpg`` (or ``.png``/``.jpeg``) and whichever
-of these directories are given: ``--cam-dir`` (``<id>.npy``, float ``(C, h, w)`` CAMs in [0, 1]; with
-``C = num_classes - 1`` channel ``c`` is class ``c + 1``, with ``C = num_classes`` it is class ``c``),
-``--pseudo-dir``, ``--pred-dir`` and ``--gt-dir`` (``<id>.png`` class-index PNGs). Writes one PNG
-per id, ``<out-dir>/<id>.png``.
+of these directories are given: ``--cam-dir`` (``<id>.npy``, float ``(C, h, w)`` CAMs in [0, 1];
+with ``C = num_classes - 1`` channel ``c`` is class ``c + 1``, with ``C = num_classes`` it is class
+``c``), ``--pseudo-dir``, ``--pred-dir`` and ``--gt-dir`` (``<id>.png`` class-index PNGs). Writes
+one PNG per id, ``<out-dir>/<id>.png``.
 
 Run::
 
@@ -55,7 +55,7 @@ def _label(directory: Path | None, image_id: str) -> np.ndarray | None:
 def load_cams(
     cam_dir: Path | None, image_id: str, class_names: Sequence[str], max_cams: int
 ) -> tuple[list[np.ndarray] | None, list[str] | None]:
-    """The ``max_cams`` CAMs with the highest peaks (all-zero maps skipped) and their class names."""
+    """The ``max_cams`` CAMs with the highest peaks (all-zero maps skipped), with class names."""
     if cam_dir is None:
         return None, None
     path = cam_dir / f"{image_id}.npy"
