@@ -92,6 +92,12 @@ def dense_crf(
     return q.reshape(num_classes, height, width)
 
 
+def _usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset and container CPU sets
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _dense_crf_pair(pair: tuple[np.ndarray, np.ndarray], **crf_kwargs) -> np.ndarray:
     image, probs = pair
     return dense_crf(image, probs, **crf_kwargs)
@@ -109,14 +115,15 @@ def dense_crf_many(
 
     Results stream out as they finish (in input order) and at most ``max_pending`` pairs
     (default ``2 * workers``) are in flight, so memory stays bounded for a lazy input such as a
-    generator over a data loader. ``workers`` defaults to the CPU count; ``workers=0`` runs in
-    this process. ``crf_kwargs`` go to :func:`dense_crf`. The default ``spawn`` start method is
-    safe in processes that already use CUDA or threads.
+    generator over a data loader. ``workers`` defaults to the CPUs this process may use;
+    ``workers=0`` runs in this process. ``crf_kwargs`` go to :func:`dense_crf`. The default
+    ``spawn`` start method is safe in processes that already use CUDA or threads; like any spawn
+    pool it needs the calling script's ``if __name__ == "__main__":`` guard.
     """
     import_densecrf()  # fail here, in the caller, if the package is missing
     run_one = partial(_dense_crf_pair, **crf_kwargs)
     if workers is None:
-        workers = os.cpu_count() or 1
+        workers = _usable_cpus()
     if workers == 0:
         yield from map(run_one, pairs)
         return
