@@ -113,14 +113,14 @@ def dense_crf_many(
 ) -> Iterator[np.ndarray]:
     """Run :func:`dense_crf` over ``(image, probs)`` pairs in a process pool, yielding in order.
 
-    Results stream out as they finish (in input order) and at most ``max_pending`` pairs
-    (default ``2 * workers``) are in flight, so memory stays bounded for a lazy input such as a
-    generator over a data loader. ``workers`` defaults to the CPUs this process may use;
+    Each result is yielded, in input order, as soon as it is ready; at most ``max_pending``
+    pairs (default ``2 * workers``) are in flight, so memory stays bounded for a lazy input such
+    as a generator over a data loader. ``workers`` defaults to the CPUs this process may use;
     ``workers=0`` runs in this process. ``crf_kwargs`` go to :func:`dense_crf`. The default
     ``spawn`` start method is safe in processes that already use CUDA or threads; like any spawn
     pool it needs the calling script's ``if __name__ == "__main__":`` guard.
     """
-    import_densecrf()  # fail here, in the caller, if the package is missing
+    import_densecrf()  # a missing package fails before any worker starts
     run_one = partial(_dense_crf_pair, **crf_kwargs)
     if workers is None:
         workers = _usable_cpus()
