@@ -23,11 +23,12 @@ __all__ = ["AFALosses", "compute_afa_losses"]
 
 @dataclass
 class AFALosses:
-    cam_label: torch.Tensor  # (B, H, W) CAM thresholded at bkg_score, for logging
-    refined_label: torch.Tensor  # (B, H, W) PAR-refined CAM pseudo label (step 4)
-    aff_pseudo_label: torch.Tensor  # (B, H, W) pseudo label from propagated CAMs (step 9)
-    seg_target: torch.Tensor  # (B, H, W) the one of the two the segmentation is trained on
-    aff_label: torch.Tensor  # (B, N, N) affinity target on the stage-4 grid (step 6)
+    # The label maps are None when the CAMs were not computed (classification phase).
+    cam_label: torch.Tensor | None  # (B, H, W) CAM thresholded at bkg_score, for logging
+    refined_label: torch.Tensor | None  # (B, H, W) PAR-refined CAM pseudo label (step 4)
+    aff_pseudo_label: torch.Tensor | None  # (B, H, W) pseudo label from propagated CAMs (step 9)
+    seg_target: torch.Tensor | None  # (B, H, W) the one of the two the segmentation is trained on
+    aff_label: torch.Tensor | None  # (B, N, N) affinity target on the stage-4 grid (step 6)
     cls_loss: torch.Tensor
     seg_loss: torch.Tensor
     aff_loss: torch.Tensor
@@ -39,8 +40,8 @@ def compute_afa_losses(
     cls_logits: torch.Tensor,
     seg_logits: torch.Tensor,
     aff_pred: torch.Tensor,
-    cam: torch.Tensor,
-    cam_aff: torch.Tensor,
+    cam: torch.Tensor | None,
+    cam_aff: torch.Tensor | None,
     rgb: torch.Tensor,
     labels: torch.Tensor,
     boxes: torch.Tensor,
@@ -80,12 +81,23 @@ def compute_afa_losses(
         radius: Chebyshev radius of the affinity on the stride-16 grid.
         w_seg, w_aff, w_reg: loss weights after ``cam_iters``.
 
-    Before ``cam_iters`` the segmentation and affinity terms are still computed and added with
-    weight 0, so every parameter takes part in the backward pass (DistributedDataParallel needs
-    it); the CPU-bound regularized loss is skipped there.
+    Before ``cam_iters`` only the classification loss counts. The caller may then pass
+    ``cam=None`` (and skip the multi-scale CAM): no pseudo label is computed and the label fields
+    are None. Otherwise the segmentation and affinity terms are computed and logged but added with
+    weight 0. Either way every parameter takes part in the backward pass, as
+    DistributedDataParallel requires; the CPU-bound regularized loss is skipped in this phase.
     """
     height, width = rgb.shape[-2:]
     cls_loss = classification_loss(cls_logits, labels)
+    if cam is None:
+        if iteration >= cam_iters:
+            raise ValueError(f"iteration {iteration} >= cam_iters {cam_iters} needs the CAMs")
+        # Zero-weighted outputs keep the decoder and affinity head in the autograd graph.
+        unused = 0.0 * (seg_logits.sum() + aff_pred.sum())
+        zero = cls_loss.new_zeros(())
+        return AFALosses(cam_label=None, refined_label=None, aff_pseudo_label=None,
+                         seg_target=None, aff_label=None, cls_loss=cls_loss, seg_loss=zero,
+                         aff_loss=zero, reg_loss=zero, total=cls_loss + unused)
 
     with torch.no_grad():
         cam_label = cam_to_label(cam, labels, bkg_score=bkg_score, boxes=boxes,

@@ -86,13 +86,15 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) normalised
     labels = batch["label"].to(device, non_blocking=True)  # (B, C-1) multi-hot
     boxes = batch["box"].to(device, non_blocking=True)  # (B, 4) [y0, y1, x0, x1]
+    # The CAMs feed only the pseudo labels, which count from cam_iters on: skip them before.
+    need_cams = iteration >= loss_kwargs["cam_iters"]
     with _autocast(device, amp):
         out = model(images)
-        cams = multi_scale_cam(unwrap_model(model), images, cam_scales)
+        cams = multi_scale_cam(unwrap_model(model), images, cam_scales) if need_cams else None
     return compute_afa_losses(
-        out.cls_logits.float(), out.seg_logits.float(), out.aff_pred.float(), cams.cam.float(),
-        cams.aff.float(), denormalize(images), labels, boxes, iteration, par=par,
-        crf_loss=crf_loss, **loss_kwargs)
+        out.cls_logits.float(), out.seg_logits.float(), out.aff_pred.float(),
+        cams.cam.float() if need_cams else None, cams.aff.float() if need_cams else None,
+        denormalize(images), labels, boxes, iteration, par=par, crf_loss=crf_loss, **loss_kwargs)
 
 
 class TrainingInterrupted(Exception):
@@ -175,7 +177,8 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
     if cfg.loss.reg_loss:
         from afa.losses import DenseCRFLoss
 
-        crf_loss = DenseCRFLoss(cfg.loss.reg_rgb_sigma, cfg.loss.reg_xy_sigma, cfg.loss.reg_scale,
+        crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
+                                scale_factor=cfg.loss.reg_scale,
                                 ignore_index=cfg.cam.ignore_index)
 
     ckpt = CheckpointManager(work_dir / "checkpoints", keep_last=t.keep_last)
@@ -282,7 +285,8 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                 log.info("iter %d/%d lr %.3e loss %.4f (cls %.4f seg %.4f aff %.4f reg %.4f)",
                          iteration, t.max_iters, lr, means["total"], means["cls_loss"],
                          means["seg_loss"], means["aff_loss"], means["reg_loss"])
-            if main and t.image_log_iters and iteration % t.image_log_iters == 0:
+            if (main and t.image_log_iters and iteration % t.image_log_iters == 0
+                    and terms.seg_target is not None):
                 _log_images(run_log, iteration, batch, terms)
 
             is_best = False
