@@ -1,0 +1,252 @@
+"""Segment a split with multi-scale + flip inference and an optional dense CRF; score it.
+
+Single process (CPU or one GPU):
+
+    python tools/infer_seg.py --config configs/voc.yaml \\
+        --checkpoint work_dirs/voc/checkpoints/best.pth --split val --out-dir work_dirs/voc/seg_val \\
+        [--scales 1.0 0.5 0.75] [--crf] [--save-logits] [--overwrite] [key=value ...]
+
+Several processes (images sharded by rank, confusion matrices summed; gloo on CPU, NCCL on GPU):
+
+    torchrun --nproc_per_node=2 tools/infer_seg.py --config configs/voc.yaml --checkpoint ... \\
+        --split val --out-dir work_dirs/voc/seg_val --crf
+
+Each image is resized so that its long side is ``infer.long_side`` (512), run at ``infer.scales``
+(1.0, 0.5, 0.75) each with its horizontal flip (``infer.flip``; the pair is averaged), and the
+element-wise maximum of the logits over the scales, resized to the image, gives the prediction
+(``afa.inference.predict_seg_logits``). ``--scales`` is shorthand for the ``infer.scales=[...]``
+override. With ``--crf`` the softmax of those logits is refined by a dense CRF (``infer.crf_*``,
+the paper's 10 iterations, Gaussian sxy 3 compat 3, bilateral sxy 64 srgb 5 compat 4) in a pool
+of worker processes, while the network goes on with the next images.
+
+Writes under ``--out-dir``:
+
+    pred/<id>.png       class indices, VOC palette
+    overlay/<id>.png    prediction colours over the image (not with --no-overlay)
+    logits/<id>.npy     (C, H, W) float16 fused logits before the CRF (with --save-logits;
+                        softmax gives the CRF's input; ~8 MB per VOC image)
+    scores.json         mIoU etc. over the images that have a ground-truth mask
+    config.yaml, run.json   the merged config and the settings the outputs were made with
+
+A rerun skips images whose outputs all exist (their saved predictions are still scored) unless
+``--overwrite``; it refuses to mix outputs of other settings (checkpoint, scales, CRF, ...). Accepts
+our checkpoints and the authors' (``module.``-prefixed) ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from afa import config as C
+from afa.config import ConfigError, load_config, save_config
+from afa.crf import dense_crf_many, import_densecrf
+from afa.data import DataError, normalize, write_mask
+from afa.engine import distributed as D
+from afa.engine.trainer import class_names
+from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
+                           predict_seg_logits, save_npy_atomic, write_atomic,
+                           write_rgb_png_atomic)
+from afa.io import read_label_png
+from afa.metrics import ConfusionMatrix, format_scores
+from afa.models import AFANet
+from afa.viz import overlay_label
+
+__all__ = ["main", "parse_args"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file, e.g. configs/voc.yaml")
+    parser.add_argument("--checkpoint", required=True, help="our checkpoint or the authors'")
+    parser.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
+                                        "(default: the config's data.val_split)")
+    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--scales", type=float, nargs="+",
+                        help="shorthand for the override infer.scales=[...]")
+    parser.add_argument("--crf", action="store_true", help="refine with a dense CRF")
+    parser.add_argument("--crf-workers", type=int,
+                        help="CRF processes per rank (default: the usable CPUs / local ranks; "
+                             "0 runs the CRF in this process)")
+    parser.add_argument("--crf-min-prob", type=float,
+                        help="give the CRF only the classes whose probability exceeds this "
+                             "somewhere (e.g. 0.01; faster); default: all classes")
+    parser.add_argument("--save-logits", action="store_true", help="also write logits/<id>.npy")
+    parser.add_argument("--no-overlay", action="store_true", help="skip overlay/<id>.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="recompute images whose outputs exist")
+    parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    return parser.parse_args(argv)
+
+
+def crf_kwargs(cfg: DictConfig) -> dict:
+    """``afa.crf.dense_crf`` keyword arguments from ``cfg.infer``."""
+    i = cfg.infer
+    return dict(iterations=i.crf_iters, gaussian_sxy=i.crf_gauss_sxy,
+                gaussian_compat=i.crf_gauss_compat, bilateral_sxy=i.crf_bilateral_sxy,
+                bilateral_srgb=i.crf_bilateral_srgb, bilateral_compat=i.crf_bilateral_compat)
+
+
+def image_set(cfg: DictConfig, split: str) -> ImageSet:
+    d = cfg.data
+    return ImageSet(d.root, Path(d.list_dir) / f"{split}.txt", d.num_classes,
+                    mask_dir=d.mask_dir, split_subdir=split if d.split_subdirs else None,
+                    label_file=Path(d.list_dir) / "cls_labels.json")
+
+
+def _crf_workers(requested: int | None) -> int | None:
+    """Split this machine's CPUs between the ranks started on it (None: afa.crf's default)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if requested is not None or local_ranks == 1:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // local_ranks)
+
+
+class SegInference:
+    """One rank's share of the split: predict, write, score."""
+
+    def __init__(self, model, images: ImageSet, files: OutputFiles, cfg: DictConfig,
+                 args: argparse.Namespace, device: torch.device):
+        self.model, self.images, self.files, self.args, self.device = (
+            model, images, files, args, device)
+        self.scales, self.flip, self.long_side = (
+            tuple(cfg.infer.scales), cfg.infer.flip, cfg.infer.long_side)
+        self.crf_kwargs = crf_kwargs(cfg)
+        self.matrix = ConfusionMatrix(cfg.data.num_classes, device=device)
+        self.scored = 0
+
+    def _score(self, name: str, pred: np.ndarray) -> None:
+        if self.images.has_mask(name):
+            self.matrix.update(pred, self.images.mask(name, pred.shape))
+            self.scored += 1
+
+    def _predict(self, names: list[str]) -> Iterator[tuple[str, np.ndarray, torch.Tensor]]:
+        """(id, RGB image, fused logits (C, H, W)) per image; saves the logits if asked."""
+        for name in names:
+            image = self.images.image(name)
+            x = normalize(image)[None].to(self.device)
+            logits = predict_seg_logits(self.model, x, self.scales, self.flip, self.long_side)[0]
+            if self.args.save_logits:
+                save_npy_atomic(self.files.path("logits", name), logits.half().cpu().numpy())
+            yield name, image, logits
+
+    def _finish(self, name: str, image: np.ndarray, pred: np.ndarray) -> None:
+        if not self.args.no_overlay:
+            write_rgb_png_atomic(self.files.path("overlay", name), overlay_label(image, pred))
+        write_mask(self.files.path("pred", name), pred)  # written last: marks the image done
+        self._score(name, pred)
+
+    def _plain(self, names: list[str], progress: tqdm) -> None:
+        for name, image, logits in self._predict(names):
+            self._finish(name, image, logits.argmax(0).to(torch.uint8).cpu().numpy())
+            progress.update()
+
+    def _with_crf(self, names: list[str], progress: tqdm) -> None:
+        """Stream probabilities to the CRF pool; write each result as it returns (in order)."""
+        pending = deque()  # (id, image, class ids) of the pairs handed to the pool
+
+        def pairs():
+            for name, image, logits in self._predict(names):
+                probs = logits.softmax(0).cpu().numpy()
+                keep = (np.arange(len(probs)) if self.args.crf_min_prob is None
+                        else likely_classes(probs, self.args.crf_min_prob))
+                kept = probs[keep]
+                pending.append((name, image, keep))
+                yield image, kept / kept.sum(0, keepdims=True)
+
+        for q in dense_crf_many(pairs(), workers=_crf_workers(self.args.crf_workers),
+                                **self.crf_kwargs):
+            name, image, keep = pending.popleft()
+            self._finish(name, image, keep[q.argmax(0)].astype(np.uint8))
+            progress.update()
+
+    def run(self, names: list[str]) -> int:
+        """Process ``names`` (skipping finished ones unless overwriting); returns how many ran."""
+        todo = names if self.args.overwrite else [n for n in names if not self.files.done(n)]
+        for name in sorted(set(names) - set(todo)):
+            self._score(name, read_label_png(self.files.path("pred", name)))
+        with tqdm(total=len(todo), desc="infer_seg", disable=not D.is_main()) as progress:
+            (self._with_crf if self.args.crf else self._plain)(todo, progress)
+        return len(todo)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides) + ["model.pretrained=null"]
+    if args.scales:
+        overrides.append(f"infer.scales=[{','.join(map(str, args.scales))}]")
+    kinds = {"pred": ".png"}
+    if not args.no_overlay:
+        kinds["overlay"] = ".png"
+    if args.save_logits:
+        kinds["logits"] = ".npy"
+    try:
+        cfg = load_config(args.config, overrides)
+        split = args.split or cfg.data.val_split
+        images = image_set(cfg, split)
+        model = AFANet(**C.model_kwargs(cfg))
+        model.load_weights(args.checkpoint)
+        if args.crf:
+            import_densecrf()
+        settings = {"tool": "infer_seg", "checkpoint": str(Path(args.checkpoint).resolve()),
+                    "split": split, "long_side": cfg.infer.long_side,
+                    "scales": list(cfg.infer.scales), "flip": cfg.infer.flip,
+                    "crf": crf_kwargs(cfg) if args.crf else None,
+                    "crf_min_prob": args.crf_min_prob if args.crf else None}
+        check_run_settings(args.out_dir, settings, args.overwrite)
+    except (ConfigError, DataError, FileNotFoundError, ImportError, KeyError, RuntimeError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    info = D.init_distributed(cfg.device)
+    try:
+        files = OutputFiles(args.out_dir, kinds)
+        if info.rank == 0:
+            files.make_dirs()
+            save_config(cfg, args.out_dir / "config.yaml")
+            write_atomic(args.out_dir / "run.json",
+                         lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+        D.barrier()
+        model.to(info.device).eval()
+        job = SegInference(model, images, files, cfg, args, info.device)
+        try:
+            ran = job.run(images.names[info.rank::info.world_size])
+        except (DataError, ValueError) as err:
+            print(f"error (rank {info.rank}): {err}", file=sys.stderr)
+            return 2
+        counts = torch.tensor([ran, job.scored], dtype=torch.int64, device=info.device)
+        D.all_reduce_sum(counts)
+        job.matrix.reduce_(D.all_reduce_sum)
+    finally:
+        D.cleanup()
+    if info.rank == 0:
+        ran, scored = counts.tolist()
+        total = len(images.names)
+        print(f"{split}: {ran} of {total} images predicted, {total - ran} reused from "
+              f"{args.out_dir}")
+        if scored:
+            scores = job.matrix.compute(class_names(cfg))
+            print(format_scores(scores))
+            result = {"split": split, "num_images": total, "num_scored": scored,
+                      "seg": scores.to_dict()}
+            write_atomic(args.out_dir / "scores.json",
+                         lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+        else:
+            print("no ground-truth masks: predictions only, no scores")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
