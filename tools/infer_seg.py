@@ -4,7 +4,7 @@ Single process (CPU or one GPU):
 
     python tools/infer_seg.py --config configs/voc.yaml \\
         --checkpoint work_dirs/voc/checkpoints/best.pth --split val --out-dir work_dirs/voc/seg_val \\
-        [--scales 1.0 0.5 0.75] [--crf] [--save-logits] [--overwrite] [key=value ...]
+        [--scales 1.0,0.5,0.75] [--crf] [--save-logits] [--overwrite] [key=value ...]
 
 Several processes (images sharded by rank, confusion matrices summed; gloo on CPU, NCCL on GPU):
 
@@ -73,8 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
                                         "(default: the config's data.val_split)")
     parser.add_argument("--out-dir", required=True, type=Path)
-    parser.add_argument("--scales", type=float, nargs="+",
-                        help="shorthand for the override infer.scales=[...]")
+    parser.add_argument("--scales", type=_float_list, metavar="S1,S2,...",
+                        help="comma-separated, e.g. 1.0,0.5,0.75: shorthand for the override "
+                             "infer.scales=[...]")
     parser.add_argument("--crf", action="store_true", help="refine with a dense CRF")
     parser.add_argument("--crf-workers", type=int,
                         help="CRF processes per rank (default: the usable CPUs / local ranks; "
@@ -88,6 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="recompute images whose outputs exist")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
     return parser.parse_args(argv)
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def crf_kwargs(cfg: DictConfig) -> dict:
