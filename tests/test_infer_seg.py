@@ -42,7 +42,7 @@ def _load_tool():
 infer_seg = _load_tool()
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny tensors: thread hand-offs cost more than they save, and a loaded machine makes
     # two-thread OpenMP stall.
