@@ -34,6 +34,7 @@ from afa.data.voc import (DataError, labels_from_mask, read_image, read_label_fi
                           read_name_list)
 
 __all__ = [
+    "SETTINGS_FILE",
     "resize_long_side",
     "predict_seg_logits",
     "likely_classes",
@@ -133,7 +134,8 @@ class ImageSet:
         name_list: file with one id per line.
         num_classes: classes including background.
         mask_dir: folder of the class-index PNGs.
-        split_subdir: COCO layout: images in ``JPEGImages/<split>``, masks in ``<mask_dir>/<split>``.
+        split_subdir: COCO layout: images in ``JPEGImages/<split>``, masks in
+            ``<mask_dir>/<split>``.
         label_file: JSON ``{id: [classes]}``, or None; a missing file is the same as None.
     """
 
@@ -145,7 +147,8 @@ class ImageSet:
         self.image_dir = self.root / "JPEGImages"
         self.mask_dir = self.root / mask_dir
         if split_subdir:
-            self.image_dir, self.mask_dir = self.image_dir / split_subdir, self.mask_dir / split_subdir
+            self.image_dir = self.image_dir / split_subdir
+            self.mask_dir = self.mask_dir / split_subdir
         if not self.image_dir.is_dir():
             raise DataError(f"{self.image_dir}: image folder not found (root={self.root})")
         self.names = read_name_list(name_list)
@@ -225,7 +228,7 @@ class OutputFiles:
         return all(self.path(kind, name).is_file() for kind in self.kinds)
 
 
-SETTINGS_FILE = "run.json"
+SETTINGS_FILE = "run.json"  # in the output directory: the settings its outputs were made with
 
 
 def check_run_settings(out_dir: str | os.PathLike, settings: dict, overwrite: bool) -> None:

@@ -144,7 +144,8 @@ def test_mask_ignored_scores_committed_pixels_and_counts_the_rest():
 def test_run_settings_guard(tmp_path):
     settings = {"scales": (1.0, 0.5), "crf": None, "checkpoint": "/a.pth"}
     check_run_settings(tmp_path, settings, overwrite=False)  # nothing there yet
-    (tmp_path / "run.json").write_text('{"scales": [1.0, 0.5], "crf": null, "checkpoint": "/a.pth"}')
+    stored = '{"scales": [1.0, 0.5], "crf": null, "checkpoint": "/a.pth"}'
+    (tmp_path / "run.json").write_text(stored)
     check_run_settings(tmp_path, settings, overwrite=False)  # tuples compare like stored lists
     other = dict(settings, crf={"iterations": 10})
     with pytest.raises(ValueError, match="crf: None -> .*--overwrite"):

@@ -15,7 +15,8 @@ Per image, at its own size, with its image-level labels (from ``<data.list_dir>/
 when it lists the id, else from the ground-truth mask), exactly as one training iteration makes
 them (DESIGN.md section 3):
 
-    cam_label/<id>.png  the multi-scale CAM (``cam.scales``) thresholded at ``cam.bkg_score`` (step 3)
+    cam_label/<id>.png  the multi-scale CAM (``cam.scales``) thresholded at ``cam.bkg_score``
+                        (step 3)
     refined/<id>.png    the PAR-refined pseudo label with the ``cam.high``/``cam.low`` ignore band
                         (step 4)
     affinity/<id>.png   the affinity pseudo label (steps 8-9): the CAMs propagated by a random walk
@@ -60,8 +61,8 @@ from afa.config import ConfigError, load_config, save_config
 from afa.data import DataError, denormalize, normalize, write_mask
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
-from afa.inference import (ImageSet, OutputFiles, check_run_settings, mask_ignored,
-                           save_npy_atomic, write_atomic)
+from afa.inference import (SETTINGS_FILE, ImageSet, OutputFiles, check_run_settings,
+                           mask_ignored, save_npy_atomic, write_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
@@ -175,12 +176,12 @@ class CamInference:
             self._process(name)
         return len(todo)
 
-    def scores(self, names: list[str]) -> dict:
+    def scores(self, class_list: list[str]) -> dict:
         """Per kind: the scores' dict plus ``ignored_fraction`` (call after reducing)."""
         out = {}
         for index, kind in enumerate(KINDS):
             ignored, valid = self.ignored[index].tolist()
-            out[kind] = self.matrices[kind].compute(names).to_dict()
+            out[kind] = self.matrices[kind].compute(class_list).to_dict()
             out[kind]["ignored_fraction"] = ignored / valid if valid else None
         return out
 
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         if info.rank == 0:
             files.make_dirs()
             save_config(cfg, args.out_dir / "config.yaml")
-            write_atomic(args.out_dir / "run.json",
+            write_atomic(args.out_dir / SETTINGS_FILE,
                          lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
         D.barrier()
         model.to(info.device).eval()

@@ -3,7 +3,8 @@
 Single process (CPU or one GPU):
 
     python tools/infer_seg.py --config configs/voc.yaml \\
-        --checkpoint work_dirs/voc/checkpoints/best.pth --split val --out-dir work_dirs/voc/seg_val \\
+        --checkpoint work_dirs/voc/checkpoints/best.pth --split val \\
+        --out-dir work_dirs/voc/seg_val \\
         [--scales 1.0,0.5,0.75] [--crf] [--save-logits] [--overwrite] [key=value ...]
 
 Several processes (images sharded by rank, confusion matrices summed; gloo on CPU, NCCL on GPU):
@@ -17,7 +18,10 @@ element-wise maximum of the logits over the scales, resized to the image, gives 
 (``afa.inference.predict_seg_logits``). ``--scales`` is shorthand for the ``infer.scales=[...]``
 override. With ``--crf`` the softmax of those logits is refined by a dense CRF (``infer.crf_*``,
 the paper's 10 iterations, Gaussian sxy 3 compat 3, bilateral sxy 64 srgb 5 compat 4) in a pool
-of worker processes, while the network goes on with the next images.
+of worker processes (``--crf-workers``; default: the usable CPUs shared among the ranks of the
+machine), while the network goes on with the next images. ``--crf-min-prob 0.01`` gives the CRF
+only the classes that reach that probability somewhere (faster; results differ only where a
+dropped class would have won after the CRF, which the Potts terms make very unlikely).
 
 Writes under ``--out-dir``:
 
@@ -54,8 +58,8 @@ from afa.crf import dense_crf_many, import_densecrf
 from afa.data import DataError, normalize, write_mask
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
-from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
-                           predict_seg_logits, save_npy_atomic, write_atomic,
+from afa.inference import (SETTINGS_FILE, ImageSet, OutputFiles, check_run_settings,
+                           likely_classes, predict_seg_logits, save_npy_atomic, write_atomic,
                            write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_scores
@@ -88,14 +92,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute images whose outputs exist")
     parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.crf and (args.crf_workers is not None or args.crf_min_prob is not None):
+        parser.error("--crf-workers and --crf-min-prob only apply with --crf")
+    return args
 
 
 def _float_list(text: str) -> list[float]:
     try:
         return [float(value) for value in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}") from None
 
 
 def crf_kwargs(cfg: DictConfig) -> dict:
@@ -224,7 +232,7 @@ def main(argv=None) -> int:
         if info.rank == 0:
             files.make_dirs()
             save_config(cfg, args.out_dir / "config.yaml")
-            write_atomic(args.out_dir / "run.json",
+            write_atomic(args.out_dir / SETTINGS_FILE,
                          lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
         D.barrier()
         model.to(info.device).eval()
