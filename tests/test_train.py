@@ -106,14 +106,15 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_terms_named(tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path, **{"loss.w_seg": "nan"})
+    cfg = tiny_config(tiny_data, tmp_path, **{"loss.w_seg": "nan", "train.cam_iters": 0})
     with pytest.raises(FloatingPointError, match=r"iteration 0: cls_loss=.*seg_loss="):
         train(cfg)
 
 
 def test_non_finite_loss_can_skip_steps(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, **{"loss.w_seg": "nan", "train.nonfinite": "skip",
-                                               "train.max_iters": 2, "train.eval_iters": 2})
+                                               "train.cam_iters": 0, "train.max_iters": 2,
+                                               "train.eval_iters": 2})
     train(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/skipped_steps"] for r in records if "train/skipped_steps" in r] == [1, 2]
