@@ -10,6 +10,10 @@ SHARED = REPO.parent / "shared"
 VOC_MINI = SHARED / "data" / "voc_mini" / "VOC2012"
 REFERENCE = SHARED / "reference"
 
+# Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
+# spin-waiting for each other make a forward pass up to 100x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
