@@ -190,3 +190,20 @@ def model_kwargs(cfg: DictConfig) -> dict:
 def par_kwargs(cfg: DictConfig) -> dict:
     p = cfg.par
     return dict(dilations=tuple(p.dilations), num_iter=p.num_iter, w1=p.w1, w2=p.w2, w3=p.w3)
+
+
+def crf_kwargs(cfg: DictConfig) -> dict:
+    """``afa.crf.dense_crf`` keyword arguments from ``cfg.infer``."""
+    i = cfg.infer
+    return dict(iterations=i.crf_iters, gaussian_sxy=i.crf_gauss_sxy,
+                gaussian_compat=i.crf_gauss_compat, bilateral_sxy=i.crf_bilateral_sxy,
+                bilateral_srgb=i.crf_bilateral_srgb, bilateral_compat=i.crf_bilateral_compat)
+
+
+def image_set_kwargs(cfg: DictConfig, split: str) -> dict:
+    """``afa.inference.ImageSet`` keyword arguments for ``split`` of ``cfg.data``."""
+    d = cfg.data
+    return dict(root=d.root, name_list=Path(d.list_dir) / f"{split}.txt",
+                num_classes=d.num_classes, mask_dir=d.mask_dir,
+                split_subdir=split if d.split_subdirs else None,
+                label_file=Path(d.list_dir) / "cls_labels.json")

@@ -18,7 +18,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 from afa import config as C
 from afa.config import ConfigError, load_config

@@ -92,12 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def image_set(cfg: DictConfig, split: str) -> ImageSet:
-    d = cfg.data
-    return ImageSet(d.root, Path(d.list_dir) / f"{split}.txt", d.num_classes,
-                    mask_dir=d.mask_dir, split_subdir=split if d.split_subdirs else None,
-                    label_file=Path(d.list_dir) / "cls_labels.json")
-
 
 @torch.no_grad()
 def pseudo_labels(model, par, image: torch.Tensor, label: torch.Tensor, *, scales, bkg_score: float,
@@ -210,7 +204,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         split = args.split or cfg.data.train_split
-        images = image_set(cfg, split)
+        images = ImageSet(**C.image_set_kwargs(cfg, split))
         model = AFANet(**C.model_kwargs(cfg))
         model.load_weights(args.checkpoint)
         c = cfg.cam

@@ -106,19 +106,6 @@ def _float_list(text: str) -> list[float]:
             f"expected comma-separated numbers, got {text!r}") from None
 
 
-def crf_kwargs(cfg: DictConfig) -> dict:
-    """``afa.crf.dense_crf`` keyword arguments from ``cfg.infer``."""
-    i = cfg.infer
-    return dict(iterations=i.crf_iters, gaussian_sxy=i.crf_gauss_sxy,
-                gaussian_compat=i.crf_gauss_compat, bilateral_sxy=i.crf_bilateral_sxy,
-                bilateral_srgb=i.crf_bilateral_srgb, bilateral_compat=i.crf_bilateral_compat)
-
-
-def image_set(cfg: DictConfig, split: str) -> ImageSet:
-    d = cfg.data
-    return ImageSet(d.root, Path(d.list_dir) / f"{split}.txt", d.num_classes,
-                    mask_dir=d.mask_dir, split_subdir=split if d.split_subdirs else None,
-                    label_file=Path(d.list_dir) / "cls_labels.json")
 
 
 def _crf_workers(requested: int | None) -> int | None:
@@ -139,7 +126,7 @@ class SegInference:
             model, images, files, args, device)
         self.scales, self.flip, self.long_side = (
             tuple(cfg.infer.scales), cfg.infer.flip, cfg.infer.long_side)
-        self.crf_kwargs = crf_kwargs(cfg)
+        self.crf_kwargs = C.crf_kwargs(cfg)
         self.matrix = ConfusionMatrix(cfg.data.num_classes, device=device)
         self.scored = 0
 
@@ -211,7 +198,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         split = args.split or cfg.data.val_split
-        images = image_set(cfg, split)
+        images = ImageSet(**C.image_set_kwargs(cfg, split))
         model = AFANet(**C.model_kwargs(cfg))
         model.load_weights(args.checkpoint)
         if args.crf:
@@ -219,7 +206,7 @@ def main(argv=None) -> int:
         settings = {"tool": "infer_seg", "checkpoint": str(Path(args.checkpoint).resolve()),
                     "split": split, "long_side": cfg.infer.long_side,
                     "scales": list(cfg.infer.scales), "flip": cfg.infer.flip,
-                    "crf": crf_kwargs(cfg) if args.crf else None,
+                    "crf": C.crf_kwargs(cfg) if args.crf else None,
                     "crf_min_prob": args.crf_min_prob if args.crf else None}
         check_run_settings(args.out_dir, settings, args.overwrite)
     except (ConfigError, DataError, FileNotFoundError, ImportError, KeyError, RuntimeError,
