@@ -1,5 +1,7 @@
-"""Shared test helpers: tiny inputs, fixed seeds, and the optional ../shared data."""
+"""Shared test helpers: tiny inputs, fixed seeds, tool loading, and the optional ../shared data."""
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,22 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VOC_MINI = SHARED / "data" / "voc_mini" / "VOC2012"
 REFERENCE = SHARED / "reference"
+
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` once per session as module ``<name>``.
+
+    Registering it in ``sys.modules`` under one name lets process pools pickle its functions, and
+    reusing the module keeps every test file on the same copy.
+    """
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
 
 # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP threads
 # spin-waiting for each other make a forward pass up to 100x slower.

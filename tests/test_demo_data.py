@@ -1,32 +1,24 @@
 """The synthetic demo set: deterministic, masks agree with labels, VOC layout, not colour-separable."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import load_tool
 import pytest
 
 from afa.data import VOCStyleDataset, labels_from_mask, read_mask
 from afa.data.synthetic import DEMO_CLASSES, _sample_rng, make_demo_dataset, render_sample
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 NUM_CLASSES = len(DEMO_CLASSES)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    tool = _load_tool("make_demo_data")
+    tool = load_tool("make_demo_data")
     assert tool.main(["--out", str(root), "--seed", "3", "--num-train", "24", "--num-val", "8"]) == 0
     return root
 
@@ -57,7 +49,7 @@ def test_layout_lists_and_labels_match_masks(demo):
 
 
 def test_prepare_voc_reproduces_the_demo_lists(demo, tmp_path):
-    prepare_voc = _load_tool("prepare_voc")
+    prepare_voc = load_tool("prepare_voc")
     out = tmp_path / "lists"
     assert prepare_voc.main(["--root", str(demo), "--out", str(out), "--num-classes",
                              str(NUM_CLASSES), "--workers", "1"]) == 0

@@ -1,6 +1,5 @@
 """tools/eval_miou.py on tiny PNG directories with a hand-computed confusion matrix."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -8,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import load_tool
 import pytest
 
 from afa.io import write_label_png
@@ -28,14 +28,9 @@ EXPECTED_TOP_LEFT = [[3, 1, 0], [0, 6, 1], [1, 1, 2]]  # rows = GT, columns = pr
 EXPECTED_IOU = {"background": 3 / 5, "aeroplane": 6 / 9, "bicycle": 2 / 5}
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("eval_miou_tool", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-eval_miou = _load_tool()
+eval_miou = load_tool("eval_miou")
 
 
 @pytest.fixture

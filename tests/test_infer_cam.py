@@ -3,12 +3,12 @@ to the image's classes, equal what a training iteration makes, are scored over t
 pixels with the ignored fraction beside; CAM npy files in the format tools/visualize.py reads;
 resume."""
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+from conftest import load_tool
 import pytest
 import torch
 from PIL import Image
@@ -29,15 +29,10 @@ NUM_CLASSES = 9
 KINDS = ("cam_label", "refined", "affinity")
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-infer_cam = _load_tool("infer_cam")
-visualize = _load_tool("visualize")
+infer_cam = load_tool("infer_cam")
+visualize = load_tool("visualize")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import load_tool
 import pytest
 import torch
 from PIL import Image
@@ -32,14 +33,9 @@ needs_crf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None,
                                reason="pydensecrf2 is not installed")
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("infer_seg_tool", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-infer_seg = _load_tool()
+infer_seg = load_tool("infer_seg")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,23 +1,18 @@
 """tools/prepare_coco.py on a tiny synthetic COCO: overlaps, crowds, lists, labels, resuming."""
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from conftest import load_tool
 from afa.constants import COCO_CLASSES
 from afa.data import VOCStyleDataset, read_mask
 from afa.data.coco import COCO_CATEGORY_IDS
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "prepare_coco.py"
-spec = importlib.util.spec_from_file_location("prepare_coco", TOOL)
-prepare_coco = importlib.util.module_from_spec(spec)
-sys.modules["prepare_coco"] = prepare_coco  # lets the process pool pickle its worker function
-spec.loader.exec_module(prepare_coco)
+prepare_coco = load_tool("prepare_coco")
 
 PERSON, DOG, TOOTHBRUSH = 1, 17, 80  # class indices of COCO ids 1, 18, 90
 

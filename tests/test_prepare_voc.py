@@ -1,20 +1,15 @@
 """tools/prepare_voc.py: lists and labels on a tiny tree with known answers, and on voc_mini."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from conftest import load_tool
 from afa.data import write_mask
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "prepare_voc.py"
-spec = importlib.util.spec_from_file_location("prepare_voc", TOOL)
-prepare_voc = importlib.util.module_from_spec(spec)
-sys.modules["prepare_voc"] = prepare_voc  # lets the process pool pickle its worker functions
-spec.loader.exec_module(prepare_voc)
+prepare_voc = load_tool("prepare_voc")
 
 # id -> classes in its mask; "e" has a mask but no image.
 CLASSES = {"a": [1, 15], "b": [3], "c": [20], "d": [5, 6, 7], "e": [2]}

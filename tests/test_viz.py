@@ -1,10 +1,9 @@
 """Visualisation: shapes and dtypes, VOC palette colours, RGB order, affinity of a chosen pixel,
 and tools/visualize.py on a tiny directory of saved outputs."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
+from conftest import load_tool
 import pytest
 import torch
 from PIL import Image
@@ -101,16 +100,10 @@ def test_grid_layout_and_sample_row():
     np.testing.assert_array_equal(no_titles[7, W + 4 + 7], [64, 0, 128])  # dog (12)
 
 
-def _load_visualize_tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "visualize.py"
-    spec = importlib.util.spec_from_file_location("visualize_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_visualize_tool(tmp_path):
-    tool = _load_visualize_tool()
+    tool = load_tool("visualize")
     dirs = {name: tmp_path / name for name in ("img", "pred", "gt", "cam", "out")}
     for directory in dirs.values():
         directory.mkdir()
