@@ -1,7 +1,6 @@
 """The synthetic demo set: deterministic, masks agree with labels, VOC layout, not colour-separable."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 from conftest import load_tool
