@@ -24,7 +24,7 @@ from afa.config import ConfigError, load_config
 from afa.data import DataError
 from afa.engine import distributed as D
 from afa.engine.trainer import build_datasets, class_names
-from afa.engine.validate import KINDS, validate
+from afa.engine.validate import format_table, validate
 from afa.models import PAR, AFANet
 
 
@@ -63,21 +63,6 @@ def main(argv=None) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(scores, indent=2))
     return 0
-
-
-def format_table(scores: dict, names: list[str]) -> str:
-    """Per-class IoU (rows) of every label kind (columns), then the mIoU row and the F1."""
-    width = max(len(n) for n in names) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{k:>10}" for k in KINDS)]
-    for index, name in enumerate(names):
-        cells = []
-        for kind in KINDS:
-            value = scores[kind]["iou"][index]
-            cells.append(f"{'-':>10}" if value is None else f"{100 * value:10.2f}")
-        lines.append(f"{name:<{width}}" + "".join(cells))
-    lines.append(f"{'mIoU':<{width}}" + "".join(f"{100 * scores[k]['miou']:10.2f}" for k in KINDS))
-    lines.append(f"classification F1 {100 * scores['cls_f1']:.2f}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -32,11 +33,11 @@ from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, restore
 from afa.engine.data_order import ResumableSampler, SeededDataset, stream_seed
 from afa.engine.logger import RunLogger, setup_logging
 from afa.engine.optim import build_optimizer, lr_at, set_lr
-from afa.engine.validate import validate
+from afa.engine.validate import format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
-from afa.pseudo_labels import compute_afa_losses
+from afa.pseudo_labels import AFALosses, compute_afa_losses
 
-__all__ = ["TrainResult", "TrainingInterrupted", "build_datasets", "class_names", "train", "train_step"]
+__all__ = ["StepOutput", "TrainResult", "TrainingInterrupted", "build_datasets", "class_names", "train", "train_step"]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -79,8 +80,14 @@ def _autocast(device: torch.device, amp: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+class StepOutput(NamedTuple):
+    terms: AFALosses  # pseudo labels and losses
+    cam: torch.Tensor | None  # (B, C-1, H, W) multi-scale CAM, None in the classification phase
+    seg_logits: torch.Tensor  # (B, C, H/4, W/4)
+
+
 def train_step(model, batch: dict, iteration: int, *, device: torch.device, par: PAR,
-               crf_loss, cam_scales, amp: str, loss_kwargs: dict):
+               crf_loss, cam_scales, amp: str, loss_kwargs: dict) -> StepOutput:
     """Forward, multi-scale CAM, pseudo labels and losses of one (micro-)batch; no backward."""
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) normalised
     labels = batch["label"].to(device, non_blocking=True)  # (B, C-1) multi-hot
@@ -90,10 +97,12 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
     with _autocast(device, amp):
         out = model(images)
         cams = multi_scale_cam(unwrap_model(model), images, cam_scales) if need_cams else None
-    return compute_afa_losses(
-        out.cls_logits.float(), out.seg_logits.float(), out.aff_pred.float(),
-        cams.cam.float() if need_cams else None, cams.aff.float() if need_cams else None,
-        denormalize(images), labels, boxes, iteration, par=par, crf_loss=crf_loss, **loss_kwargs)
+    cam = cams.cam.float() if need_cams else None
+    terms = compute_afa_losses(
+        out.cls_logits.float(), out.seg_logits.float(), out.aff_pred.float(), cam,
+        cams.aff.float() if need_cams else None, denormalize(images), labels, boxes, iteration,
+        par=par, crf_loss=crf_loss, **loss_kwargs)
+    return StepOutput(terms, cam, out.seg_logits.detach())
 
 
 class TrainingInterrupted(Exception):
@@ -252,7 +261,8 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                 torch.manual_seed(stream_seed(cfg.seed, chunk, salt=1))  # dropout, drop-path
                 sync = micro == accum - 1 or world == 1
                 with contextlib.nullcontext() if sync else model.no_sync():
-                    terms = train_step(model, batch, iteration, **step_kwargs)
+                    step = train_step(model, batch, iteration, **step_kwargs)
+                    terms = step.terms
                     scaler.scale(terms.total / accum).backward()
                 finite &= bool(torch.isfinite(terms.total))
                 for key in ("cls_loss", "seg_loss", "aff_loss", "reg_loss", "total"):
@@ -286,7 +296,7 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                          means["seg_loss"], means["aff_loss"], means["reg_loss"])
             if (main and t.image_log_iters and iteration % t.image_log_iters == 0
                     and terms.seg_target is not None):
-                _log_images(run_log, iteration, batch, terms)
+                _log_images(run_log, iteration, batch, step)
 
             is_best = False
             if iteration % t.eval_iters == 0 or iteration == t.max_iters:
@@ -298,8 +308,9 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                 summary = {k: v["miou"] for k, v in scores.items() if isinstance(v, dict)}
                 summary["cls_f1"] = scores["cls_f1"]
                 run_log.scalars(iteration, summary, prefix="val/")
-                log.info("val iter %d: %s", iteration,
-                         " ".join(f"{k} {100 * v:.2f}" for k, v in summary.items()))
+                log.info("val iter %d: %s\n%s", iteration,
+                         " ".join(f"{k} {100 * v:.2f}" for k, v in summary.items()),
+                         format_table(scores, names))
                 is_best = summary["seg"] > best
                 best = max(best, summary["seg"])
             stop_now = _all_agree(stop.signum is not None, info.device)
@@ -318,12 +329,19 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
     return TrainResult(unwrap_model(model), scores)
 
 
-def _log_images(run_log: RunLogger, iteration: int, batch: dict, terms) -> None:
-    """TensorBoard grid of the first crop: image and the labels derived from its CAM."""
-    from afa.viz import colorize_label, make_grid
+def _log_images(run_log: RunLogger, iteration: int, batch: dict, step: StepOutput) -> None:
+    """TensorBoard grid of the first crop: image, CAM of its first class, labels, prediction."""
+    from afa.viz import colorize_label, make_grid, overlay_heatmap
 
     image = (denormalize(batch["image"][:1])[0] * 255).byte().permute(1, 2, 0).cpu().numpy()
-    labels = (terms.cam_label, terms.refined_label, terms.aff_pseudo_label, terms.seg_target)
-    grid = make_grid([image] + [colorize_label(label[0]) for label in labels],
-                     titles=["crop", "CAM label", "refined (PAR)", "affinity", "seg target"])
+    first_class = int(batch["label"][0].nonzero()[0, 0])
+    seg = F.interpolate(step.seg_logits[:1].float(), size=image.shape[:2], mode="bilinear",
+                        align_corners=False).argmax(dim=1)[0]
+    t = step.terms
+    panels = [image, overlay_heatmap(image, step.cam[0, first_class])]
+    panels += [colorize_label(label[0]) for label in
+               (t.cam_label, t.refined_label, t.aff_pseudo_label, t.seg_target)]
+    panels.append(colorize_label(seg))
+    grid = make_grid(panels, titles=["crop", f"CAM class {first_class + 1}", "CAM label",
+                                     "refined (PAR)", "affinity", "seg target", "prediction"])
     run_log.image(iteration, "train/pseudo_labels", grid)

@@ -28,7 +28,7 @@ from afa.data import denormalize
 from afa.engine import distributed as D
 from afa.metrics import ConfusionMatrix, multilabel_f1
 
-__all__ = ["KINDS", "predict_labels", "validate"]
+__all__ = ["KINDS", "format_table", "predict_labels", "validate"]
 
 KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
 
@@ -86,3 +86,18 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score
         scores[kind] = matrix.compute(class_names).to_dict()
     model.train(was_training)
     return scores
+
+
+def format_table(scores: dict, names: list[str]) -> str:
+    """Per-class IoU (rows) of every label kind (columns), then the mIoU row and the F1."""
+    def cell(value) -> str:  # None: the class is absent from prediction and ground truth
+        return f"{'-':>10}" if value is None else f"{100 * value:10.2f}"
+
+    width = max(len(n) for n in names) + 2
+    lines = [f"{'class':<{width}}" + "".join(f"{k:>10}" for k in KINDS)]
+    for index, name in enumerate(names):
+        lines.append(f"{name:<{width}}" + "".join(cell(scores[k]["iou"][index]) for k in KINDS))
+    lines.append(f"{'mIoU':<{width}}" + "".join(cell(scores[k]["miou"]) for k in KINDS))
+    lines.append(f"classification F1 {100 * scores['cls_f1']:.2f}")
+    return "\n".join(lines)
+

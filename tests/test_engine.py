@@ -1,0 +1,73 @@
+"""Engine pieces on their own: the schedule, optimiser groups, checkpoints, the data order."""
+
+import pytest
+import torch
+
+from afa.engine.checkpoint import CheckpointManager
+from afa.engine.data_order import ResumableSampler
+from afa.engine.optim import build_optimizer, lr_at, set_lr
+from afa.models import AFANet
+
+
+def test_lr_warmup_then_poly():
+    base, max_iters, warmup = 6e-5, 20000, 1500
+    assert lr_at(0, base, max_iters, warmup, 1e-6) == pytest.approx(base * 1e-6)
+    assert lr_at(750, base, max_iters, warmup, 1e-6) == pytest.approx(base * (1e-6 + (1 - 1e-6) / 2))
+    assert lr_at(1500, base, max_iters, warmup, 1e-6) == pytest.approx(base * (1 - 1500 / 20000))
+    assert lr_at(10000, base, max_iters, warmup, 1e-6) == pytest.approx(base * 0.5)
+    assert lr_at(20000, base, max_iters, warmup, 1e-6) == 0.0
+    assert lr_at(15000, base, max_iters, 0, power=2.0) == pytest.approx(base * 0.25 ** 2)
+
+
+def test_optimizer_groups_follow_the_multipliers():
+    model = AFANet("mit_b0", num_classes=4)
+    opt = build_optimizer(model.param_groups(), lr=1e-3, weight_decay=0.01)
+    set_lr(opt, 2e-3)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"backbone": 2e-3, "backbone_norm": 0.0, "heads": 2e-2, "decoder": 2e-2}
+    norm = next(g for g in opt.param_groups if g["name"] == "backbone_norm")["params"][0]
+    before = norm.detach().clone()
+    model(torch.randn(1, 3, 32, 32)).cls_logits.sum().backward()
+    opt.step()
+    assert torch.equal(norm, before)  # AFA freezes the backbone norms (lr 0)
+
+
+def test_checkpoint_manager_keeps_last_and_best(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    assert manager.resolve("auto") is None and manager.resolve(None) is None
+    for it in (2, 4, 6):
+        manager.save({"iteration": it}, it, is_best=it == 4)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best.pth", "iter_000004.pth", "iter_000006.pth"]
+    assert torch.load(tmp_path / "best.pth")["iteration"] == 4
+    assert manager.resolve("auto") == tmp_path / "iter_000006.pth"
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        manager.resolve(str(tmp_path / "missing.pth"))
+
+
+def _stream(world, batch, global_batch, batches_per_rank, start=0):
+    """Per optimiser step, the set of samples and seeds the ranks consume together."""
+    accum = global_batch // (batch * world)
+    iters = [iter(ResumableSampler(10, batch, global_batch, seed=5, rank=r, world_size=world,
+                                   start_batches=start * accum)) for r in range(world)]
+    steps = []
+    for _ in range(batches_per_rank // accum):
+        step = []
+        for _ in range(accum):
+            for it in iters:
+                step += [next(it) for _ in range(batch)]
+        steps.append(sorted(step))
+    return steps
+
+
+def test_data_order_is_independent_of_world_size_and_resumable():
+    one = _stream(world=1, batch=2, global_batch=4, batches_per_rank=12)
+    two = _stream(world=2, batch=2, global_batch=4, batches_per_rank=6)
+    four = _stream(world=4, batch=1, global_batch=4, batches_per_rank=6)
+    assert one == two == four
+    assert _stream(world=2, batch=2, global_batch=4, batches_per_rank=4, start=2) == two[2:]
+    # An epoch of 10 images with global batch 4 uses 8 distinct images, then reshuffles.
+    first_epoch = [index for step in one[:2] for index, _ in step]
+    assert len(set(first_epoch)) == 8
+    seeds = [seed for step in one for _, seed in step]
+    assert len(set(seeds)) == len(seeds)
