@@ -7,7 +7,7 @@ from conftest import load_tool
 import pytest
 
 from afa.data import VOCStyleDataset, labels_from_mask, read_mask
-from afa.data.synthetic import DEMO_CLASSES, _sample_rng, make_demo_dataset, render_sample
+from afa.data.synthetic import DEMO_CLASSES, DEMO_VERSION, _sample_rng, make_demo_dataset, render_sample
 
 NUM_CLASSES = len(DEMO_CLASSES)
 
@@ -44,7 +44,8 @@ def test_layout_lists_and_labels_match_masks(demo):
         mask = read_mask(demo / "SegmentationClassAug" / f"{name}.png", NUM_CLASSES)
         assert mask.shape == (128, 128)
         assert classes == labels_from_mask(mask, NUM_CLASSES) and 1 <= len(classes) <= 2
-    assert json.loads((demo / "meta.json").read_text())["classes"] == list(DEMO_CLASSES)
+    meta = json.loads((demo / "meta.json").read_text())
+    assert meta["classes"] == list(DEMO_CLASSES) and meta["version"] == DEMO_VERSION
 
 
 def test_prepare_voc_reproduces_the_demo_lists(demo, tmp_path):

@@ -8,7 +8,7 @@ Output (the same loader arguments as VOC, with root = list dir = ``--out``)::
     OUT/JPEGImages/{train,val}_NNNNN.jpg
     OUT/SegmentationClassAug/{train,val}_NNNNN.png     palette PNG, 0 bg, 1..8 classes, 255 ignore
     OUT/train_aug.txt  OUT/val.txt  OUT/cls_labels.json  (as tools/prepare_voc.py writes them)
-    OUT/ImageSets/Segmentation/{train_aug,val}.txt   OUT/meta.json (class names, parameters)
+    OUT/ImageSets/Segmentation/{train_aug,val}.txt   OUT/meta.json (generator version, class names, parameters)
 
 Deterministic: the same ``--seed`` and sizes give byte-identical files. The data design (why it is
 hard for WSSS yet learnable quickly) is described in ``afa/data/synthetic.py``. The defaults take

@@ -57,6 +57,7 @@ from afa.constants import IGNORE_INDEX
 from afa.data.voc import labels_from_mask, write_label_file, write_mask, write_name_list
 
 __all__ = [
+    "DEMO_VERSION",
     "DEMO_CLASSES",
     "CLASS_TEXTURES",
     "CO_OCCURRING",
@@ -64,6 +65,9 @@ __all__ = [
     "generate_split",
     "make_demo_dataset",
 ]
+
+# Bumped whenever the generated images change; written to meta.json so stale sets can be detected.
+DEMO_VERSION = 2
 
 DEMO_CLASSES = (
     "background", "disc", "square", "triangle", "star", "ring", "cross", "crescent", "ellipse",
@@ -323,7 +327,8 @@ def make_demo_dataset(
         write_name_list(root / f"{list_name}.txt", names)
         write_name_list(root / "ImageSets" / "Segmentation" / f"{list_name}.txt", names)
     write_label_file(root / "cls_labels.json", labels)
-    meta = {"classes": list(DEMO_CLASSES), "num_classes": len(DEMO_CLASSES), "seed": seed,
+    meta = {"version": DEMO_VERSION, "classes": list(DEMO_CLASSES),
+            "num_classes": len(DEMO_CLASSES), "seed": seed,
             "num_train": num_train, "num_val": num_val, "size": size}
     (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return labels
