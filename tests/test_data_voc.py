@@ -67,7 +67,8 @@ def test_cls_mode_fields_shapes_and_labels(tree):
         sample = ds[index]
         assert set(sample) == {"name", "image", "label", "box"} and sample["name"] == name
         assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
-        assert sample["label"].shape == (NUM_CLASSES - 1,) and sample["label"].dtype == torch.float32
+        assert sample["label"].shape == (NUM_CLASSES - 1,)
+        assert sample["label"].dtype == torch.float32
         assert torch.nonzero(sample["label"]).flatten().add(1).tolist() == classes
         box = sample["box"]
         assert box.shape == (4,) and box.dtype == torch.int64
@@ -218,7 +219,7 @@ def test_mask_values_out_of_range(tree):
     with pytest.raises(DataError, match=r"img_b\.png: mask values \[30, 254\] outside 0\.\.20"):
         ds[1]
     Image.fromarray(np.full((30, 24), 300, np.uint16)).save(root / "SegmentationClassAug/img_b.png")
-    with pytest.raises(DataError, match=r"img_b\.png: mask values span 300\.\.300, beyond 0\.\.255"):
+    with pytest.raises(DataError, match=r"img_b\.png: mask values span 300\.\.300, beyond"):
         ds[1]
 
 

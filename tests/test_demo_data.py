@@ -1,4 +1,4 @@
-"""The synthetic demo set: deterministic, masks agree with labels, VOC layout, not colour-separable."""
+"""The demo set: deterministic, masks agree with labels, VOC layout, not colour-separable."""
 
 import json
 
@@ -7,7 +7,13 @@ from conftest import load_tool
 import pytest
 
 from afa.data import VOCStyleDataset, labels_from_mask, read_mask
-from afa.data.synthetic import DEMO_CLASSES, DEMO_VERSION, _sample_rng, make_demo_dataset, render_sample
+from afa.data.synthetic import (
+    DEMO_CLASSES,
+    DEMO_VERSION,
+    _sample_rng,
+    make_demo_dataset,
+    render_sample,
+)
 
 NUM_CLASSES = len(DEMO_CLASSES)
 
@@ -18,7 +24,8 @@ NUM_CLASSES = len(DEMO_CLASSES)
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     tool = load_tool("make_demo_data")
-    assert tool.main(["--out", str(root), "--seed", "3", "--num-train", "24", "--num-val", "8"]) == 0
+    argv = ["--out", str(root), "--seed", "3", "--num-train", "24", "--num-val", "8"]
+    assert tool.main(argv) == 0
     return root
 
 

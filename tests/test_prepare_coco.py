@@ -25,8 +25,10 @@ def make_coco(root: Path) -> Path:
     categories = [{"id": i, "name": n} for i, n in zip(COCO_CATEGORY_IDS, COCO_CLASSES[1:])]
     val = {
         "categories": categories,
-        "images": [{"id": 1, "file_name": "COCO_val2014_000000000001.jpg", "height": 20, "width": 30},
-                   {"id": 2, "file_name": "COCO_val2014_000000000002.jpg", "height": 16, "width": 16}],
+        "images": [
+            {"id": 1, "file_name": "COCO_val2014_000000000001.jpg", "height": 20, "width": 30},
+            {"id": 2, "file_name": "COCO_val2014_000000000002.jpg", "height": 16, "width": 16},
+        ],
         "annotations": [
             # A large person and a smaller dog overlapping it: the dog stays on top.
             {"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 234.0,

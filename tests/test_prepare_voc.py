@@ -73,7 +73,8 @@ def test_bad_mask_values_are_reported(tmp_path, capsys):
     root = make_voc(tmp_path / "VOC2012")
     (root / "JPEGImages" / "e.jpg").write_bytes((root / "JPEGImages" / "a.jpg").read_bytes())
     write_mask(root / "SegmentationClassAug" / "b.png", np.full((12, 16), 40, np.uint8))
-    assert prepare_voc.main(["--root", str(root), "--out", str(tmp_path / "o"), "--workers", "1"]) == 1
+    argv = ["--root", str(root), "--out", str(tmp_path / "o"), "--workers", "1"]
+    assert prepare_voc.main(argv) == 1
     assert "b.png: mask values [40] outside 0..20" in capsys.readouterr().err
 
 
@@ -94,7 +95,8 @@ def test_unusable_layout_exits_2(tmp_path, capsys):
     (root / "ImageSets/Segmentation/val.txt").unlink()
     assert prepare_voc.main(["--root", str(root), "--out", str(tmp_path / "o")]) == 2
     assert "val.txt not found" in capsys.readouterr().err
-    assert prepare_voc.main(["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    argv = ["--root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    assert prepare_voc.main(argv) == 2
 
 
 def test_voc_mini_labels_are_the_classes_in_each_mask(voc_mini, tmp_path):
@@ -107,5 +109,6 @@ def test_voc_mini_labels_are_the_classes_in_each_mask(voc_mini, tmp_path):
     assert "train" not in lists  # voc_mini ships no train.txt
     assert set(labels) == set(lists["val"]) | set(lists["train_aug"])
     for name, classes in labels.items():
-        values = np.unique(np.asarray(Image.open(voc_mini / "SegmentationClassAug" / f"{name}.png")))
+        with Image.open(voc_mini / "SegmentationClassAug" / f"{name}.png") as png:
+            values = np.unique(np.asarray(png))
         assert classes == [int(v) for v in values if 0 < v < 255], name

@@ -1,14 +1,16 @@
 """Generate the synthetic demo set (8 shape/texture classes) in the PASCAL VOC layout.
 
     python tools/make_demo_data.py --out data/demo
-    python tools/make_demo_data.py --out data/demo --seed 0 --num-train 3000 --num-val 300 --size 128
+    python tools/make_demo_data.py --out data/demo --seed 0 --num-train 3000 --num-val 300 \
+        --size 128
 
 Output (the same loader arguments as VOC, with root = list dir = ``--out``)::
 
     OUT/JPEGImages/{train,val}_NNNNN.jpg
     OUT/SegmentationClassAug/{train,val}_NNNNN.png     palette PNG, 0 bg, 1..8 classes, 255 ignore
     OUT/train_aug.txt  OUT/val.txt  OUT/cls_labels.json  (as tools/prepare_voc.py writes them)
-    OUT/ImageSets/Segmentation/{train_aug,val}.txt   OUT/meta.json (generator version, class names, parameters)
+    OUT/ImageSets/Segmentation/{train_aug,val}.txt   (so prepare_voc.py can read it too)
+    OUT/meta.json                                    generator version, class names, parameters
 
 Deterministic: the same ``--seed`` and sizes give byte-identical files. The data design (why it is
 hard for WSSS yet learnable quickly) is described in ``afa/data/synthetic.py``. The defaults take

@@ -7,7 +7,7 @@
 Reads ``COCO_ROOT/annotations/instances_{train,val}2014.json`` and ``COCO_ROOT/{train,val}2014/``;
 writes
 
-    OUT/JPEGImages/{train,val}/<id>.jpg         symlinks to the originals (or --images copy|hardlink)
+    OUT/JPEGImages/{train,val}/<id>.jpg         symlinks to the originals (--images copy|hardlink)
     OUT/SegmentationClass/{train,val}/<id>.png  class indices: 0 background, 1..80 the categories
                                                 in the standard order, 255 crowd regions
     OUT/{train,val}.txt                         ids whose mask holds at least one category
@@ -125,7 +125,8 @@ def load_split(coco_root: Path, out: Path, split: str, images: str) -> list[dict
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--coco-root", required=True, help="holds annotations/, train2014/, val2014/")
+    parser.add_argument("--coco-root", required=True,
+                        help="holds annotations/, train2014/, val2014/")
     parser.add_argument("--out", default="MSCOCO")
     parser.add_argument("--splits", nargs="+", choices=("train", "val"), default=["train", "val"])
     parser.add_argument("--images", choices=("symlink", "hardlink", "copy"), default="symlink")

@@ -2,7 +2,7 @@
 
     python tools/prepare_voc.py --root VOCdevkit/VOC2012                  # -> data/voc
     python tools/prepare_voc.py --root VOCdevkit/VOC2012 --out data/voc --workers 2
-    python tools/prepare_voc.py --root VOCdevkit/VOC2012 --labels-from xml   # from Annotations/*.xml
+    python tools/prepare_voc.py --root VOCdevkit/VOC2012 --labels-from xml  # Annotations/*.xml
 
 Reads ``ROOT/JPEGImages/<id>.jpg``, ``ROOT/SegmentationClassAug/<id>.png`` (``--mask-dir``) and
 ``ROOT/ImageSets/Segmentation/{train,val}.txt``; writes
@@ -54,7 +54,8 @@ def labels_of_xml(job: tuple[str, str, int]) -> tuple[str, list[int] | None, str
     """(id, annotation path, num classes) -> classes named by the XML ``<object>`` entries."""
     name, path, _ = job
     try:
-        names = {obj.findtext("name", "").strip() for obj in ET.parse(path).getroot().iter("object")}
+        objects = ET.parse(path).getroot().iter("object")
+        names = {obj.findtext("name", "").strip() for obj in objects}
     except (OSError, ET.ParseError) as exc:
         return name, None, f"{path}: cannot read annotation ({exc})"
     unknown = sorted(names - set(VOC_CLASSES[1:]))

@@ -157,7 +157,7 @@ _LUMA = np.float32([0.299, 0.587, 0.114])
 
 
 def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two colours of the shared distribution whose brightness differs enough for a crisp texture."""
+    """Two colours of the shared distribution whose brightness differs enough for crisp texture."""
     first = _colour(rng)
     while True:
         second = _colour(rng)

@@ -2,9 +2,9 @@
 
 Training augmentation follows the paper (DESIGN.md section 4): random rescale of the whole image by
 a ratio in ``[0.5, 2.0]``, random horizontal flip, then a random ``crop_size`` crop. Where the image
-is smaller than the crop it is placed at a random offset on a zero canvas. The padding happens on the
-0-255 RGB image, *before* normalisation, so padded pixels denormalise to black; masks are padded
-with the ignore index. The crop records ``box``:
+is smaller than the crop it is placed at a random offset on a zero canvas. The padding happens on
+the 0-255 RGB image, *before* normalisation, so padded pixels denormalise to black; masks are
+padded with the ignore index. The crop records ``box``:
 
     box = (y0, y1, x0, x1), int64: crop[y0:y1, x0:x1] is image content, everything else is padding.
 
@@ -63,7 +63,7 @@ def random_rescale(
     scale_range: tuple[float, float],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Resize both sides by one ratio drawn uniformly from ``scale_range`` (image bilinear, mask nearest)."""
+    """Resize both sides by one ratio drawn from ``scale_range`` (image bilinear, mask nearest)."""
     ratio = rng.uniform(scale_range[0], scale_range[1])
     height, width = image.shape[:2]
     size = (max(1, int(width * ratio + 0.5)), max(1, int(height * ratio + 0.5)))  # cv2: (W, H)
@@ -132,8 +132,8 @@ def color_jitter(
 ) -> np.ndarray:
     """Photometric jitter of an RGB uint8 image, in the spirit of torchvision's ``ColorJitter``.
 
-    Brightness, contrast and saturation factors are drawn from ``[1 - s, 1 + s]``; the hue shift from
-    ``[-hue, hue]`` (fraction of the colour circle, at most 0.5). Applied in that fixed order.
+    Brightness, contrast and saturation factors are drawn from ``[1 - s, 1 + s]``; the hue shift
+    from ``[-hue, hue]`` (fraction of the colour circle, at most 0.5). Applied in that fixed order.
     """
     out = image.astype(np.float32)
     if brightness > 0:
@@ -157,9 +157,9 @@ class Augment:
     """The training-time pipeline: rescale -> flip -> colour jitter -> crop/pad.
 
     Each step is off unless configured: ``scale_range=None`` keeps the size, ``hflip=False`` never
-    flips, ``jitter=None`` keeps colours (a ``(brightness, contrast, saturation, hue)`` tuple turns it
-    on), ``crop_size=None`` keeps the whole image (``box`` then covers all of it). Jitter comes before
-    padding so that padded pixels stay exactly zero.
+    flips, ``jitter=None`` keeps colours (a ``(brightness, contrast, saturation, hue)`` tuple turns
+    it on), ``crop_size=None`` keeps the whole image (``box`` then covers all of it). Jitter comes
+    before padding so that padded pixels stay exactly zero.
     """
 
     def __init__(
@@ -173,7 +173,8 @@ class Augment:
         if crop_size is not None and crop_size <= 0:
             raise ValueError(f"crop_size must be positive, got {crop_size}")
         if scale_range is not None and not 0 < scale_range[0] <= scale_range[1]:
-            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale_range}")
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, "
+                             f"got {scale_range}")
         self.crop_size = crop_size
         self.scale_range = None if scale_range is None else tuple(scale_range)
         self.hflip = hflip

@@ -32,8 +32,8 @@ replaces an undecodable sample by the next one (counted in ``dataset.load_failur
 Randomness: ``dataset[i]`` draws the sample's augmentation generator from torch's RNG, which the
 DataLoader seeds per worker from its ``generator``; :func:`make_loader` wires this up so that a run
 is repeatable (and :func:`seed_worker` also seeds ``numpy``/``random`` for any other code in a
-worker). ``dataset.load(i, rng)`` takes the generator explicitly, for samplers that derive a seed per
-sample (resumable data order).
+worker). ``dataset.load(i, rng)`` takes the generator explicitly, for samplers that derive a seed
+per sample (resumable data order).
 """
 
 from __future__ import annotations
@@ -213,9 +213,9 @@ class VOCStyleDataset(Dataset):
         split: sub-folder of ``JPEGImages`` and ``mask_dir`` (COCO layout); None for VOC.
         mask_dir: folder of the class-index PNGs.
         mode: ``"cls"`` or ``"seg"``.
-        crop_size, scale_range, hflip, jitter: augmentation, see :class:`afa.data.transforms.Augment`
-            (all off by default; the paper's training uses ``crop_size=512, scale_range=(0.5, 2.0),
-            hflip=True``).
+        crop_size, scale_range, hflip, jitter: augmentation, see
+            :class:`afa.data.transforms.Augment` (all off by default; the paper's training uses
+            ``crop_size=512, scale_range=(0.5, 2.0), hflip=True``).
         skip_bad: warn and skip bad ids instead of raising.
         ignore_index: mask value that is ignored (padding fill of the mask).
     """
@@ -242,7 +242,8 @@ class VOCStyleDataset(Dataset):
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         if num_classes < 2:
-            raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+            raise ValueError(f"num_classes counts the background and must be >= 2, "
+                             f"got {num_classes}")
         if mode == "cls" and label_file is None:
             raise ValueError("mode='cls' needs a label_file")
         self.root = Path(root)
@@ -314,7 +315,8 @@ class VOCStyleDataset(Dataset):
     def load(self, index: int, rng: np.random.Generator) -> dict:
         """Sample ``index`` augmented with ``rng`` (the entry point for custom samplers).
 
-        With ``skip_bad``, a sample that fails to decode is replaced by the next one, with a warning.
+        With ``skip_bad``, a sample that fails to decode is replaced by the next one, with a
+        warning.
         """
         if not self.skip_bad:
             return self._load_one(index, rng)
@@ -339,8 +341,8 @@ class VOCStyleDataset(Dataset):
         if self.mode == "seg":
             mask = read_mask(self.mask_path(name), self.num_classes, self.ignore_index)
             if mask.shape != image.shape[:2]:
-                raise DataError(f"{self.mask_path(name)}: mask size {mask.shape[::-1]} differs from "
-                                f"image size {image.shape[1::-1]} ({self.image_path(name)})")
+                raise DataError(f"{self.mask_path(name)}: mask size {mask.shape[::-1]} differs "
+                                f"from image size {image.shape[1::-1]} ({self.image_path(name)})")
         classes = self.labels[name] if self.labels is not None else labels_from_mask(
             mask, self.num_classes)
         image, mask, box = self.augment(image, mask, rng)
