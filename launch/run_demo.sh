@@ -7,7 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=work_dirs/demo
 start=$(date +%s)
-[ -f data/demo/cls_labels.json ] || python tools/make_demo_data.py --out data/demo
+# (Re)generate the synthetic set when it is missing or was made by another generator version.
+if ! python -c "import json, sys; from afa.data.synthetic import DEMO_VERSION as v
+sys.exit(json.load(open('data/demo/meta.json')).get('version') != v)" 2>/dev/null; then
+    rm -rf data/demo
+    python tools/make_demo_data.py --out data/demo
+fi
 python tools/train.py --config configs/demo.yaml --work-dir "$WORK" --resume auto "$@"
 ckpt=$(ls "$WORK"/checkpoints/iter_*.pth | tail -n 1)
 python tools/evaluate.py --config configs/demo.yaml --checkpoint "$ckpt" --json "$WORK/eval.json" "$@"
