@@ -13,14 +13,9 @@ import numpy as np
 from PIL import Image
 
 from afa.constants import color_palette
+from afa.data.voc import read_image  # one reader of images: RGB, errors name the file
 
 __all__ = ["read_image", "read_label_png", "write_label_png", "write_rgb_png"]
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as ``(H, W, 3)`` uint8 RGB (greyscale and RGBA are converted), writable."""
-    with Image.open(path) as image:
-        return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
