@@ -224,6 +224,13 @@ class OutputFiles:
         for kind in self.kinds:
             (self.out_dir / kind).mkdir(parents=True, exist_ok=True)
 
+    def prepare(self, config_yaml: str, settings: dict) -> None:
+        """Create the folders and record the run: ``config.yaml`` and the settings file."""
+        self.make_dirs()
+        write_atomic(self.out_dir / "config.yaml", lambda tmp: tmp.write_text(config_yaml))
+        write_atomic(self.out_dir / SETTINGS_FILE,
+                     lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+
     def done(self, name: str) -> bool:
         return all(self.path(kind, name).is_file() for kind in self.kinds)
 

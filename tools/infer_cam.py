@@ -51,17 +51,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from afa import config as C
 from afa.affinity import propagate_cams
 from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
-from afa.config import ConfigError, load_config, save_config
+from afa.config import ConfigError, load_config
 from afa.data import DataError, denormalize, normalize, write_mask
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
-from afa.inference import (SETTINGS_FILE, ImageSet, OutputFiles, check_run_settings,
+from afa.inference import (ImageSet, OutputFiles, check_run_settings,
                            mask_ignored, save_npy_atomic, write_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix
@@ -222,10 +222,7 @@ def main(argv=None) -> int:
     try:
         files = OutputFiles(args.out_dir, kinds)
         if info.rank == 0:
-            files.make_dirs()
-            save_config(cfg, args.out_dir / "config.yaml")
-            write_atomic(args.out_dir / SETTINGS_FILE,
-                         lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+            files.prepare(OmegaConf.to_yaml(cfg), settings)
         D.barrier()
         model.to(info.device).eval()
         par = PAR(**C.par_kwargs(cfg)).to(info.device)

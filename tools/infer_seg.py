@@ -49,16 +49,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from afa import config as C
-from afa.config import ConfigError, load_config, save_config
+from afa.config import ConfigError, load_config
 from afa.crf import dense_crf_many, import_densecrf
 from afa.data import DataError, normalize, write_mask
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
-from afa.inference import (SETTINGS_FILE, ImageSet, OutputFiles, check_run_settings,
+from afa.inference import (ImageSet, OutputFiles, check_run_settings,
                            likely_classes, predict_seg_logits, save_npy_atomic, write_atomic,
                            write_rgb_png_atomic)
 from afa.io import read_label_png
@@ -217,10 +217,7 @@ def main(argv=None) -> int:
     try:
         files = OutputFiles(args.out_dir, kinds)
         if info.rank == 0:
-            files.make_dirs()
-            save_config(cfg, args.out_dir / "config.yaml")
-            write_atomic(args.out_dir / SETTINGS_FILE,
-                         lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+            files.prepare(OmegaConf.to_yaml(cfg), settings)
         D.barrier()
         model.to(info.device).eval()
         job = SegInference(model, images, files, cfg, args, info.device)
