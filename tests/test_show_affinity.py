@@ -1,0 +1,37 @@
+"""tools/show_affinity.py: the affinity picture of a checkpoint on an image."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from afa.models import AFANet
+from conftest import REPO, load_tool
+
+show_affinity = load_tool("show_affinity")
+
+
+def test_picture_has_a_panel_per_pixel(tmp_path):
+    model = AFANet("mit_b0", num_classes=9, embedding_dim=32)
+    torch.save({"model": model.state_dict()}, tmp_path / "ckpt.pth")
+    image = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "img.jpg")
+    out = tmp_path / "aff.png"
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint",
+            str(tmp_path / "ckpt.pth"), "--image", str(tmp_path / "img.jpg"),
+            "--pixels", "10,20", "60,80", "--out", str(out), "model.embedding_dim=32",
+            "infer.long_side=64"]
+    assert show_affinity.main(argv) == 0
+    picture = np.asarray(Image.open(out))
+    # image + 2 affinity maps + segmentation, 90 px wide each, 4 px apart
+    assert picture.shape[1] == 4 * 90 + 3 * 4 and picture.shape[2] == 3
+
+
+def test_pixel_outside_the_image_is_an_error(tmp_path, capsys):
+    model = AFANet("mit_b0", num_classes=9, embedding_dim=32)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pth")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "img.png")
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint",
+            str(tmp_path / "ckpt.pth"), "--image", str(tmp_path / "img.png"), "--pixels", "50,5",
+            "--out", str(tmp_path / "o.png"), "model.embedding_dim=32"]
+    assert show_affinity.main(argv) == 2
+    assert "outside" in capsys.readouterr().err

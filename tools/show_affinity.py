@@ -1,0 +1,81 @@
+"""Show what AFA learned from attention: the affinity of chosen pixels to the rest of an image.
+
+    python tools/show_affinity.py --config configs/voc.yaml --checkpoint CKPT \
+        --image data/VOCdevkit/VOC2012/JPEGImages/2007_000033.jpg --pixels 120,200 250,330 \
+        --out affinity.png [key=value ...]
+
+Writes one PNG: the image, then for every query pixel ``y,x`` (image coordinates) a heat map of the
+predicted affinity ``aff_pred`` between that pixel's stage-4 position and every other one, and the
+single-scale segmentation. The image is resized so its long side is ``infer.long_side``; pixels are
+given in the original image's coordinates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from afa import config as C
+from afa.config import ConfigError, load_config
+from afa.data import DataError, normalize, read_image
+from afa.inference import resize_long_side
+from afa.io import write_rgb_png
+from afa.models import AFANet
+from afa.viz import affinity_overlay, colorize_label, make_grid
+
+
+def _pixel(text: str) -> tuple[int, int]:
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a pixel is 'y,x', got {text!r}") from None
+    return y, x
+
+
+@torch.no_grad()
+def affinity_picture(model: AFANet, image, pixels, long_side: int | None):
+    """The grid for ``image`` (H, W, 3) uint8 and query ``pixels`` [(y, x), ...]."""
+    height, width = image.shape[:2]
+    x = resize_long_side(normalize(image)[None], long_side)
+    out = model(x)
+    cam, _ = model.forward_cam(x)
+    grid = tuple(cam.shape[-2:])  # the stage-4 grid the affinity lives on
+    seg = F.interpolate(out.seg_logits, size=(height, width), mode="bilinear",
+                        align_corners=False).argmax(dim=1)[0]
+    panels = [image] + [affinity_overlay(image, out.aff_pred[0], grid, p) for p in pixels]
+    panels.append(colorize_label(seg))
+    titles = ["image"] + [f"affinity of {y},{x}" for y, x in pixels] + ["segmentation"]
+    return make_grid(panels, titles=titles)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--image", required=True, help="an image file")
+    parser.add_argument("--pixels", type=_pixel, nargs="+", required=True, metavar="Y,X")
+    parser.add_argument("--out", required=True, help="the PNG to write")
+    parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, list(args.overrides) + ["model.pretrained=null"])
+        model = AFANet(**C.model_kwargs(cfg)).eval()
+        model.load_weights(args.checkpoint)
+        image = read_image(args.image)
+        picture = affinity_picture(model, image, args.pixels, cfg.infer.long_side)
+    except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_rgb_png(args.out, picture)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
