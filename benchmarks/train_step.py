@@ -1,0 +1,227 @@
+"""Time one complete AFA training iteration, and each of its stages, on random data.
+
+    python benchmarks/train_step.py --backbone mit_b1 --crop 320 --batch 2 --device cpu --threads 2
+    python benchmarks/train_step.py --crop 512 --batch 2 --iters 3 --warmup 1   # larger ones
+    python benchmarks/train_step.py --device cuda --amp bf16
+
+The timed iteration is the trainer's own code path: ``afa.engine.trainer.train_step`` (forward,
+multi-scale CAM, pseudo labels and losses), ``total.backward()``, the AdamW step of
+``afa.engine.optim.build_optimizer`` and ``zero_grad``. The iteration number is
+``max(cam_iters, aff_switch_iter)`` of the default config, so every pseudo-label step runs.
+Inputs: random normalised images, random multi-hot labels with 1-2 of 20 classes, full boxes.
+
+The per-stage breakdown is measured in separate iterations that call the same functions one by
+one (``afa.cam``, ``afa.affinity``, ``afa.losses``) with a timer around each; its sum is close to,
+not equal to, the whole iteration. Medians over ``--iters`` after ``--warmup`` iterations. The last
+line of output is one JSON object with everything. Peak memory: RSS (ru_maxrss) of the process on
+CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from afa.affinity import affinity_label, propagate_cams, token_grid
+from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
+from afa.config import load_config
+from afa.data import denormalize
+from afa.engine.optim import build_optimizer
+from afa.engine.trainer import _autocast, _loss_kwargs, train_step
+from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss,
+                        classification_loss)
+from afa.models import PAR, AFANet
+
+CAM_SCALES = (1.0, 0.5, 1.5)
+STAGES = ("forward", "multi_scale_cam", "par", "random_walk", "affinity_labels", "losses",
+          "backward", "optimizer")
+
+
+def random_batch(batch: int, crop: int, num_fg: int = 20) -> dict:
+    labels = torch.zeros(batch, num_fg)
+    for b in range(batch):
+        present = torch.randperm(num_fg)[: int(torch.randint(1, 3, ()))]  # 1 or 2 classes
+        labels[b, present] = 1.0
+    return {"image": torch.randn(batch, 3, crop, crop), "label": labels,
+            "box": torch.tensor([[0, crop, 0, crop]] * batch)}
+
+
+class Timer:
+    """Accumulates wall time per stage name; synchronises CUDA around each stage."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, defaultdict(float)
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                timer._sync()
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer._sync()
+                timer.times[name] += time.perf_counter() - self.start
+
+        return _Stage()
+
+
+def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_loss, amp,
+                     loss_kwargs) -> dict:
+    """One iteration with the body of train_step / compute_afa_losses split into timed stages."""
+    t = Timer(device)
+    kw = loss_kwargs
+    images = batch["image"].to(device)
+    labels = batch["label"].to(device)
+    boxes = batch["box"].to(device)
+    with t("forward"), _autocast(device, amp):
+        out = model(images)
+    with t("multi_scale_cam"), _autocast(device, amp):
+        cams = multi_scale_cam(model, images, CAM_SCALES)
+    cam, cam_aff = cams.cam.float(), cams.aff.float()
+    rgb = denormalize(images)
+    height, width = rgb.shape[-2:]
+    with torch.no_grad():
+        with t("par"):  # includes the cheap CAM label, which the trainer only logs
+            cam_to_label(cam, labels, bkg_score=kw["bkg_score"], boxes=boxes,
+                         ignore_index=kw["ignore_index"])
+            refined = refine_cams_with_par(par, rgb, cam, labels, boxes, high=kw["high"],
+                                           low=kw["low"], ignore_index=kw["ignore_index"])
+        with t("affinity_labels"):
+            aff_label = affinity_label(refined, token_grid(out.aff_pred.shape[-1], height, width),
+                                       radius=kw["radius"], ignore_index=kw["ignore_index"])
+        with t("random_walk"):
+            walked_high = propagate_cams(cam, labels, cam_aff, bkg_score=kw["high"],
+                                         radius=kw["radius"])
+            walked_low = propagate_cams(cam, labels, cam_aff, bkg_score=kw["low"],
+                                        radius=kw["radius"])
+        with t("par"):
+            aff_pseudo = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
+                                                ignore_index=kw["ignore_index"])
+    target = refined if iteration < kw["aff_switch_iter"] else aff_pseudo
+    with t("losses"):
+        seg_logits = out.seg_logits.float()
+        total = (classification_loss(out.cls_logits.float(), labels)
+                 + kw["w_seg"] * balanced_seg_loss(seg_logits, target,
+                                                   ignore_index=kw["ignore_index"])
+                 + kw["w_aff"] * affinity_loss(out.aff_pred.float(), aff_label))
+        if crf_loss is not None:
+            probs = F.interpolate(seg_logits, size=(height, width), mode="bilinear",
+                                  align_corners=False).softmax(dim=1)
+            total = total + kw["w_reg"] * crf_loss(rgb, probs, target, boxes)
+    with t("backward"):
+        total.backward()
+    with t("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return dict(t.times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", default="mit_b1")
+    p.add_argument("--crop", type=int, default=320)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    p.add_argument("--iters", type=int, default=5, help="timed iterations (each measurement)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (at least 1)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    p.add_argument("--reg-loss", action="store_true", help="add the DenseCRF regularized loss")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage iterations")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    cfg = load_config(None, [f"model.backbone={args.backbone}", f"train.amp={args.amp}"])
+    loss_kwargs = _loss_kwargs(cfg)
+    iteration = max(cfg.train.cam_iters, cfg.train.aff_switch_iter)
+    model = AFANet(args.backbone, num_classes=21, pretrained=None).to(device).train()
+    par = PAR().to(device)
+    crf_loss = None
+    if args.reg_loss:
+        crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
+                                scale_factor=cfg.loss.reg_scale,
+                                ignore_index=cfg.cam.ignore_index)
+    optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
+    batch = random_batch(args.batch, args.crop)
+    step_kwargs = dict(device=device, par=par, crf_loss=crf_loss, cam_scales=CAM_SCALES,
+                       amp=args.amp, loss_kwargs=loss_kwargs)
+
+    def full_iteration() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step = train_step(model, batch, iteration, **step_kwargs)
+        scaler.scale(step.terms.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    # Random data and a random model drift within a few AdamW steps (towards denormal numbers that
+    # are slow on CPU), so every timed iteration starts from the state after the first warm-up one.
+    full_iteration()
+    snapshot = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+
+    def restore() -> None:
+        model.load_state_dict(snapshot[0])
+        optimizer.load_state_dict(snapshot[1])
+
+    def timed_full() -> float:
+        restore()
+        return full_iteration()
+
+    for _ in range(args.warmup - 1):
+        timed_full()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [timed_full() for _ in range(args.iters)]
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux; the peak of the whole process, warm-up included
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    stages = {}
+    if not args.no_breakdown:
+        runs = [restore() or staged_iteration(model, optimizer, batch, iteration, par=par, crf_loss=crf_loss,
+                                 amp=args.amp if device.type == "cuda" else "none",
+                                 device=device, loss_kwargs=loss_kwargs)
+                for _ in range(args.iters)]
+        stages = {s: round(statistics.median(r.get(s, 0.0) for r in runs), 4) for s in STAGES}
+
+    median = statistics.median(times)
+    print(f"{args.backbone} crop {args.crop} batch {args.batch} {args.device} amp={args.amp} "
+          f"threads={args.threads} reg_loss={args.reg_loss}: median {median:.3f} s/iter "
+          f"(min {min(times):.3f}, {args.iters} iters after {args.warmup} warm-up), "
+          f"peak {'RSS' if device.type == 'cpu' else 'CUDA allocated'} {peak_mb:.0f} MB")
+    for s, v in stages.items():
+        print(f"  {s:16s} {v:7.3f} s  {100 * v / max(sum(stages.values()), 1e-9):5.1f} %")
+    print(json.dumps({"backbone": args.backbone, "crop": args.crop, "batch": args.batch,
+                      "device": args.device, "amp": args.amp, "threads": args.threads,
+                      "reg_loss": args.reg_loss, "iteration": iteration, "iters": args.iters,
+                      "warmup": args.warmup, "median_s": round(median, 4),
+                      "min_s": round(min(times), 4), "peak_mb": round(peak_mb, 1),
+                      "peak_kind": "rss" if device.type == "cpu" else "cuda_allocated",
+                      "stages_s": stages, "stages_sum_s": round(sum(stages.values()), 4)}))
+
+
+if __name__ == "__main__":
+    main()
