@@ -18,8 +18,6 @@ from afa.data.synthetic import (
 NUM_CLASSES = len(DEMO_CLASSES)
 
 
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")

@@ -28,8 +28,6 @@ EXPECTED_TOP_LEFT = [[3, 1, 0], [0, 6, 1], [1, 1, 2]]  # rows = GT, columns = pr
 EXPECTED_IOU = {"background": 3 / 5, "aeroplane": 6 / 9, "bicycle": 2 / 5}
 
 
-
-
 eval_miou = load_tool("eval_miou")
 
 

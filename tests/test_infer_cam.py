@@ -29,20 +29,8 @@ NUM_CLASSES = 9
 KINDS = ("cam_label", "refined", "affinity")
 
 
-
-
 infer_cam = load_tool("infer_cam")
 visualize = load_tool("visualize")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, and a loaded machine makes
-    # two-thread OpenMP stall.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -33,19 +33,7 @@ needs_crf = pytest.mark.skipif(importlib.util.find_spec("pydensecrf") is None,
                                reason="pydensecrf2 is not installed")
 
 
-
-
 infer_seg = load_tool("infer_seg")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, and a loaded machine makes
-    # two-thread OpenMP stall.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -100,8 +100,6 @@ def test_grid_layout_and_sample_row():
     np.testing.assert_array_equal(no_titles[7, W + 4 + 7], [64, 0, 128])  # dog (12)
 
 
-
-
 def test_visualize_tool(tmp_path):
     tool = load_tool("visualize")
     dirs = {name: tmp_path / name for name in ("img", "pred", "gt", "cam", "out")}
