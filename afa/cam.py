@@ -39,7 +39,8 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
     """Multi-scale + flip CAM (DESIGN step 2).
 
     Args:
-        model: exposes ``forward_cam(x) -> (cam (B, C-1, h, w) before ReLU, aff (B, N, N))``.
+        model: exposes ``forward_cam(x, return_aff) -> (cam (B, C-1, h, w) before ReLU,
+            aff (B, N, N) or None)``.
         images: (B, 3, H, W) normalised images.
         scales: resize factors; the affinity of the largest one is returned.
 
@@ -53,11 +54,13 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
         size = (int(scale * height), int(scale * width))
         x = images if size == (height, width) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False)
-        cam, scale_aff = model.forward_cam(torch.cat([x, x.flip(-1)], dim=0))
+        want_aff = scale == largest and aff is None  # explicit attention only where it is used
+        pair = torch.cat([x, x.flip(-1)], dim=0)
+        cam, scale_aff = model.forward_cam(pair, return_aff=want_aff)
         cam = F.interpolate(cam.float(), size=(height, width), mode="bilinear", align_corners=False)
         cam = torch.maximum(cam[:batch], cam[batch:].flip(-1))  # (B, C-1, H, W)
         cam_sum = cam_sum + F.relu(cam)
-        if scale == largest and aff is None:
+        if want_aff:
             aff = scale_aff[:batch]
     cam_sum = cam_sum - cam_sum.amin(dim=(2, 3), keepdim=True)
     cam_sum = cam_sum / (cam_sum.amax(dim=(2, 3), keepdim=True) + 1e-5)

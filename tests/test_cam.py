@@ -17,10 +17,11 @@ class TinyCAMModel(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(3, num_fg, 1)
 
-    def forward_cam(self, x):
+    def forward_cam(self, x, return_aff=True):
         feat = F.avg_pool2d(x, 4)
         tokens = feat[:, 0].flatten(1)  # (B, N)
-        return self.proj(feat), torch.sigmoid(tokens[:, :, None] - tokens[:, None, :])
+        aff = torch.sigmoid(tokens[:, :, None] - tokens[:, None, :]) if return_aff else None
+        return self.proj(feat), aff
 
 
 def test_multi_scale_cam_matches_per_copy_reference():

@@ -270,3 +270,35 @@ def test_sync_batchnorm_only_for_multi_process_cuda():
     assert not isinstance(cpu.decoder.linear_fuse.bn, nn.SyncBatchNorm)
     gpu = convert_sync_batchnorm(model, world_size=2, device=torch.device("cuda"))
     assert isinstance(gpu.decoder.linear_fuse.bn, nn.SyncBatchNorm)
+
+
+def test_forward_cam_without_affinity_runs_fused_and_matches():
+    model = AFANet("mit_b0", num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        cam, aff = model.forward_cam(x)
+        fused_cam, none = model.forward_cam(x, return_aff=False)
+        features, attn = model.encoder(x, return_attn=False)
+    assert none is None and attn == [] and aff.shape == (2, 12, 12)
+    torch.testing.assert_close(fused_cam, cam, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_scale_cam_of_afanet_equals_all_explicit_computation():
+    from afa.cam import multi_scale_cam
+
+    model = AFANet("mit_b0", num_classes=4).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = multi_scale_cam(model, x, (1.0, 0.5, 1.5))
+        total = 0
+        for s in (1.0, 0.5, 1.5):
+            xs = F.interpolate(x, size=(int(64 * s),) * 2, mode="bilinear", align_corners=False)
+            cam, aff = model.forward_cam(torch.cat([xs, xs.flip(-1)]))  # explicit everywhere
+            cam = F.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)
+            total = total + torch.maximum(cam[:1], cam[1:].flip(-1)).relu()
+            if s == 1.5:
+                expected_aff = aff[:1]
+        total = total - total.amin(dim=(2, 3), keepdim=True)
+        total = total / (total.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    torch.testing.assert_close(out.cam, total, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.aff, expected_aff)

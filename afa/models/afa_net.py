@@ -82,11 +82,15 @@ class AFANet(nn.Module):
         cls_logits = self.classifier(self._pool(features[3])).flatten(1)
         return AFAOutput(cls_logits, seg_logits, attn_logits, self._affinity(attn_logits))
 
-    def forward_cam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CAMs ``(B, C-1, h, w)`` before ReLU and the affinity ``(B, N, N)``; skips the decoder."""
-        features, attn_logits = self.encoder(x)
+    def forward_cam(self, x: torch.Tensor, return_aff: bool = True):
+        """CAMs ``(B, C-1, h, w)`` before ReLU and the affinity ``(B, N, N)``; skips the decoder.
+
+        With ``return_aff=False`` every block runs the fused attention kernel and the affinity is
+        None: the multi-scale CAM needs the affinity of one scale only.
+        """
+        features, attn_logits = self.encoder(x, return_attn=return_aff)
         cam = F.conv2d(features[3], self.classifier.weight)
-        return cam, self._affinity(attn_logits)
+        return cam, self._affinity(attn_logits) if return_aff else None
 
     def param_groups(self) -> list[dict]:
         """Named optimiser groups with their learning-rate multipliers (AFA: 1, 0, 10, 10)."""

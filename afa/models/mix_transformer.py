@@ -158,8 +158,11 @@ class Block(nn.Module):
         self.mlp = MixFFN(dim, int(dim * mlp_ratio), drop)
         self.return_attn = False  # set on the blocks whose attention logits AFA consumes
 
-    def forward(self, x: torch.Tensor, h: int, w: int):
-        out, logits = self.attn(self.norm1(x), h, w, return_attn=self.return_attn)
+    def forward(self, x: torch.Tensor, h: int, w: int, return_attn: bool | None = None):
+        """``return_attn`` (default: the block's flag) asks for the explicit attention logits."""
+        if return_attn is None:
+            return_attn = self.return_attn
+        out, logits = self.attn(self.norm1(x), h, w, return_attn=return_attn)
         x = x + self.drop_path(out)
         x = x + self.drop_path(self.mlp(self.norm2(x), h, w))
         return x, logits
@@ -229,13 +232,14 @@ class MixVisionTransformer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, return_attn: bool = True):
+        """``return_attn=False`` runs every block fused and returns an empty logits list."""
         features, attn_logits = [], []
         b = x.shape[0]
         for i in range(1, 5):
             x, h, w = getattr(self, f"patch_embed{i}")(x)
             for blk in getattr(self, f"block{i}"):
-                x, logits = blk(x, h, w)
+                x, logits = blk(x, h, w, return_attn=return_attn and blk.return_attn)
                 if logits is not None:
                     attn_logits.append(logits)
             x = getattr(self, f"norm{i}")(x)
