@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from afa import config as C
@@ -174,7 +174,7 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
         raise ValueError(f"data.name={cfg.data.name} has {len(names)} classes but "
                          f"data.num_classes={cfg.data.num_classes}")
     if cfg.data.val_max_images:
-        val_set.names = val_set.names[: cfg.data.val_max_images]
+        val_set = Subset(val_set, range(min(cfg.data.val_max_images, len(val_set))))
 
     model = AFANet(**C.model_kwargs(cfg)).to(info.device)
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
