@@ -54,14 +54,17 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
         size = (int(scale * height), int(scale * width))
         x = images if size == (height, width) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False)
-        want_aff = scale == largest and aff is None  # explicit attention only where it is used
-        pair = torch.cat([x, x.flip(-1)], dim=0)
-        cam, scale_aff = model.forward_cam(pair, return_aff=want_aff)
+        if scale == largest and aff is None:
+            # Explicit attention (for the affinity) on the un-flipped copies only: the flipped
+            # ones run fused, which halves the largest transient of the training iteration.
+            cam, aff = model.forward_cam(x, return_aff=True)
+            cam_flip, _ = model.forward_cam(x.flip(-1), return_aff=False)
+            cam = torch.cat([cam, cam_flip], dim=0)
+        else:
+            cam, _ = model.forward_cam(torch.cat([x, x.flip(-1)], dim=0), return_aff=False)
         cam = F.interpolate(cam.float(), size=(height, width), mode="bilinear", align_corners=False)
         cam = torch.maximum(cam[:batch], cam[batch:].flip(-1))  # (B, C-1, H, W)
         cam_sum = cam_sum + F.relu(cam)
-        if want_aff:
-            aff = scale_aff[:batch]
     cam_sum = cam_sum - cam_sum.amin(dim=(2, 3), keepdim=True)
     cam_sum = cam_sum / (cam_sum.amax(dim=(2, 3), keepdim=True) + 1e-5)
     return MultiScaleCAM(cam=cam_sum, aff=aff)

@@ -134,6 +134,38 @@ def test_affinity_is_symmetric_probability():
     assert aff.min() > 0 and aff.max() < 1
 
 
+def test_affinity_projection_equals_stacked_symmetric_conv():
+    """The projected-then-symmetrised affinity equals the literal sigmoid(conv(A + A^T)), and so
+    do the gradients reaching the attention logits and the projection."""
+    torch.manual_seed(0)
+    model = AFANet("mit_b0", num_classes=3)
+    nn.init.normal_(model.attn_proj.weight)
+    nn.init.normal_(model.attn_proj.bias)
+    logits = [torch.randn(2, 8, 12, 12, requires_grad=True) for _ in range(2)]
+    fast = model._affinity(logits)
+    stacked = torch.cat(logits, dim=1)
+    literal = torch.sigmoid(model.attn_proj(stacked + stacked.transpose(-1, -2))).squeeze(1)
+    torch.testing.assert_close(fast, literal, rtol=1e-5, atol=1e-6)
+    weights = torch.rand_like(literal)
+    grads_fast = torch.autograd.grad((fast * weights).sum(), logits + [model.attn_proj.weight])
+    grads_literal = torch.autograd.grad((literal * weights).sum(),
+                                        logits + [model.attn_proj.weight])
+    for a, b in zip(grads_fast, grads_literal):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    drop = mit.DropPath(0.25).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(4000, 3, 5))
+    per_sample = out.flatten(1)
+    # Each sample is either dropped entirely or kept and scaled by 1 / 0.75.
+    assert torch.equal(per_sample.unique(), torch.tensor([0.0, 1.0 / 0.75]))
+    assert (per_sample == per_sample[:, :1]).all()
+    assert abs(out.mean().item() - 1.0) < 0.05
+    assert torch.equal(drop.eval()(out), out)
+
+
 def test_every_parameter_gets_a_gradient():
     model = AFANet("mit_b0", num_classes=4).train()
     x = torch.randn(2, 3, 64, 64)

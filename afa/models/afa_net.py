@@ -67,9 +67,21 @@ class AFANet(nn.Module):
         return self.encoder.stride
 
     def _affinity(self, attn_logits: list[torch.Tensor]) -> torch.Tensor:
-        attn = torch.cat(attn_logits, dim=1)  # (B, blocks*heads, N, N)
-        attn = attn + attn.transpose(-1, -2)  # symmetric: affinity is undirected
-        return torch.sigmoid(self.attn_proj(attn)).squeeze(1)  # (B, N, N)
+        """``sigmoid(attn_proj(A + A^T))`` with ``A`` the (B, blocks*heads, N, N) stacked logits.
+
+        The 1x1 projection is linear, so it is applied before symmetrising:
+        ``w . (A + A^T) + b = P + P^T + b`` with ``P = w . A``. The (B, blocks*heads, N, N) stack
+        and its transpose are never built (at the 1.5x CAM scale of a 512 crop they would take
+        hundreds of MB).
+        """
+        weight = self.attn_proj.weight.flatten()  # (blocks*heads,)
+        proj, start = None, 0
+        for logits in attn_logits:  # (B, heads, N, N) per block
+            heads = logits.shape[1]
+            term = torch.einsum("bhnm,h->bnm", logits, weight[start:start + heads].to(logits))
+            proj = term if proj is None else proj + term
+            start += heads
+        return torch.sigmoid(proj + proj.transpose(-1, -2) + self.attn_proj.bias.to(proj))
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.pooling == "gmp":

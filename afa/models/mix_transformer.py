@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
 
 __all__ = [
     "MixVisionTransformer",
@@ -53,6 +52,25 @@ WEIGHTS_HELP = (
     "the file at {path} (see pretrained/README.md), or pass pretrained=None / "
     "model.pretrained=null to train from scratch."
 )
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a sample's residual branch with probability ``p`` in training and
+    scale the kept ones by ``1 / (1 - p)``."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -220,7 +238,7 @@ class MixVisionTransformer(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
+            nn.init.trunc_normal_(m.weight, std=0.02, a=-2.0, b=2.0)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
