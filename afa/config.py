@@ -48,6 +48,20 @@ class DataConfig:
 
 
 @dataclass
+class LrMultConfig:
+    """Learning-rate multiplier of each named parameter group of ``AFANet.param_groups``.
+
+    AFA's: backbone 1, backbone LayerNorms 0 (frozen at their ImageNet values), the CAM
+    classifier and affinity projection 10, the decoder 10. Training from scratch (the demo) wants
+    1 everywhere: frozen unit norms and a 10x classifier keep MiT at chance for hundreds of steps.
+    """
+    backbone: float = 1.0
+    backbone_norm: float = 0.0
+    heads: float = 10.0
+    decoder: float = 10.0
+
+
+@dataclass
 class OptimConfig:
     lr: float = 6e-5
     weight_decay: float = 0.01
@@ -55,6 +69,7 @@ class OptimConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 1.0
+    lr_mults: LrMultConfig = field(default_factory=LrMultConfig)
 
 
 @dataclass
@@ -185,6 +200,11 @@ def model_kwargs(cfg: DictConfig) -> dict:
     return dict(backbone=m.backbone, num_classes=cfg.data.num_classes,
                 embedding_dim=m.embedding_dim, stride=tuple(m.stride), pooling=m.pooling,
                 pretrained=m.pretrained, drop_path_rate=m.drop_path_rate)
+
+
+def lr_mults(cfg: DictConfig) -> dict:
+    """``{group name: multiplier}`` for ``afa.engine.optim.build_optimizer``."""
+    return dict(OmegaConf.to_container(cfg.optim.lr_mults))
 
 
 def par_kwargs(cfg: DictConfig) -> dict:

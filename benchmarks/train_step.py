@@ -30,6 +30,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from afa import config as C
 from afa.affinity import affinity_label, propagate_cams, token_grid
 from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
 from afa.config import load_config
@@ -157,7 +158,8 @@ def main() -> None:
         crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
                                 scale_factor=cfg.loss.reg_scale,
                                 ignore_index=cfg.cam.ignore_index)
-    optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay)
+    optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
+                                lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
     batch = random_batch(args.batch, args.crop)
     step_kwargs = dict(device=device, par=par, crf_loss=crf_loss, cam_scales=CAM_SCALES,

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from afa import config as C
+from afa.config import ConfigError, load_config
 from afa.engine.checkpoint import CheckpointManager
 from afa.engine.data_order import ResumableSampler
 from afa.engine.optim import build_optimizer, lr_at, set_lr
@@ -30,6 +32,21 @@ def test_optimizer_groups_follow_the_multipliers():
     model(torch.randn(1, 3, 32, 32)).cls_logits.sum().backward()
     opt.step()
     assert torch.equal(norm, before)  # AFA freezes the backbone norms (lr 0)
+
+
+def test_config_lr_mults_override_the_groups():
+    assert C.lr_mults(load_config(None)) == {"backbone": 1.0, "backbone_norm": 0.0,
+                                              "heads": 10.0, "decoder": 10.0}  # the paper's
+    cfg = load_config(None, ["optim.lr_mults.heads=1", "optim.lr_mults.backbone_norm=1"])
+    model = AFANet("mit_b0", num_classes=4)
+    opt = build_optimizer(model.param_groups(), lr=1e-3, weight_decay=0.01,
+                          lr_mults=C.lr_mults(cfg))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"backbone": 1e-3, "backbone_norm": 1e-3, "heads": 1e-3, "decoder": 1e-2}
+    with pytest.raises(ConfigError, match="optim.lr_mults.classifier"):
+        load_config(None, ["optim.lr_mults.classifier=1"])
+    with pytest.raises(ValueError, match="unknown parameter groups"):
+        build_optimizer(model.param_groups(), 1e-3, 0.01, lr_mults={"classifier": 1.0})
 
 
 def test_checkpoint_manager_keeps_last_and_best(tmp_path):

@@ -59,6 +59,8 @@ def test_a_few_iterations_write_every_artefact(tiny_data, tmp_path):
     train_iters = [r["iter"] for r in records if "train/total" in r]
     assert train_iters == [1, 2, 3, 4]
     assert any("val/seg" in r for r in records)
+    last_val = json.loads((tmp_path / "val_scores.json").read_text())
+    assert last_val == {"iteration": 4, "scores": json.loads(json.dumps(result.scores))}
     assert all(r["train/reg_loss"] == 0 for r in records if "train/reg_loss" in r and r["iter"] <= 1)
     assert any(r.get("train/reg_loss", 0) != 0 for r in records)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())

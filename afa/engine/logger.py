@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,15 @@ class RunLogger:
             self.writer.add_scalar(name, float(value), iteration)
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
+
+    def val_scores(self, iteration: int, scores: dict, path: Path) -> None:
+        """The full scores of the latest validation, as ``{"iteration": i, "scores": ...}``
+        (atomically replaced): what ``tools/evaluate.py --json`` writes, without re-running it."""
+        if not self.enabled:
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"iteration": iteration, "scores": scores}, indent=2) + "\n")
+        os.replace(tmp, path)
 
     def image(self, iteration: int, tag: str, image_hwc: np.ndarray) -> None:
         if self.enabled:

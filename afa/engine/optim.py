@@ -8,10 +8,23 @@ __all__ = ["build_optimizer", "lr_at", "set_lr"]
 
 
 def build_optimizer(param_groups: list[dict], lr: float, weight_decay: float,
-                    betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW with one group per named group; each keeps ``name`` and ``lr_mult`` for the schedule."""
-    groups = [{"params": g["params"], "name": g["name"], "lr_mult": g["lr_mult"],
-               "lr": lr * g["lr_mult"]} for g in param_groups if g["params"]]
+                    betas=(0.9, 0.999), lr_mults: dict | None = None) -> torch.optim.AdamW:
+    """AdamW with one group per named group; each keeps ``name`` and ``lr_mult`` for the schedule.
+
+    ``lr_mults`` (``{name: multiplier}``) replaces the groups' own multipliers; a name that is not
+    a group is an error.
+    """
+    lr_mults = dict(lr_mults or {})
+    unknown = set(lr_mults) - {g["name"] for g in param_groups}
+    if unknown:
+        raise ValueError(f"lr_mults names unknown parameter groups {sorted(unknown)}; the groups "
+                         f"are {[g['name'] for g in param_groups]}")
+    groups = []
+    for g in param_groups:
+        mult = float(lr_mults.get(g["name"], g["lr_mult"]))
+        if g["params"]:
+            groups.append({"params": g["params"], "name": g["name"], "lr_mult": mult,
+                           "lr": lr * mult})
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 

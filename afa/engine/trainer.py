@@ -178,7 +178,7 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
 
     model = AFANet(**C.model_kwargs(cfg)).to(info.device)
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
-                                cfg.optim.betas)
+                                cfg.optim.betas, lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and info.device.type == "cuda")
     par = PAR(**C.par_kwargs(cfg)).to(info.device)
     crf_loss = None
@@ -308,6 +308,7 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                 summary = {k: v["miou"] for k, v in scores.items() if isinstance(v, dict)}
                 summary["cls_f1"] = scores["cls_f1"]
                 run_log.scalars(iteration, summary, prefix="val/")
+                run_log.val_scores(iteration, scores, work_dir / "val_scores.json")
                 log.info("val iter %d: %s\n%s", iteration,
                          " ".join(f"{k} {100 * v:.2f}" for k, v in summary.items()),
                          format_table(scores, names))
