@@ -8,9 +8,11 @@ import pytest
 
 from afa.data import VOCStyleDataset, labels_from_mask, read_mask
 from afa.data.synthetic import (
+    CLASS_TEXTURES,
     DEMO_CLASSES,
     DEMO_VERSION,
     _sample_rng,
+    _texture,
     make_demo_dataset,
     render_sample,
 )
@@ -85,3 +87,16 @@ def test_colour_does_not_identify_the_class():
     means = np.stack([colours[:half][classes[:half] == c].mean(0) for c in range(1, NUM_CLASSES)])
     predicted = np.argmin(((colours[half:, None] - means[None]) ** 2).sum(-1), axis=1) + 1
     assert (predicted == classes[half:]).mean() < 0.25
+
+
+def test_every_class_texture_mixes_both_colours():
+    """Each class carries a two-colour pattern inside the object (none is flat), and no two
+    classes share a pattern."""
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float32)
+    patterns = []
+    for kind in CLASS_TEXTURES[1:]:
+        t = _texture(kind, xx + 0.37, yy + 0.61, period=11.0)
+        assert 0.15 < t.mean() < 0.85, kind
+        patterns.append(t.ravel())
+    patterns = np.stack(patterns)
+    assert len({p.tobytes() for p in patterns}) == len(patterns)

@@ -10,9 +10,9 @@ texture, drawn in the object's rotated frame:
     disc       filled circle                 polka dots
     square     square                        checkerboard
     triangle   equilateral triangle          straight stripes
-    star       five-pointed star             solid (flat colour)
+    star       five-pointed star             brick wall (offset rows)
     ring       annulus (background inside)   grid of thin lines
-    cross      plus sign                     linear colour gradient
+    cross      plus sign                     random blocks (binary noise)
     crescent   disc minus an offset disc     zigzag (chevron) stripes
     ellipse    ellipse, aspect ~0.45         concentric rings
 
@@ -20,8 +20,8 @@ What makes it a WSSS problem rather than a colour-threshold one:
 
 - the background is a smooth random colour field (same colour distribution) with a fine irregular
   grain, a few random lines and small blobs on top, then pixel noise over the whole image;
-- the flat star and the gradient cross have no texture edges inside: a CAM fires on their corners
-  and tips, and their extent must come from the shape and from refinement (PAR, affinity);
+- several textures share local statistics (stripes, zigzag and bricks are all straight-edged
+  bands; dots and concentric rings are both curved), so shape and context still matter;
 - 1-3 objects per image from 1-2 classes, diameters 30-65% of the image side, random rotation and
   position (objects may be cut by the border), later objects partially occlude earlier ones (each
   keeps at least half of its visible area), and sometimes a thin occluding stick crosses the scene;
@@ -67,13 +67,13 @@ __all__ = [
 ]
 
 # Bumped whenever the generated images change; written to meta.json so stale sets can be detected.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 
 DEMO_CLASSES = (
     "background", "disc", "square", "triangle", "star", "ring", "cross", "crescent", "ellipse",
 )
 CLASS_TEXTURES = (
-    None, "dots", "checker", "stripes", "solid", "grid", "gradient", "zigzag", "concentric",
+    None, "dots", "checker", "stripes", "bricks", "grid", "noise", "zigzag", "concentric",
 )
 CO_OCCURRING = ((1, 5), (2, 6), (3, 8), (4, 7))
 
@@ -120,12 +120,18 @@ _SHAPES = (
 # --------------------------------------------------------------------------------------------
 
 
-def _texture(kind: str, a: np.ndarray, b: np.ndarray, u: np.ndarray, period: float) -> np.ndarray:
-    """``a, b``: pixel offsets in the object frame (phase-shifted); ``u``: radius-normalised a."""
-    if kind == "solid":
-        return np.zeros_like(a)
-    if kind == "gradient":
-        return np.clip((u + 1) / 2, 0, 1)
+def _texture(kind: str, a: np.ndarray, b: np.ndarray, period: float) -> np.ndarray:
+    """``a, b``: pixel offsets in the object frame, phase-shifted."""
+    if kind == "bricks":  # rows of bricks, every other row shifted by half a brick
+        row_height = 0.6 * period
+        row = np.floor(b / row_height)
+        shifted = a + (row % 2) * period / 2
+        mortar = (b % row_height < 0.25 * row_height) | (shifted % period < 0.15 * period)
+        return mortar.astype(np.float32)
+    if kind == "noise":  # cells of a third of a period, each on or off by a hash of its index
+        cell = period / 3
+        key = np.floor(a / cell) * 12.9898 + np.floor(b / cell) * 78.233
+        return (np.sin(key) * 43758.5453 % 1.0 < 0.5).astype(np.float32)
     if kind == "dots":
         da, db = a % period - period / 2, b % period - period / 2
         return (da * da + db * db <= (0.3 * period) ** 2).astype(np.float32)
@@ -256,7 +262,7 @@ def render_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray
         period = rng.uniform(0.07, 0.1) * size
         phase_a, phase_b = rng.uniform(0, period, size=2)
         t = _texture(CLASS_TEXTURES[cls], a[inside] + phase_a, b[inside] + phase_b,
-                     a[inside] / radius, period)[:, None]
+                     period)[:, None]
         first, second = _colour_pair(rng)
         # A mild illumination ramp so flat textures are not perfectly flat.
         light = 1 + 0.15 * (b[inside] / radius)[:, None] * rng.uniform(-1, 1)
