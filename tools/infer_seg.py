@@ -153,7 +153,7 @@ class SegInference:
 
     def _plain(self, names: list[str], progress: tqdm) -> None:
         for name, image, logits in self._predict(names):
-            self._finish(name, image, logits.argmax(0).to(torch.uint8).cpu().numpy())
+            self._finish(name, image, logits.max(0).indices.to(torch.uint8).cpu().numpy())
             progress.update()
 
     def _with_crf(self, names: list[str], progress: tqdm) -> None:

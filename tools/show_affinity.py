@@ -45,7 +45,7 @@ def affinity_picture(model: AFANet, image, pixels, long_side: int | None):
     cam, _ = model.forward_cam(x)
     grid = tuple(cam.shape[-2:])  # the stage-4 grid the affinity lives on
     seg = F.interpolate(out.seg_logits, size=(height, width), mode="bilinear",
-                        align_corners=False).argmax(dim=1)[0]
+                        align_corners=False).max(dim=1).indices[0]
     panels = [image] + [affinity_overlay(image, out.aff_pred[0], grid, p) for p in pixels]
     panels.append(colorize_label(seg))
     titles = ["image"] + [f"affinity of {y},{x}" for y, x in pixels] + ["segmentation"]

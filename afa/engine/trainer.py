@@ -337,7 +337,7 @@ def _log_images(run_log: RunLogger, iteration: int, batch: dict, step: StepOutpu
     image = (denormalize(batch["image"][:1])[0] * 255).byte().permute(1, 2, 0).cpu().numpy()
     first_class = int(batch["label"][0].nonzero()[0, 0])
     seg = F.interpolate(step.seg_logits[:1].float(), size=image.shape[:2], mode="bilinear",
-                        align_corners=False).argmax(dim=1)[0]
+                        align_corners=False).max(dim=1).indices[0]
     t = step.terms
     panels = [image, overlay_heatmap(image, step.cam[0, first_class])]
     panels += [colorize_label(label[0]) for label in

@@ -48,9 +48,9 @@ def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_
     labels = {
         "cam": cam_to_label(cam, label, bkg_score=bkg_score),
         "refined": refine_cams_with_par(par, rgb, cam, label, box, high=bkg_score, low=bkg_score),
-        "aff_cam": walked.argmax(dim=1),
+        "aff_cam": walked.max(dim=1).indices,
         "affinity": refine_propagated_cams(par, rgb, walked, walked, label, box),
-        "seg": seg.argmax(dim=1),
+        "seg": seg.max(dim=1).indices,
     }
     return labels, out.cls_logits.float()
 
