@@ -15,7 +15,22 @@ sys.exit(json.load(open('data/demo/meta.json')).get('version') != v)" 2>/dev/nul
 fi
 python tools/train.py --config configs/demo.yaml --work-dir "$WORK" --resume auto "$@"
 ckpt=$(ls "$WORK"/checkpoints/iter_*.pth | tail -n 1)
-python tools/evaluate.py --config configs/demo.yaml --checkpoint "$ckpt" --json "$WORK/eval.json" "$@"
+# The trainer validates its last iteration on the val split (val_scores.json); score the final
+# checkpoint with tools/evaluate.py only when that is missing or older (e.g. an earlier run's).
+if ! python - "$WORK" "$ckpt" <<'PY'
+import json, sys
+from pathlib import Path
+work, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
+val = work / "val_scores.json"
+it = int(ckpt.stem.removeprefix("iter_"))  # checkpoints are named iter_NNNNNN.pth
+ok = val.is_file() and json.loads(val.read_text())["iteration"] == it
+if ok:
+    (work / "eval.json").write_text(json.dumps(json.loads(val.read_text())["scores"], indent=2))
+sys.exit(0 if ok else 1)
+PY
+then
+    python tools/evaluate.py --config configs/demo.yaml --checkpoint "$ckpt" --json "$WORK/eval.json" "$@"
+fi
 python - "$WORK" "$start" <<'PY'
 import json, sys, time
 from pathlib import Path
