@@ -13,6 +13,7 @@ sys.exit(json.load(open('data/demo/meta.json')).get('version') != v)" 2>/dev/nul
     rm -rf data/demo
     python tools/make_demo_data.py --out data/demo
 fi
+before=$(ls "$WORK"/checkpoints/iter_*.pth 2>/dev/null | tail -n 1 || true)
 python tools/train.py --config configs/demo.yaml --work-dir "$WORK" --resume auto "$@"
 ckpt=$(ls "$WORK"/checkpoints/iter_*.pth | tail -n 1)
 # The trainer validates its last iteration on the val split (val_scores.json); score the final
@@ -31,13 +32,17 @@ PY
 then
     python tools/evaluate.py --config configs/demo.yaml --checkpoint "$ckpt" --json "$WORK/eval.json" "$@"
 fi
-python - "$WORK" "$start" <<'PY'
+python - "$WORK" "$start" "$before" "$ckpt" <<'PY'
 import json, sys, time
 from pathlib import Path
 work, start = Path(sys.argv[1]), float(sys.argv[2])
+trained = sys.argv[3] != sys.argv[4]  # did this invocation train (a new last checkpoint)?
 scores = json.loads((work / "eval.json").read_text())
 results = {k: round(scores[k]["miou"], 4) for k in ("cam", "refined", "affinity", "seg")}
 results["minutes"] = round((time.time() - start) / 60, 2)
+previous = work / "results.json"
+if not trained and previous.is_file():  # a finished run re-scored: keep its own duration
+    results["minutes"] = json.loads(previous.read_text()).get("minutes", results["minutes"])
 (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 print("\nDemo results (val mIoU):")
 for key in ("cam", "refined", "affinity", "seg"):
