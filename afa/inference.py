@@ -11,7 +11,9 @@ fed to the CRF would be twice as sharp.)
 The rest serves ``tools/infer_seg.py`` and ``tools/infer_cam.py``: :class:`ImageSet` reads the ids
 of a split with their images, optional masks and image-level labels; :class:`OutputFiles` names
 the per-image outputs and tells which images are done (resuming); :func:`check_run_settings`
-refuses to resume into a directory written with other settings; :func:`write_atomic` and friends
+refuses to resume into a directory written with other settings; :func:`run_sharded` runs a tool's
+job on this process's share of the images and sums the results over processes;
+:func:`write_atomic` and friends
 write each file under a temporary name first, so that an interrupted run never leaves a truncated
 file that a resumed run would take for finished work.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from PIL import Image
 from afa.constants import IGNORE_INDEX
 from afa.data.voc import (DataError, labels_from_mask, read_image, read_label_file, read_mask,
                           read_name_list)
+from afa.engine import distributed as D
 
 __all__ = [
     "SETTINGS_FILE",
@@ -41,6 +45,7 @@ __all__ = [
     "ImageSet",
     "OutputFiles",
     "check_run_settings",
+    "run_sharded",
     "write_atomic",
     "write_rgb_png_atomic",
     "save_npy_atomic",
@@ -263,6 +268,31 @@ def check_run_settings(out_dir: str | os.PathLike, settings: dict, overwrite: bo
         raise ValueError(f"{path}: {out_dir} holds outputs of a run with other settings "
                          f"({details}); pass --overwrite to recompute them or pick another "
                          "--out-dir")
+
+
+def run_sharded(job, names: list[str], files: OutputFiles, config_yaml: str,
+                settings: dict) -> tuple[int, int] | None:
+    """The distributed part of ``tools/infer_seg.py`` and ``tools/infer_cam.py``.
+
+    Inside an initialised process group: rank 0 records the run in the output directory, every
+    rank runs ``job.run(names[rank::world_size])`` (which returns how many images it processed and
+    counts the scored ones in ``job.scored``), then the counts and the job's own statistics
+    (``job.reduce_(all_reduce_sum)``) are summed over the ranks. Returns ``(processed, scored)``
+    over all ranks, or None after printing the error when this rank met bad input.
+    """
+    if D.rank() == 0:
+        files.prepare(config_yaml, settings)
+    D.barrier()
+    try:
+        ran = job.run(names[D.rank()::D.world_size()])
+    except (DataError, ValueError) as err:
+        print(f"error (rank {D.rank()}): {err}", file=sys.stderr)
+        return None
+    counts = torch.tensor([ran, job.scored], dtype=torch.int64, device=job.device)
+    D.all_reduce_sum(counts)
+    job.reduce_(D.all_reduce_sum)
+    ran, scored = counts.tolist()
+    return ran, scored
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:

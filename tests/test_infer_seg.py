@@ -5,6 +5,7 @@ authors' checkpoint layout, and torchrun sharding."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,17 @@ def test_authors_checkpoint_layout_gives_the_same_predictions(setup, tmp_path):
 def test_missing_checkpoint_is_named(setup, tmp_path, capsys):
     assert infer_seg.main(_argv(setup, tmp_path / "out", checkpoint="nope.pth")) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_corrupt_image_stops_the_run_and_is_named(setup, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    bad = data / "JPEGImages" / f"{_val_names(setup)[1]}.jpg"
+    bad.write_bytes(b"not a jpeg")
+    argv = _argv(dict(setup, data=data), tmp_path / "out")
+    assert infer_seg.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error (rank 0)" in err and bad.name in err
 
 
 @needs_crf

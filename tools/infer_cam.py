@@ -61,8 +61,8 @@ from afa.config import ConfigError, load_config
 from afa.data import DataError, denormalize, normalize, write_mask
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
-from afa.inference import (ImageSet, OutputFiles, check_run_settings,
-                           mask_ignored, save_npy_atomic, write_atomic)
+from afa.inference import (ImageSet, OutputFiles, check_run_settings, mask_ignored,
+                           run_sharded, save_npy_atomic, write_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
@@ -170,6 +170,12 @@ class CamInference:
             self._process(name)
         return len(todo)
 
+    def reduce_(self, all_reduce_sum) -> None:
+        """Sum the confusion matrices and ignored counts over ranks."""
+        all_reduce_sum(self.ignored)
+        for matrix in self.matrices.values():
+            matrix.reduce_(all_reduce_sum)
+
     def scores(self, class_list: list[str]) -> dict:
         """Per kind: the scores' dict plus ``ignored_fraction`` (call after reducing)."""
         out = {}
@@ -220,27 +226,17 @@ def main(argv=None) -> int:
         return 2
     info = D.init_distributed(cfg.device)
     try:
-        files = OutputFiles(args.out_dir, kinds)
-        if info.rank == 0:
-            files.prepare(OmegaConf.to_yaml(cfg), settings)
-        D.barrier()
         model.to(info.device).eval()
         par = PAR(**C.par_kwargs(cfg)).to(info.device)
+        files = OutputFiles(args.out_dir, kinds)
         job = CamInference(model, par, images, files, cfg, args, info.device)
-        try:
-            ran = job.run(images.names[info.rank::info.world_size])
-        except (DataError, ValueError) as err:
-            print(f"error (rank {info.rank}): {err}", file=sys.stderr)
-            return 2
-        counts = torch.tensor([ran, job.scored], dtype=torch.int64, device=info.device)
-        D.all_reduce_sum(counts)
-        D.all_reduce_sum(job.ignored)
-        for matrix in job.matrices.values():
-            matrix.reduce_(D.all_reduce_sum)
+        counts = run_sharded(job, images.names, files, OmegaConf.to_yaml(cfg), settings)
     finally:
         D.cleanup()
+    if counts is None:
+        return 2
     if info.rank == 0:
-        ran, scored = counts.tolist()
+        ran, scored = counts
         total = len(images.names)
         print(f"{split}: {ran} of {total} images processed, {total - ran} reused from "
               f"{args.out_dir}")

@@ -58,8 +58,8 @@ from afa.crf import dense_crf_many, import_densecrf
 from afa.data import DataError, normalize, write_mask
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
-from afa.inference import (ImageSet, OutputFiles, check_run_settings,
-                           likely_classes, predict_seg_logits, save_npy_atomic, write_atomic,
+from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
+                           predict_seg_logits, run_sharded, save_npy_atomic, write_atomic,
                            write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_scores
@@ -175,6 +175,10 @@ class SegInference:
             self._finish(name, image, keep[q.argmax(0)].astype(np.uint8))
             progress.update()
 
+    def reduce_(self, all_reduce_sum) -> None:
+        """Sum the confusion matrix over ranks."""
+        self.matrix.reduce_(all_reduce_sum)
+
     def run(self, names: list[str]) -> int:
         """Process ``names`` (skipping finished ones unless overwriting); returns how many ran."""
         todo = names if self.args.overwrite else [n for n in names if not self.files.done(n)]
@@ -215,24 +219,16 @@ def main(argv=None) -> int:
         return 2
     info = D.init_distributed(cfg.device)
     try:
-        files = OutputFiles(args.out_dir, kinds)
-        if info.rank == 0:
-            files.prepare(OmegaConf.to_yaml(cfg), settings)
-        D.barrier()
         model.to(info.device).eval()
+        files = OutputFiles(args.out_dir, kinds)
         job = SegInference(model, images, files, cfg, args, info.device)
-        try:
-            ran = job.run(images.names[info.rank::info.world_size])
-        except (DataError, ValueError) as err:
-            print(f"error (rank {info.rank}): {err}", file=sys.stderr)
-            return 2
-        counts = torch.tensor([ran, job.scored], dtype=torch.int64, device=info.device)
-        D.all_reduce_sum(counts)
-        job.matrix.reduce_(D.all_reduce_sum)
+        counts = run_sharded(job, images.names, files, OmegaConf.to_yaml(cfg), settings)
     finally:
         D.cleanup()
+    if counts is None:
+        return 2
     if info.rank == 0:
-        ran, scored = counts.tolist()
+        ran, scored = counts
         total = len(images.names)
         print(f"{split}: {ran} of {total} images predicted, {total - ran} reused from "
               f"{args.out_dir}")
