@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from afa.inference import write_atomic
 
 __all__ = ["RunLogger", "setup_logging"]
 
@@ -37,6 +38,7 @@ class RunLogger:
 
     def __init__(self, work_dir: Path, enabled: bool):
         self.enabled = enabled
+        self.work_dir = work_dir
         self.writer = None
         self.jsonl = None
         if enabled:
@@ -56,14 +58,12 @@ class RunLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
 
-    def val_scores(self, iteration: int, scores: dict, path: Path) -> None:
-        """The full scores of the latest validation, as ``{"iteration": i, "scores": ...}``
-        (atomically replaced): what ``tools/evaluate.py --json`` writes, without re-running it."""
-        if not self.enabled:
-            return
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"iteration": iteration, "scores": scores}, indent=2) + "\n")
-        os.replace(tmp, path)
+    def val_scores(self, iteration: int, scores: dict) -> None:
+        """``val_scores.json``: the full scores of the latest validation with its iteration
+        (atomically replaced), what ``tools/evaluate.py --json`` writes, without re-running it."""
+        if self.enabled:
+            record = json.dumps({"iteration": iteration, "scores": scores}, indent=2) + "\n"
+            write_atomic(self.work_dir / "val_scores.json", lambda tmp: tmp.write_text(record))
 
     def image(self, iteration: int, tag: str, image_hwc: np.ndarray) -> None:
         if self.enabled:

@@ -308,7 +308,7 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                 summary = {k: v["miou"] for k, v in scores.items() if isinstance(v, dict)}
                 summary["cls_f1"] = scores["cls_f1"]
                 run_log.scalars(iteration, summary, prefix="val/")
-                run_log.val_scores(iteration, scores, work_dir / "val_scores.json")
+                run_log.val_scores(iteration, scores)
                 log.info("val iter %d: %s\n%s", iteration,
                          " ".join(f"{k} {100 * v:.2f}" for k, v in summary.items()),
                          format_table(scores, names))

@@ -74,13 +74,9 @@ class AFANet(nn.Module):
         and its transpose are never built (at the 1.5x CAM scale of a 512 crop they would take
         hundreds of MB).
         """
-        weight = self.attn_proj.weight.flatten()  # (blocks*heads,)
-        proj, start = None, 0
-        for logits in attn_logits:  # (B, heads, N, N) per block
-            heads = logits.shape[1]
-            term = torch.einsum("bhnm,h->bnm", logits, weight[start:start + heads].to(logits))
-            proj = term if proj is None else proj + term
-            start += heads
+        weights = self.attn_proj.weight.flatten().split([a.shape[1] for a in attn_logits])
+        proj = sum(torch.einsum("bhnm,h->bnm", logits, w.to(logits))  # logits: (B, heads, N, N)
+                   for logits, w in zip(attn_logits, weights))
         return torch.sigmoid(proj + proj.transpose(-1, -2) + self.attn_proj.bias.to(proj))
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
