@@ -64,8 +64,10 @@ def compute_afa_losses(
 
     Args:
         cls_logits: (B, C-1) classification logits of the training forward.
-        seg_logits: (B, C, H/4, W/4) segmentation logits of the training forward.
-        aff_pred: (B, N, N) predicted affinity of the training forward, N = tokens at stride 16.
+        seg_logits: (B, C, H/4, W/4) segmentation logits of the training forward (may be None
+            before ``cam_iters``).
+        aff_pred: (B, N, N) predicted affinity of the training forward, N = tokens at stride 16
+            (may be None before ``cam_iters``).
         cam: (B, C-1, H, W) multi-scale CAM (``afa.cam.multi_scale_cam(...).cam``).
         cam_aff: (B, N', N') affinity of the CAM's largest scale (``multi_scale_cam(...).aff``).
         rgb: (B, 3, H, W) the crop de-normalised to [0, 1] (padding is 0).
@@ -92,8 +94,9 @@ def compute_afa_losses(
     if cam is None:
         if iteration >= cam_iters:
             raise ValueError(f"iteration {iteration} >= cam_iters {cam_iters} needs the CAMs")
-        # Zero-weighted outputs keep the decoder and affinity head in the autograd graph.
-        unused = 0.0 * (seg_logits.sum() + aff_pred.sum())
+        # Zero-weighted outputs keep the decoder and affinity head in the autograd graph (a
+        # cls_only forward passes None for both; the caller then keeps them in the graph).
+        unused = sum(0.0 * t.sum() for t in (seg_logits, aff_pred) if t is not None)
         zero = cls_loss.new_zeros(())
         return AFALosses(cam_label=None, refined_label=None, aff_pseudo_label=None,
                          seg_target=None, aff_label=None, cls_loss=cls_loss, seg_loss=zero,

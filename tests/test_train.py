@@ -107,6 +107,33 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path):
         assert torch.equal(resumed[key], reference[key]), key
 
 
+def test_classification_phase_without_decoder(tiny_data, tmp_path):
+    """train.cls_phase_full_forward=false: same encoder and classifier, idle decoder statistics."""
+    common = {"train.max_iters": 3, "train.cam_iters": 3, "train.aff_switch_iter": 3,
+              "train.eval_iters": 100, "train.ckpt_iters": 100}
+    runs = {flag: _params(train(tiny_config(tiny_data, tmp_path / flag, **common, **{
+        "train.cls_phase_full_forward": flag})).model) for flag in ("true", "false")}
+    full, short = runs["true"], runs["false"]
+    torch.manual_seed(3)  # the trainer's seed: its initial weights
+    init = AFANet("mit_b0", num_classes=9, embedding_dim=32, drop_path_rate=0.0).state_dict()
+    for key in full:
+        if "running_" in key or "num_batches" in key:
+            # The full forward updates the decoder's BatchNorm statistics; the short one not.
+            assert not torch.equal(full[key], init[key]), key
+            assert torch.equal(short[key], init[key]), key
+        elif key.startswith(("decoder.", "attn_proj.")):
+            # Zero gradients either way: AdamW's weight decay alone moves them, identically.
+            assert torch.equal(short[key], full[key]), key
+        else:  # fused vs explicit attention: the same maths, rounded differently
+            torch.testing.assert_close(short[key], full[key], rtol=1e-4, atol=1e-5, msg=key)
+    # init is the trainer's start: the decoder weights moved by weight decay only.
+    torch.testing.assert_close(short["decoder.linear_pred.weight"], init["decoder.linear_pred.weight"],
+                               rtol=1e-3, atol=0)
+    trained = [k for k in full if k.startswith(("encoder.", "classifier."))
+               and not torch.equal(full[k], init[k])]
+    assert "classifier.weight" in trained and len(trained) > 20
+
+
 def test_non_finite_loss_stops_with_the_terms_named(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path, **{"loss.w_seg": "nan", "train.cam_iters": 0})
     with pytest.raises(FloatingPointError, match=r"iteration 0: cls_loss=.*seg_loss="):

@@ -10,6 +10,7 @@ continue bit-for-bit (``afa.engine.checkpoint``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import time
 from collections import defaultdict
@@ -83,26 +84,36 @@ def _autocast(device: torch.device, amp: str):
 class StepOutput(NamedTuple):
     terms: AFALosses  # pseudo labels and losses
     cam: torch.Tensor | None  # (B, C-1, H, W) multi-scale CAM, None in the classification phase
-    seg_logits: torch.Tensor  # (B, C, H/4, W/4)
+    seg_logits: torch.Tensor | None  # (B, C, H/4, W/4); None after a cls_only forward
 
 
 def train_step(model, batch: dict, iteration: int, *, device: torch.device, par: PAR,
-               crf_loss, cam_scales, amp: str, loss_kwargs: dict) -> StepOutput:
-    """Forward, multi-scale CAM, pseudo labels and losses of one (micro-)batch; no backward."""
+               crf_loss, cam_scales, amp: str, loss_kwargs: dict,
+               cls_phase_full_forward: bool = True) -> StepOutput:
+    """Forward, multi-scale CAM, pseudo labels and losses of one (micro-)batch; no backward.
+
+    Before ``cam_iters`` with ``cls_phase_full_forward=False`` the forward runs the encoder and
+    classifier only; the idle decoder and affinity head join the graph with weight 0 (for DDP).
+    """
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) normalised
     labels = batch["label"].to(device, non_blocking=True)  # (B, C-1) multi-hot
     boxes = batch["box"].to(device, non_blocking=True)  # (B, 4) [y0, y1, x0, x1]
     # The CAMs feed only the pseudo labels, which count from cam_iters on: skip them before.
     need_cams = iteration >= loss_kwargs["cam_iters"]
+    cls_only = not (need_cams or cls_phase_full_forward)
     with _autocast(device, amp):
-        out = model(images)
+        out = model(images, cls_only=cls_only)
         cams = multi_scale_cam(unwrap_model(model), images, cam_scales) if need_cams else None
     cam = cams.cam.float() if need_cams else None
+    seg_logits = None if cls_only else out.seg_logits.float()
     terms = compute_afa_losses(
-        out.cls_logits.float(), out.seg_logits.float(), out.aff_pred.float(), cam,
+        out.cls_logits.float(), seg_logits, None if cls_only else out.aff_pred.float(), cam,
         cams.aff.float() if need_cams else None, denormalize(images), labels, boxes, iteration,
         par=par, crf_loss=crf_loss, **loss_kwargs)
-    return StepOutput(terms, cam, out.seg_logits.detach())
+    if cls_only:
+        idle = sum(0.0 * p.sum() for p in unwrap_model(model).idle_params())
+        terms = dataclasses.replace(terms, total=terms.total + idle)
+    return StepOutput(terms, cam, None if cls_only else seg_logits.detach())
 
 
 class TrainingInterrupted(Exception):
@@ -225,7 +236,8 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
              start_iter)
 
     step_kwargs = dict(device=info.device, par=par, crf_loss=crf_loss,
-                       cam_scales=tuple(cfg.cam.scales), amp=t.amp, loss_kwargs=_loss_kwargs(cfg))
+                       cam_scales=tuple(cfg.cam.scales), amp=t.amp, loss_kwargs=_loss_kwargs(cfg),
+                       cls_phase_full_forward=t.cls_phase_full_forward)
     run_log = RunLogger(work_dir, main)
     sums, logged, skipped, scores = defaultdict(float), 0, 0, {}
     bar = tqdm(total=t.max_iters, initial=start_iter, disable=not main, dynamic_ncols=True,

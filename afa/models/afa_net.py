@@ -24,9 +24,10 @@ __all__ = ["AFANet", "AFAOutput", "load_state_dict_flexible"]
 
 class AFAOutput(NamedTuple):
     cls_logits: torch.Tensor  # (B, C-1) image-level logits, no background
-    seg_logits: torch.Tensor  # (B, C, H/4, W/4) segmentation logits, background first
-    attn_logits: list  # per last-stage block: (B, heads, N, N) raw q.k, N = (H/16)(W/16)
-    aff_pred: torch.Tensor  # (B, N, N) predicted affinity in (0, 1), symmetric
+    # The next three are None after ``forward(x, cls_only=True)``.
+    seg_logits: torch.Tensor | None  # (B, C, H/4, W/4) segmentation logits, background first
+    attn_logits: list | None  # per last-stage block: (B, heads, N, N) raw q.k, N = (H/16)(W/16)
+    aff_pred: torch.Tensor | None  # (B, N, N) predicted affinity in (0, 1), symmetric
 
 
 class AFANet(nn.Module):
@@ -84,11 +85,19 @@ class AFANet(nn.Module):
             return F.adaptive_max_pool2d(x, 1)
         return F.adaptive_avg_pool2d(x, 1)
 
-    def forward(self, x: torch.Tensor) -> AFAOutput:
-        features, attn_logits = self.encoder(x)
-        seg_logits = self.decoder(features)
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> AFAOutput:
+        """All outputs; with ``cls_only`` the classification logits alone (fused attention, no
+        decoder, no affinity), the rest None."""
+        features, attn_logits = self.encoder(x, return_attn=not cls_only)
         cls_logits = self.classifier(self._pool(features[3])).flatten(1)
+        if cls_only:
+            return AFAOutput(cls_logits, None, None, None)
+        seg_logits = self.decoder(features)
         return AFAOutput(cls_logits, seg_logits, attn_logits, self._affinity(attn_logits))
+
+    def idle_params(self) -> list[nn.Parameter]:
+        """The parameters a ``cls_only`` forward does not use (decoder and affinity head)."""
+        return list(self.decoder.parameters()) + list(self.attn_proj.parameters())
 
     def forward_cam(self, x: torch.Tensor, return_aff: bool = True):
         """CAMs ``(B, C-1, h, w)`` before ReLU and the affinity ``(B, N, N)``; skips the decoder.
