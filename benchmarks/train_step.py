@@ -3,12 +3,18 @@
     python benchmarks/train_step.py --backbone mit_b1 --crop 320 --batch 2 --device cpu --threads 2
     python benchmarks/train_step.py --crop 512 --batch 2 --iters 3 --warmup 1   # larger ones
     python benchmarks/train_step.py --device cuda --amp bf16
+    python benchmarks/train_step.py --config configs/demo.yaml --crop 128 --batch 16 --phase cls
+
+``--config`` (default: the built-in defaults, i.e. the paper's VOC setting) and ``key=value``
+overrides pick the model, the CAM scales and the thresholds; ``--backbone`` overrides the config's.
 
 The timed iteration is the trainer's own code path: ``afa.engine.trainer.train_step`` (forward,
 multi-scale CAM, pseudo labels and losses), ``total.backward()``, the AdamW step of
 ``afa.engine.optim.build_optimizer`` and ``zero_grad``. The iteration number is
-``max(cam_iters, aff_switch_iter)`` of the default config, so every pseudo-label step runs.
-Inputs: random normalised images, random multi-hot labels with 1-2 of 20 classes, full boxes.
+``max(cam_iters, aff_switch_iter)`` of the config, so every pseudo-label step runs; with
+``--phase cls`` it is 0, a classification-phase step (``train.cls_phase_full_forward`` decides
+whether the decoder and affinity head run). Inputs: random normalised images, random multi-hot
+labels with 1-2 classes, full boxes.
 
 The per-stage breakdown is measured in separate iterations that call the same functions one by
 one (``afa.cam``, ``afa.affinity``, ``afa.losses``) with a timer around each; its sum is close to,
@@ -41,7 +47,6 @@ from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
 from afa.models import PAR, AFANet
 
-CAM_SCALES = (1.0, 0.5, 1.5)
 STAGES = ("forward", "multi_scale_cam", "par", "random_walk", "affinity_labels", "losses",
           "backward", "optimizer")
 
@@ -81,7 +86,7 @@ class Timer:
 
 
 def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_loss, amp,
-                     loss_kwargs) -> dict:
+                     loss_kwargs, cam_scales) -> dict:
     """One iteration with the body of train_step / compute_afa_losses split into timed stages."""
     t = Timer(device)
     kw = loss_kwargs
@@ -91,7 +96,7 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
     with t("forward"), _autocast(device, amp):
         out = model(images)
     with t("multi_scale_cam"), _autocast(device, amp):
-        cams = multi_scale_cam(model, images, CAM_SCALES)
+        cams = multi_scale_cam(model, images, cam_scales)
     cam, cam_aff = cams.cam.float(), cams.aff.float()
     rgb = denormalize(images)
     height, width = rgb.shape[-2:]
@@ -133,7 +138,11 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backbone", default="mit_b1")
+    p.add_argument("--config", default=None, help="YAML config (default: the paper's VOC one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--backbone", default=None, help="default: the config's (mit_b1)")
+    p.add_argument("--phase", default="joint", choices=("joint", "cls"),
+                   help="joint: every pseudo-label step; cls: a classification-phase step")
     p.add_argument("--crop", type=int, default=320)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -148,11 +157,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    cfg = load_config(None, [f"model.backbone={args.backbone}", f"train.amp={args.amp}"])
+    overrides = list(args.overrides) + [f"train.amp={args.amp}", "model.pretrained=null"]
+    if args.backbone:
+        overrides.append(f"model.backbone={args.backbone}")
+    cfg = load_config(args.config, overrides)
+    args.backbone = cfg.model.backbone
     loss_kwargs = _loss_kwargs(cfg)
-    iteration = max(cfg.train.cam_iters, cfg.train.aff_switch_iter)
-    model = AFANet(args.backbone, num_classes=21, pretrained=None).to(device).train()
-    par = PAR().to(device)
+    cam_scales = tuple(cfg.cam.scales)
+    iteration = max(cfg.train.cam_iters, cfg.train.aff_switch_iter) if args.phase == "joint" else 0
+    model = AFANet(**C.model_kwargs(cfg)).to(device).train()
+    par = PAR(**C.par_kwargs(cfg)).to(device)
     crf_loss = None
     if args.reg_loss:
         crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
@@ -161,9 +175,10 @@ def main() -> None:
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
                                 lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    batch = random_batch(args.batch, args.crop)
-    step_kwargs = dict(device=device, par=par, crf_loss=crf_loss, cam_scales=CAM_SCALES,
-                       amp=args.amp, loss_kwargs=loss_kwargs)
+    batch = random_batch(args.batch, args.crop, num_fg=cfg.data.num_classes - 1)
+    step_kwargs = dict(device=device, par=par, crf_loss=crf_loss, cam_scales=cam_scales,
+                       amp=args.amp, loss_kwargs=loss_kwargs,
+                       cls_phase_full_forward=cfg.train.cls_phase_full_forward)
 
     def full_iteration() -> float:
         if device.type == "cuda":
@@ -202,15 +217,16 @@ def main() -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     stages = {}
-    if not args.no_breakdown:
+    if not args.no_breakdown and args.phase == "joint":
         runs = [restore() or staged_iteration(model, optimizer, batch, iteration, par=par, crf_loss=crf_loss,
                                  amp=args.amp if device.type == "cuda" else "none",
-                                 device=device, loss_kwargs=loss_kwargs)
+                                 device=device, loss_kwargs=loss_kwargs, cam_scales=cam_scales)
                 for _ in range(args.iters)]
         stages = {s: round(statistics.median(r.get(s, 0.0) for r in runs), 4) for s in STAGES}
 
     median = statistics.median(times)
     print(f"{args.backbone} crop {args.crop} batch {args.batch} {args.device} amp={args.amp} "
+          f"phase={args.phase} config={args.config or 'defaults'} "
           f"threads={args.threads} reg_loss={args.reg_loss}: median {median:.3f} s/iter "
           f"(min {min(times):.3f}, {args.iters} iters after {args.warmup} warm-up), "
           f"peak {'RSS' if device.type == 'cpu' else 'CUDA allocated'} {peak_mb:.0f} MB")
@@ -218,7 +234,8 @@ def main() -> None:
         print(f"  {s:16s} {v:7.3f} s  {100 * v / max(sum(stages.values()), 1e-9):5.1f} %")
     print(json.dumps({"backbone": args.backbone, "crop": args.crop, "batch": args.batch,
                       "device": args.device, "amp": args.amp, "threads": args.threads,
-                      "reg_loss": args.reg_loss, "iteration": iteration, "iters": args.iters,
+                      "reg_loss": args.reg_loss, "config": args.config, "overrides": args.overrides,
+                      "phase": args.phase, "iteration": iteration, "iters": args.iters,
                       "warmup": args.warmup, "median_s": round(median, 4),
                       "min_s": round(min(times), 4), "peak_mb": round(peak_mb, 1),
                       "peak_kind": "rss" if device.type == "cpu" else "cuda_allocated",
