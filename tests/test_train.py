@@ -127,8 +127,8 @@ def test_classification_phase_without_decoder(tiny_data, tmp_path):
         else:  # fused vs explicit attention: the same maths, rounded differently
             torch.testing.assert_close(short[key], full[key], rtol=1e-4, atol=1e-5, msg=key)
     # init is the trainer's start: the decoder weights moved by weight decay only.
-    torch.testing.assert_close(short["decoder.linear_pred.weight"], init["decoder.linear_pred.weight"],
-                               rtol=1e-3, atol=0)
+    key = "decoder.linear_pred.weight"
+    torch.testing.assert_close(short[key], init[key], rtol=1e-3, atol=0)
     trained = [k for k in full if k.startswith(("encoder.", "classifier."))
                and not torch.equal(full[k], init[k])]
     assert "classifier.weight" in trained and len(trained) > 20
