@@ -278,20 +278,24 @@ def run_sharded(job, names: list[str], files: OutputFiles, config_yaml: str,
     rank runs ``job.run(names[rank::world_size])`` (which returns how many images it processed and
     counts the scored ones in ``job.scored``), then the counts and the job's own statistics
     (``job.reduce_(all_reduce_sum)``) are summed over the ranks. Returns ``(processed, scored)``
-    over all ranks, or None after printing the error when this rank met bad input.
+    over all ranks, or None on every rank when any rank met bad input (that rank prints the
+    error); the ranks agree on it first, so none is left waiting in a collective.
     """
     if D.rank() == 0:
         files.prepare(config_yaml, settings)
     D.barrier()
+    ran, failed = 0, 0
     try:
         ran = job.run(names[D.rank()::D.world_size()])
     except (DataError, ValueError) as err:
         print(f"error (rank {D.rank()}): {err}", file=sys.stderr)
-        return None
-    counts = torch.tensor([ran, job.scored], dtype=torch.int64, device=job.device)
+        failed = 1
+    counts = torch.tensor([ran, job.scored, failed], dtype=torch.int64, device=job.device)
     D.all_reduce_sum(counts)
+    ran, scored, failed = counts.tolist()
+    if failed:
+        return None
     job.reduce_(D.all_reduce_sum)
-    ran, scored = counts.tolist()
     return ran, scored
 
 

@@ -189,3 +189,19 @@ def test_torchrun_shards_and_sums_like_one_process(setup, tmp_path):
     a = json.loads((single / "scores.json").read_text())
     b = json.loads((sharded / "scores.json").read_text())
     assert a == b
+
+
+def test_torchrun_corrupt_image_on_one_rank_stops_every_rank_cleanly(setup, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    bad = data / "JPEGImages" / f"{_val_names(setup)[1]}.jpg"  # in rank 1's share
+    bad.write_bytes(b"not a jpeg")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(SCRIPT), *_argv(dict(setup, data=data), tmp_path / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode != 0
+    assert "error (rank 1)" in proc.stderr and bad.name in proc.stderr
+    # Rank 0 leaves with exit code 2 as well, not with a broken collective.
+    assert "Connection closed by peer" not in proc.stderr
+    assert "exitcode  : 1" not in proc.stderr, proc.stderr[-3000:]
