@@ -13,8 +13,9 @@ of a split with their images, optional masks and image-level labels; :class:`Out
 the per-image outputs and tells which images are done (resuming); :func:`check_run_settings`
 refuses to resume into a directory written with other settings; :func:`run_sharded` runs a tool's
 job on this process's share of the images and sums the results over processes;
-:func:`write_atomic` and friends
-write each file under a temporary name first, so that an interrupted run never leaves a truncated
+:func:`save_npy_atomic` and
+:func:`write_rgb_png_atomic` (through :func:`afa.atomic.write_atomic`) write each file under a
+temporary name first, so that an interrupted run never leaves a truncated
 file that a resumed run would take for finished work.
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from afa.atomic import write_atomic
 from afa.constants import IGNORE_INDEX
 from afa.data.voc import (DataError, labels_from_mask, read_image, read_label_file, read_mask,
                           read_name_list)
@@ -46,7 +48,6 @@ __all__ = [
     "OutputFiles",
     "check_run_settings",
     "run_sharded",
-    "write_atomic",
     "write_rgb_png_atomic",
     "save_npy_atomic",
     "mask_ignored",
@@ -297,18 +298,6 @@ def run_sharded(job, names: list[str], files: OutputFiles, config_yaml: str,
         return None
     job.reduce_(D.all_reduce_sum)
     return ran, scored
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` (parents are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_rgb_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:

@@ -153,6 +153,8 @@ def main() -> None:
     p.add_argument("--reg-loss", action="store_true", help="add the DenseCRF regularized loss")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage iterations")
     args = p.parse_args()
+    if args.amp != "none" and args.device != "cuda":
+        p.error(f"--amp {args.amp} needs --device cuda (autocast is CUDA-only here)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

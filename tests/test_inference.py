@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from afa.atomic import write_atomic
 from afa.data import DataError
 from afa.data.synthetic import make_demo_dataset
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
-                           mask_ignored, predict_seg_logits, resize_long_side, save_npy_atomic,
-                           write_atomic)
+                           mask_ignored, predict_seg_logits, resize_long_side, save_npy_atomic)
 
 STRIDE = 4
 
@@ -164,6 +164,13 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_atomic(tmp_path / "a" / "y.txt", failing)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.npy"]
+    # A failed rewrite keeps the complete old file; a link is written atomically too.
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "a" / "x.npy", failing)
+    assert np.load(tmp_path / "a" / "x.npy").tolist() == [0, 1, 2]
+    write_atomic(tmp_path / "a" / "link", lambda tmp: tmp.symlink_to("x.npy"))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["link", "x.npy"]
+    assert (tmp_path / "a" / "link").is_symlink()
 
 
 def test_image_set_labels_from_label_file_or_mask(tmp_path):

@@ -65,7 +65,7 @@ def test_a_few_iterations_write_every_artefact(tiny_data, tmp_path):
     assert any(r.get("train/reg_loss", 0) != 0 for r in records)
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert "iter_000004.pth" in ckpts and "best.pth" in ckpts
-    assert not [n for n in ckpts if n.endswith(".tmp")]
+    assert not [n for n in ckpts if ".tmp" in n]
     assert len([n for n in ckpts if n.startswith("iter_")]) <= 2  # keep_last
     state = torch.load(tmp_path / "checkpoints" / "iter_000004.pth", weights_only=False)
     assert state["iteration"] == 4 and not any(k.startswith("module.") for k in state["model"])
@@ -206,3 +206,10 @@ def test_unknown_key_wrong_type_and_missing_root_are_named(tiny_data, tmp_path):
         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2
     assert str(missing) in proc.stderr
+
+
+def test_mixed_precision_on_cpu_is_rejected_before_training(tiny_data, tmp_path):
+    # Mixed precision is CUDA-only: on a CPU run it must not silently train in fp32.
+    with pytest.raises(ConfigError, match=r"train.amp=bf16 needs a CUDA device.*cpu"):
+        train(tiny_config(tiny_data, tmp_path / "amp", **{"train.amp": "bf16"}))
+    assert not (tmp_path / "amp" / "checkpoints").exists()

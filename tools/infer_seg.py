@@ -53,13 +53,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from afa import config as C
+from afa.atomic import write_atomic
 from afa.config import ConfigError, load_config
 from afa.crf import dense_crf_many, import_densecrf
 from afa.data import DataError, normalize, write_mask
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
-                           predict_seg_logits, run_sharded, save_npy_atomic, write_atomic,
+                           predict_seg_logits, run_sharded, save_npy_atomic,
                            write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_scores

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from afa.atomic import write_atomic  # noqa: E402
 from afa.constants import COCO_CLASSES  # noqa: E402
 from afa.data.coco import check_categories, instances_to_mask  # noqa: E402
 from afa.data.voc import (  # noqa: E402
@@ -56,16 +57,12 @@ def place_image(src: str, dst: str, how: str) -> None:
     """Put the original image at ``dst`` by symlink, hard link or copy (kept if already there)."""
     if os.path.lexists(dst):
         return
-    tmp = f"{dst}.tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
     if how == "symlink":
-        os.symlink(os.path.abspath(src), tmp)
+        write_atomic(dst, lambda tmp: os.symlink(os.path.abspath(src), tmp))
     elif how == "hardlink":
-        os.link(src, tmp)
+        write_atomic(dst, lambda tmp: os.link(src, tmp))
     else:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def convert_image(job: dict) -> tuple[str, list[int] | None, str | None]:

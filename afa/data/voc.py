@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from afa.atomic import write_atomic
 from afa.constants import IGNORE_INDEX, color_palette
 from afa.data.transforms import Augment, normalize
 
@@ -133,13 +134,9 @@ def read_mask(
 
 def write_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
     """Write (H, W) uint8 class indices as a VOC-palette PNG, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     png = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))  # mode L
     png.putpalette(_PALETTE)
-    tmp = path.with_name(f".{path.name}.tmp")
-    png.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: png.save(tmp, format="PNG"))
 
 
 def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:

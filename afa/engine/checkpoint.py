@@ -8,7 +8,6 @@ into place with ``os.replace``, so a crash while saving never leaves a truncated
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from afa.atomic import write_atomic
 
 __all__ = [
     "CheckpointManager",
@@ -50,12 +51,6 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class CheckpointManager:
     """Writes ``iter_XXXXXX.pth`` into ``directory``, keeps the last ``keep_last``, and ``best.pth``."""
 
@@ -76,11 +71,9 @@ class CheckpointManager:
     def save(self, state: dict, iteration: int, is_best: bool = False) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"iter_{iteration:06d}.pth"
-        _atomic_save(state, path)
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
         if is_best:
-            tmp = self.directory / "best.pth.tmp"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.directory / "best.pth")
+            write_atomic(self.directory / "best.pth", lambda tmp: shutil.copyfile(path, tmp))
         if self.keep_last > 0:
             for _, old in self._iter_files()[:-self.keep_last]:
                 old.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from afa.inference import write_atomic
+from afa.atomic import write_atomic
 
 __all__ = ["RunLogger", "setup_logging"]
 

@@ -172,8 +172,12 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
     world = info.world_size
     per_step = t.batch_per_gpu * world
     if t.global_batch % per_step:
-        raise ValueError(f"train.global_batch={t.global_batch} is not a multiple of "
-                         f"train.batch_per_gpu x processes = {t.batch_per_gpu} x {world}")
+        raise C.ConfigError(f"train.global_batch={t.global_batch} is not a multiple of "
+                            f"train.batch_per_gpu x processes = {t.batch_per_gpu} x {world}")
+    if t.amp != "none" and info.device.type != "cuda":
+        # Autocast is CUDA-only here; running fp32 under an amp setting would be a silent lie.
+        raise C.ConfigError(f"train.amp={t.amp} needs a CUDA device, but this run is on "
+                            f"{info.device.type}; set train.amp=none")
     accum = t.global_batch // per_step
     if main:
         C.save_config(cfg, work_dir / "config.yaml")
