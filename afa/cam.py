@@ -35,7 +35,8 @@ class MultiScaleCAM(NamedTuple):
 
 @torch.no_grad()
 def multi_scale_cam(model: nn.Module, images: torch.Tensor,
-                    scales: Sequence[float] = (1.0, 0.5, 1.5)) -> MultiScaleCAM:
+                    scales: Sequence[float] = (1.0, 0.5, 1.5),
+                    scale1: tuple[torch.Tensor, torch.Tensor] | None = None) -> MultiScaleCAM:
     """Multi-scale + flip CAM (DESIGN step 2).
 
     Args:
@@ -43,6 +44,10 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
             aff (B, N, N) or None)``.
         images: (B, 3, H, W) normalised images.
         scales: resize factors; the affinity of the largest one is returned.
+        scale1: ``(cam, aff)`` of a forward already run on ``images`` (``AFAOutput.cam_logits``
+            and ``aff_pred``): used as the un-flipped scale-1 copy instead of running it again
+            (``cam.reuse_train_forward``); only its flipped copy is run. Equal to the second
+            forward when the model is deterministic (no drop-path or dropout in this mode).
 
     The model is called in whatever mode it is in; the caller decides train/eval.
     """
@@ -54,7 +59,12 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
         size = (int(scale * height), int(scale * width))
         x = images if size == (height, width) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False)
-        if scale == largest and aff is None:
+        if scale1 is not None and scale == 1.0:
+            cam_flip, _ = model.forward_cam(x.flip(-1), return_aff=False)
+            cam = torch.cat([scale1[0].detach().to(cam_flip.dtype), cam_flip], dim=0)
+            if scale == largest and aff is None:
+                aff = scale1[1].detach()
+        elif scale == largest and aff is None:
             # Explicit attention (for the affinity) on the un-flipped copies only: the flipped
             # ones run fused, which halves the largest transient of the training iteration.
             cam, aff = model.forward_cam(x, return_aff=True)

@@ -100,6 +100,10 @@ class CamConfig:
     low: float = 0.35
     radius: int = 8
     ignore_index: int = 255
+    # true: the un-flipped scale-1 CAM and its affinity come from the training forward instead of
+    # a second forward (the paper runs it again). Identical when the backbone is deterministic in
+    # training (model.drop_path_rate: 0); with drop-path the reused CAM carries its noise.
+    reuse_train_forward: bool = False
 
 
 @dataclass

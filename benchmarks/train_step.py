@@ -86,7 +86,7 @@ class Timer:
 
 
 def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_loss, amp,
-                     loss_kwargs, cam_scales) -> dict:
+                     loss_kwargs, cam_scales, reuse_train_forward=False) -> dict:
     """One iteration with the body of train_step / compute_afa_losses split into timed stages."""
     t = Timer(device)
     kw = loss_kwargs
@@ -96,7 +96,8 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
     with t("forward"), _autocast(device, amp):
         out = model(images)
     with t("multi_scale_cam"), _autocast(device, amp):
-        cams = multi_scale_cam(model, images, cam_scales)
+        scale1 = (out.cam_logits, out.aff_pred) if reuse_train_forward else None
+        cams = multi_scale_cam(model, images, cam_scales, scale1=scale1)
     cam, cam_aff = cams.cam.float(), cams.aff.float()
     rgb = denormalize(images)
     height, width = rgb.shape[-2:]
@@ -180,7 +181,8 @@ def main() -> None:
     batch = random_batch(args.batch, args.crop, num_fg=cfg.data.num_classes - 1)
     step_kwargs = dict(device=device, par=par, crf_loss=crf_loss, cam_scales=cam_scales,
                        amp=args.amp, loss_kwargs=loss_kwargs,
-                       cls_phase_full_forward=cfg.train.cls_phase_full_forward)
+                       cls_phase_full_forward=cfg.train.cls_phase_full_forward,
+                       reuse_train_forward=cfg.cam.reuse_train_forward)
 
     def full_iteration() -> float:
         if device.type == "cuda":
@@ -222,7 +224,8 @@ def main() -> None:
     if not args.no_breakdown and args.phase == "joint":
         runs = [restore() or staged_iteration(model, optimizer, batch, iteration, par=par, crf_loss=crf_loss,
                                  amp=args.amp if device.type == "cuda" else "none",
-                                 device=device, loss_kwargs=loss_kwargs, cam_scales=cam_scales)
+                                 device=device, loss_kwargs=loss_kwargs, cam_scales=cam_scales,
+                                 reuse_train_forward=cfg.cam.reuse_train_forward)
                 for _ in range(args.iters)]
         stages = {s: round(statistics.median(r.get(s, 0.0) for r in runs), 4) for s in STAGES}
 

@@ -71,6 +71,8 @@ def test_output_shapes_and_strides(hw):
     cam, aff = model.forward_cam(x)
     assert cam.shape == (2, 5, hs[3], ws[3])
     torch.testing.assert_close(aff, out.aff_pred)
+    torch.testing.assert_close(cam, out.cam_logits)
+    assert model(x, cls_only=True).cam_logits is None
 
 
 def test_configurable_strides():

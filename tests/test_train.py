@@ -15,7 +15,8 @@ import torch
 from afa.config import ConfigError, load_config
 from afa.data.synthetic import make_demo_dataset
 from afa.engine.checkpoint import CheckpointManager
-from afa.engine.trainer import TrainingInterrupted, build_datasets, train
+from afa.engine.trainer import (TrainingInterrupted, _loss_kwargs, build_datasets, train,
+                                 train_step)
 from afa.engine.validate import validate
 from afa.models import PAR, AFANet
 
@@ -132,6 +133,40 @@ def test_classification_phase_without_decoder(tiny_data, tmp_path):
     trained = [k for k in full if k.startswith(("encoder.", "classifier."))
                and not torch.equal(full[k], init[k])]
     assert "classifier.weight" in trained and len(trained) > 20
+
+
+@pytest.mark.parametrize("scales", [(1.0, 0.5), (1.0, 0.5, 1.5)])
+def test_reusing_the_training_forward_as_the_scale_1_cam(scales):
+    """cam.reuse_train_forward: the same CAMs, pseudo labels and losses as a second forward when
+    the backbone is deterministic; different ones under drop-path (hence an option, off by
+    default)."""
+    cfg = load_config(DEMO_CONFIG, ["train.cam_iters=0", "train.aff_switch_iter=0"])
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    batch = {"image": images, "label": torch.tensor([[1.0, 0, 0, 1, 0, 0, 0, 0],
+                                                      [0, 0, 1.0, 0, 0, 0, 0, 0]]),
+             "box": torch.tensor([[0, 64, 0, 64], [0, 48, 8, 64]])}
+    kwargs = dict(device=torch.device("cpu"), par=PAR(num_iter=3), crf_loss=None,
+                  cam_scales=scales, amp="none", loss_kwargs=_loss_kwargs(cfg))
+
+    def step(drop_path: float, reuse: bool):
+        torch.manual_seed(1)  # the same weights, and the same drop-path draws, every call
+        model = AFANet("mit_b0", num_classes=9, embedding_dim=32,
+                       drop_path_rate=drop_path).train()
+        return train_step(model, batch, 0, reuse_train_forward=reuse, **kwargs)
+
+    plain, reused = step(0.0, False), step(0.0, True)
+    # 1.0 largest: the very same explicit-attention forward; else the reused copy ran explicit
+    # attention where the batched second forward runs the fused kernel (rounding only).
+    atol = 0.0 if max(scales) == 1.0 else 1e-5
+    torch.testing.assert_close(reused.cam, plain.cam, rtol=0, atol=atol)
+    for name in ("refined_label", "aff_pseudo_label", "aff_label"):
+        assert torch.equal(getattr(reused.terms, name), getattr(plain.terms, name)), name
+    for name in ("cls_loss", "seg_loss", "aff_loss", "total"):
+        torch.testing.assert_close(getattr(reused.terms, name), getattr(plain.terms, name),
+                                   rtol=1e-5, atol=0, msg=name)
+    noisy_plain, noisy_reused = step(0.5, False), step(0.5, True)
+    assert not torch.allclose(noisy_reused.cam, noisy_plain.cam, atol=1e-3)
 
 
 def test_non_finite_loss_stops_with_the_terms_named(tiny_data, tmp_path):

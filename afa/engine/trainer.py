@@ -89,11 +89,13 @@ class StepOutput(NamedTuple):
 
 def train_step(model, batch: dict, iteration: int, *, device: torch.device, par: PAR,
                crf_loss, cam_scales, amp: str, loss_kwargs: dict,
-               cls_phase_full_forward: bool = True) -> StepOutput:
+               cls_phase_full_forward: bool = True, reuse_train_forward: bool = False) -> StepOutput:
     """Forward, multi-scale CAM, pseudo labels and losses of one (micro-)batch; no backward.
 
     Before ``cam_iters`` with ``cls_phase_full_forward=False`` the forward runs the encoder and
     classifier only; the idle decoder and affinity head join the graph with weight 0 (for DDP).
+    ``reuse_train_forward``: the multi-scale CAM takes its un-flipped scale-1 copy from this
+    forward (``cam.reuse_train_forward``).
     """
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) normalised
     labels = batch["label"].to(device, non_blocking=True)  # (B, C-1) multi-hot
@@ -103,7 +105,9 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
     cls_only = not (need_cams or cls_phase_full_forward)
     with _autocast(device, amp):
         out = model(images, cls_only=cls_only)
-        cams = multi_scale_cam(unwrap_model(model), images, cam_scales) if need_cams else None
+        scale1 = (out.cam_logits, out.aff_pred) if reuse_train_forward else None
+        cams = (multi_scale_cam(unwrap_model(model), images, cam_scales, scale1=scale1)
+                if need_cams else None)
     cam = cams.cam.float() if need_cams else None
     seg_logits = None if cls_only else out.seg_logits.float()
     terms = compute_afa_losses(
@@ -241,7 +245,8 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
 
     step_kwargs = dict(device=info.device, par=par, crf_loss=crf_loss,
                        cam_scales=tuple(cfg.cam.scales), amp=t.amp, loss_kwargs=_loss_kwargs(cfg),
-                       cls_phase_full_forward=t.cls_phase_full_forward)
+                       cls_phase_full_forward=t.cls_phase_full_forward,
+                       reuse_train_forward=cfg.cam.reuse_train_forward)
     run_log = RunLogger(work_dir, main)
     sums, logged, skipped, scores = defaultdict(float), 0, 0, {}
     bar = tqdm(total=t.max_iters, initial=start_iter, disable=not main, dynamic_ncols=True,

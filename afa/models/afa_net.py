@@ -28,6 +28,9 @@ class AFAOutput(NamedTuple):
     seg_logits: torch.Tensor | None  # (B, C, H/4, W/4) segmentation logits, background first
     attn_logits: list | None  # per last-stage block: (B, heads, N, N) raw q.k, N = (H/16)(W/16)
     aff_pred: torch.Tensor | None  # (B, N, N) predicted affinity in (0, 1), symmetric
+    # (B, C-1, H/16, W/16) CAM before ReLU of this forward (what forward_cam returns); None after
+    # a cls_only forward. The trainer can reuse it as the multi-scale CAM's scale-1 copy.
+    cam_logits: torch.Tensor | None = None
 
 
 class AFANet(nn.Module):
@@ -93,7 +96,9 @@ class AFANet(nn.Module):
         if cls_only:
             return AFAOutput(cls_logits, None, None, None)
         seg_logits = self.decoder(features)
-        return AFAOutput(cls_logits, seg_logits, attn_logits, self._affinity(attn_logits))
+        cam_logits = F.conv2d(features[3], self.classifier.weight)
+        return AFAOutput(cls_logits, seg_logits, attn_logits, self._affinity(attn_logits),
+                         cam_logits)
 
     def idle_params(self) -> list[nn.Parameter]:
         """The parameters a ``cls_only`` forward does not use (decoder and affinity head)."""
