@@ -7,11 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=work_dirs/demo
 start=$(date +%s)
-# (Re)generate the synthetic set when it is missing or was made by another generator version.
+# (Re)generate the synthetic set when it is missing, or was made by another generator version or
+# with another number of training images.
+NUM_TRAIN=12000
 if ! python -c "import json, sys; from afa.data.synthetic import DEMO_VERSION as v
-sys.exit(json.load(open('data/demo/meta.json')).get('version') != v)" 2>/dev/null; then
+meta = json.load(open('data/demo/meta.json'))
+sys.exit(meta.get('version') != v or meta.get('num_train') != $NUM_TRAIN)" 2>/dev/null; then
     rm -rf data/demo
-    python tools/make_demo_data.py --out data/demo
+    python tools/make_demo_data.py --out data/demo --num-train "$NUM_TRAIN"
 fi
 before=$(ls "$WORK"/checkpoints/iter_*.pth 2>/dev/null | tail -n 1 || true)
 python tools/train.py --config configs/demo.yaml --work-dir "$WORK" --resume auto "$@"

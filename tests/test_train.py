@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from afa import config as C
 from afa.config import ConfigError, load_config
 from afa.data.synthetic import make_demo_dataset
 from afa.engine.checkpoint import CheckpointManager
@@ -204,7 +205,7 @@ def test_two_processes_gloo_agree_and_validate_like_one(tiny_data, tmp_path):
     model = AFANet("mit_b0", num_classes=9, embedding_dim=32)
     model.load_weights(tmp_path / "checkpoints" / "iter_000004.pth")
     _, val_set = build_datasets(cfg)
-    single = validate(model, val_set, par=PAR(num_iter=cfg.par.num_iter), device=torch.device("cpu"),
+    single = validate(model, val_set, par=PAR(**C.par_kwargs(cfg)), device=torch.device("cpu"),
                       cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
                       low=cfg.cam.low, radius=cfg.cam.radius,
                       class_names=[str(i) for i in range(9)])
