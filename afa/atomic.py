@@ -24,6 +24,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if os.path.lexists(tmp):  # left by a killed process that had the same id: links need it gone
+        tmp.unlink()
     try:
         write(tmp)
         os.replace(tmp, path)

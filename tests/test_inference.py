@@ -1,6 +1,7 @@
 """afa.inference: the multi-scale + flip fusion against hand computations with a known stand-in
 model, and the helpers the inference tools share (inputs, resume guard, pseudo-label scoring)."""
 
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -168,6 +169,8 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_atomic(tmp_path / "a" / "x.npy", failing)
     assert np.load(tmp_path / "a" / "x.npy").tolist() == [0, 1, 2]
+    stale = tmp_path / "a" / f".link.tmp{os.getpid()}"  # as a killed process may leave it
+    stale.symlink_to("nowhere")
     write_atomic(tmp_path / "a" / "link", lambda tmp: tmp.symlink_to("x.npy"))
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["link", "x.npy"]
     assert (tmp_path / "a" / "link").is_symlink()
