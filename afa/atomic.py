@@ -24,11 +24,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if os.path.lexists(tmp):  # left by a killed process that had the same id: links need it gone
-        tmp.unlink()
+    tmp.unlink(missing_ok=True)  # left by a killed process with the same id: links need it gone
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.lexists(tmp):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)

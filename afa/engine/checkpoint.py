@@ -69,7 +69,6 @@ class CheckpointManager:
         return files[-1][1] if files else None
 
     def save(self, state: dict, iteration: int, is_best: bool = False) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"iter_{iteration:06d}.pth"
         write_atomic(path, lambda tmp: torch.save(state, tmp))
         if is_best:
