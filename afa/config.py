@@ -23,8 +23,11 @@ __all__ = ["Config", "ConfigError", "load_config", "save_config"]
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mit_b1"
-    pretrained: Optional[str] = "pretrained/mit_b1.pth"  # null: train from scratch
+    backbone: str = "mit_b1"  # mit_b0 .. mit_b5
+    # The ImageNet MiT weights of the backbone (pretrained/README.md says where to get them);
+    # null: train from scratch (see the README: the paper's frozen norms and 10x heads then need
+    # optim.lr_mults changed, as configs/demo.yaml does).
+    pretrained: Optional[str] = "pretrained/${model.backbone}.pth"
     pooling: str = "gmp"  # gmp (AFA) | gap
     stride: list[int] = field(default_factory=lambda: [4, 2, 2, 1])
     embedding_dim: int = 256
@@ -44,6 +47,10 @@ class DataConfig:
     crop_size: int = 512
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     num_workers: int = 4
+    # false: a missing, corrupt or mis-sized file stops the run (after a checkpoint) naming it.
+    # true: such files are left out, counted and listed in train.log; a training sample that
+    # fails to decode is replaced by the next one, a validation image is left out of the scores.
+    skip_bad: bool = False
     val_max_images: Optional[int] = None  # validate on the first N val images (quick checks)
 
 
@@ -76,7 +83,9 @@ class OptimConfig:
 class TrainConfig:
     max_iters: int = 20000
     global_batch: int = 4  # kept on any number of GPUs by gradient accumulation
-    batch_per_gpu: int = 2
+    # Images per process and micro-batch; null: global_batch / processes (one micro-batch per
+    # step). A smaller value accumulates gradients, e.g. 2 on one GPU gives the paper's 2 x 2.
+    batch_per_gpu: Optional[int] = None
     cam_iters: int = 2000  # classification loss only before this iteration
     # Before cam_iters, also run the decoder and affinity head (the paper; their losses have
     # weight 0 but the decoder's BatchNorm statistics update). false: encoder + classifier only,
@@ -88,7 +97,9 @@ class TrainConfig:
     ckpt_iters: int = 2000
     keep_last: int = 3
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    # What a non-finite loss or gradient does: stop (after a checkpoint of the last finished
+    # iteration) | skip (the step is dropped, BatchNorm statistics restored; counted in the log).
+    nonfinite: str = "stop"
     image_log_iters: int = 2000  # TensorBoard image grids
 
 
@@ -156,6 +167,7 @@ class Config:
 
 _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
+    "model.backbone": tuple(f"mit_b{i}" for i in range(6)),
     "model.pooling": ("gmp", "gap"),
     "data.name": ("voc", "coco", "demo"),
     "train.amp": ("none", "bf16", "fp16"),
@@ -191,7 +203,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"'{key}' must be one of {allowed}, got '{value}'")
-    if cfg.train.global_batch % cfg.train.batch_per_gpu:
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # e.g. a ${...} that names no key
+        raise ConfigError(f"Bad config value: {str(err).splitlines()[0]}") from None
+    batch = cfg.train.batch_per_gpu
+    if batch is not None and (batch < 1 or cfg.train.global_batch % batch):
         raise ConfigError(f"'train.global_batch' ({cfg.train.global_batch}) must be a multiple of "
                           f"'train.batch_per_gpu' ({cfg.train.batch_per_gpu})")
     OmegaConf.set_readonly(cfg, True)

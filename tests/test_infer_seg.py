@@ -205,3 +205,25 @@ def test_torchrun_corrupt_image_on_one_rank_stops_every_rank_cleanly(setup, tmp_
     # Rank 0 leaves with exit code 2 as well, not with a broken collective.
     assert "Connection closed by peer" not in proc.stderr
     assert "exitcode  : 1" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_list_that_prepare_voc_shortened_is_announced(setup, tmp_path, capsys):
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name in ("val.txt", "cls_labels.json"):
+        shutil.copy(setup["data"] / name, lists / name)
+    record = lists / "left_out.json"
+    record.write_text(json.dumps({"val": {"listed": 5, "written": 3, "left_out": {
+        "gone1": "JPEGImages/gone1.jpg: image file not found",
+        "gone2": "JPEGImages/gone2.jpg: cannot decode image"}}}))
+    out = tmp_path / "out"
+    assert infer_seg.main(_argv(setup, out, "--no-overlay") + [f"data.list_dir={lists}"]) == 0
+    note = (f"{lists / 'val.txt'}: 3 of 5 listed ids (2 left out by prepare_voc --skip-missing, "
+            f"see {record})")
+    assert capsys.readouterr().out.splitlines()[0] == note
+    assert json.loads((out / "scores.json").read_text())["subset_note"] == note
+    # A record that does not name this list says nothing about it.
+    record.write_text(json.dumps({"train_aug": {"listed": 5, "written": 4, "left_out": {}}}))
+    assert infer_seg.main(_argv(setup, out, "--no-overlay") + [f"data.list_dir={lists}"]) == 0
+    assert "listed ids" not in capsys.readouterr().out
+    assert "subset_note" not in json.loads((out / "scores.json").read_text())

@@ -1,5 +1,6 @@
 """The AFA network: MiT variants, shapes, attention logits, gradients, checkpoints."""
 
+import hashlib
 import json
 import math
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afa.models import AFANet, convert_sync_batchnorm, load_pretrained, load_state_dict_flexible
+from afa.models import (AFANet, WeightsError, convert_sync_batchnorm, load_pretrained,
+                        load_state_dict_flexible)
 from afa.models import mix_transformer as mit
 from afa.models.hf_convert import convert_hf_mit_keys
 
@@ -224,6 +226,9 @@ def test_missing_pretrained_file_explains_where_to_get_it(tmp_path):
         AFANet("mit_b1", pretrained=path)
     message = str(err.value)
     assert str(path) in message and "mit_b1.pth" in message and "SegFormer" in message
+    # The syntax that works on the command line: point at the file, or train from scratch.
+    assert "model.pretrained=/path/to/mit_b1.pth" in message
+    assert "model.pretrained=null" in message
 
 
 def _official_checkpoint(name):
@@ -246,7 +251,7 @@ def test_official_pretrained_weights_load(tmp_path):
 
 def test_wrong_pretrained_variant_is_refused(tmp_path):
     torch.save(_official_checkpoint("mit_b1"), tmp_path / "mit_b1.pth")
-    with pytest.raises(RuntimeError, match=r"patch_embed1\.proj\.weight.*mit_b0\.pth"):
+    with pytest.raises(WeightsError, match=r"holds mit_b1 weights, but model\.backbone is mit_b0"):
         AFANet("mit_b0", pretrained=tmp_path / "mit_b1.pth")
 
 
@@ -292,9 +297,12 @@ def test_hugging_face_directory_loads(tmp_path):
     save_file(hf, str(tmp_path / "model.safetensors"))
     assert set(convert_hf_mit_keys(hf)) == {k for k in state if not k.startswith("head.")}
     encoder = mit.mit_b0()
-    load_pretrained(encoder, tmp_path, name="mit_b0")
+    info = load_pretrained(encoder, tmp_path, name="mit_b0")
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, state[k]), k
+    # The record hashes the directory's weight file.
+    digest = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert info == (str(tmp_path), digest[:12], "mit_b0")
 
 
 def test_sync_batchnorm_only_for_multi_process_cuda():

@@ -8,13 +8,16 @@ Reports the mIoU of five label maps against the ground truth (see ``afa.engine.v
 CAM label, the PAR-refined CAM label, the affinity-propagated CAM, the affinity pseudo label and the
 single-scale segmentation, plus the classification F1. Accepts our checkpoints and the authors'
 (``module.``-prefixed) ones. For the multi-scale, CRF-post-processed segmentation of the paper's
-tables use ``tools/infer_seg.py``.
+tables use ``tools/infer_seg.py``. When the split's name list has a ``left_out.json`` beside it that
+names it (``tools/prepare_voc.py --skip-missing``), the run starts by printing ``<list>: N of M
+listed ids (K left out by prepare_voc --skip-missing, see <path>)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from pathlib import Path
 from afa import config as C
 from afa.config import ConfigError, load_config
 from afa.data import DataError
+from afa.data.lists import subset_note
 from afa.engine import distributed as D
 from afa.engine.trainer import build_datasets, class_names
 from afa.engine.validate import format_table, validate
@@ -41,6 +45,9 @@ def main(argv=None) -> int:
         overrides.append(f"data.val_split={args.split}")
     try:
         cfg = load_config(args.config, overrides)
+        note = subset_note(Path(cfg.data.list_dir) / f"{cfg.data.val_split}.txt")
+        if note and int(os.environ.get("RANK", 0)) == 0:
+            print(note, flush=True)
         _, dataset = build_datasets(cfg)
         model = AFANet(**C.model_kwargs(cfg))
         model.load_weights(args.checkpoint)

@@ -29,8 +29,13 @@ Writes under ``--out-dir``:
     overlay/<id>.png    prediction colours over the image (not with --no-overlay)
     logits/<id>.npy     (C, H, W) float16 fused logits before the CRF (with --save-logits;
                         softmax gives the CRF's input; ~8 MB per VOC image)
-    scores.json         mIoU etc. over the images that have a ground-truth mask
+    scores.json         mIoU etc. over the images that have a ground-truth mask (with
+                        "subset_note" when the name list is a subset, see below)
     config.yaml, run.json   the merged config and the settings the outputs were made with
+
+When the name list has a ``left_out.json`` beside it that names it (``tools/prepare_voc.py
+--skip-missing`` left bad ids out), the run starts by printing ``<list>: N of M listed ids (K left
+out by prepare_voc --skip-missing, see <path>)``: the scores are then over a subset of the split.
 
 A rerun skips images whose outputs all exist (their saved predictions are still scored) unless
 ``--overwrite``; it refuses to mix outputs of other settings (checkpoint, scales, CRF, ...). Accepts
@@ -57,6 +62,7 @@ from afa.atomic import write_atomic
 from afa.config import ConfigError, load_config
 from afa.crf import dense_crf_many, import_densecrf
 from afa.data import DataError, normalize, write_mask
+from afa.data.lists import subset_note
 from afa.engine import distributed as D
 from afa.engine.trainer import class_names
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
@@ -203,7 +209,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         split = args.split or cfg.data.val_split
-        images = ImageSet(**C.image_set_kwargs(cfg, split))
+        image_set_kwargs = C.image_set_kwargs(cfg, split)
+        images = ImageSet(**image_set_kwargs)
+        note = subset_note(image_set_kwargs["name_list"])
+        if note and int(os.environ.get("RANK", 0)) == 0:
+            print(note, flush=True)
         model = AFANet(**C.model_kwargs(cfg))
         model.load_weights(args.checkpoint)
         if args.crf:
@@ -238,6 +248,8 @@ def main(argv=None) -> int:
             print(format_scores(scores))
             result = {"split": split, "num_images": total, "num_scored": scored,
                       "seg": scores.to_dict()}
+            if note:
+                result["subset_note"] = note
             write_atomic(args.out_dir / "scores.json",
                          lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
         else:

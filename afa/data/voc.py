@@ -26,8 +26,10 @@ added by the random crop (the whole image when there is no crop). Pseudo labels 
 outside it.
 
 Bad input raises :class:`DataError` naming the file and the problem. With ``skip_bad=True`` the
-dataset instead warns, leaves bad ids out (recorded in ``dataset.skipped``), and at load time
-replaces an undecodable sample by the next one (counted in ``dataset.load_failures``).
+dataset instead warns, leaves bad ids out (recorded in ``dataset.skipped``), and at load time in
+``cls`` mode replaces an undecodable sample by the next one (counted in ``dataset.load_failures``
+and named in the sample's ``skipped`` entry); in ``seg`` mode a bad sample still raises, for the
+caller to leave out (validation must not score a replacement twice).
 
 Randomness: ``dataset[i]`` draws the sample's augmentation generator from torch's RNG, which the
 DataLoader seeds per worker from its ``generator``; :func:`make_loader` wires this up so that a run
@@ -312,18 +314,26 @@ class VOCStyleDataset(Dataset):
     def load(self, index: int, rng: np.random.Generator) -> dict:
         """Sample ``index`` augmented with ``rng`` (the entry point for custom samplers).
 
-        With ``skip_bad``, a sample that fails to decode is replaced by the next one, with a
-        warning.
+        With ``skip_bad`` in ``cls`` mode, a sample that fails to decode is replaced by the next
+        one, with a warning, and every sample carries ``skipped``: the problems of the samples it
+        replaced ("" for none), so that a trainer can count and log them across loader workers.
+        In ``seg`` mode a bad sample always raises: replacing a validation image by another would
+        score that one twice, so the caller leaves it out instead.
         """
-        if not self.skip_bad:
+        if not self.skip_bad or self.mode == "seg":
             return self._load_one(index, rng)
+        problems = []
         for attempt in range(len(self.names)):
             try:
-                return self._load_one((index + attempt) % len(self.names), rng)
+                sample = self._load_one((index + attempt) % len(self.names), rng)
             except DataError as exc:
                 self.load_failures += 1
+                problems.append(str(exc))
                 warnings.warn(f"skipping a bad sample ({exc}); {self.load_failures} so far in "
                               "this process", stacklevel=2)
+                continue
+            sample["skipped"] = "\n".join(problems)
+            return sample
         raise DataError(f"{self.root}: no sample of the dataset could be loaded")
 
     def __getitem__(self, index: int) -> dict:

@@ -21,6 +21,8 @@ from afa.atomic import write_atomic
 __all__ = [
     "CheckpointManager",
     "capture_rng_state",
+    "load_scaler_state",
+    "non_finite_tensors",
     "restore_rng_state",
     "unwrap_model",
 ]
@@ -36,10 +38,12 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def capture_rng_state() -> dict:
+    """This process's RNG states; for CUDA only its own device (the one a rank trains on), so
+    that a run resumed on a machine with another number of GPUs can restore it."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -47,8 +51,32 @@ def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
+    # Checkpoints before this format held every GPU's state ("cuda"); restoring them needs the
+    # same GPU count, and the trainer reseeds torch per chunk anyway, so they are not restored.
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict) -> str | None:
+    """Load an AMP gradient scaler's state when it fits this run; else say why it starts afresh.
+
+    A scaler is enabled only for ``train.amp=fp16``; a checkpoint of a run with another setting
+    holds an empty state, which ``GradScaler.load_state_dict`` refuses.
+    """
+    if not scaler.is_enabled():
+        return None  # bf16 / fp32 use no scaler: a saved fp16 scale is simply not needed
+    if not saved:
+        return "the checkpoint has no fp16 gradient scaler state: the scaler starts afresh"
+    scaler.load_state_dict(saved)
+    return None
+
+
+def non_finite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of the parameters and floating-point buffers holding NaN or infinity."""
+    named = list(module.named_parameters()) + [
+        (n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
 class CheckpointManager:

@@ -18,6 +18,7 @@ __all__ = [
     "DistInfo",
     "all_reduce_mean",
     "all_reduce_sum",
+    "any_rank",
     "barrier",
     "broadcast_buffers",
     "cleanup",
@@ -99,6 +100,19 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag is true on every rank if it is true on any rank (one all-reduce; none alone).
+
+    Ranks that must take the same branch (stop, skip a step, give up on bad data) agree through
+    this; it is a host-device sync point under a launcher, so keep it out of inner loops.
+    """
+    if not _active():
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [v > 0 for v in t.tolist()]
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import shutil
 import signal
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
@@ -27,18 +30,19 @@ from tqdm import tqdm
 from afa import config as C
 from afa.cam import multi_scale_cam
 from afa.constants import COCO_CLASSES, VOC_CLASSES
-from afa.data import VOCStyleDataset, denormalize, seed_worker
+from afa.data import DataError, VOCStyleDataset, denormalize, seed_worker
 from afa.engine import distributed as D
-from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, restore_rng_state,
-                                   unwrap_model)
+from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_scaler_state,
+                                   non_finite_tensors, restore_rng_state, unwrap_model)
 from afa.engine.data_order import ResumableSampler, SeededDataset, stream_seed
-from afa.engine.logger import RunLogger, setup_logging
+from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_logging
 from afa.engine.optim import build_optimizer, lr_at, set_lr
-from afa.engine.validate import format_table, validate
+from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
 from afa.pseudo_labels import AFALosses, compute_afa_losses
 
-__all__ = ["StepOutput", "TrainResult", "TrainingInterrupted", "build_datasets", "class_names", "train", "train_step"]
+__all__ = ["RESUME_FREE_KEYS", "StepOutput", "TrainResult", "TrainingInterrupted", "build_datasets",
+           "class_names", "config_differences", "train", "train_step"]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -57,7 +61,7 @@ def build_datasets(cfg: DictConfig) -> tuple[VOCStyleDataset, VOCStyleDataset]:
     """The classification training set and the segmentation validation set of ``cfg.data``."""
     d = cfg.data
     list_dir = Path(d.list_dir)
-    common = dict(num_classes=d.num_classes, mask_dir=d.mask_dir)
+    common = dict(num_classes=d.num_classes, mask_dir=d.mask_dir, skip_bad=d.skip_bad)
     train_set = VOCStyleDataset(
         d.root, list_dir / f"{d.train_split}.txt", list_dir / "cls_labels.json", mode="cls",
         split=d.train_split if d.split_subdirs else None, crop_size=d.crop_size,
@@ -120,20 +124,34 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
     return StepOutput(terms, cam, None if cls_only else seg_logits.detach())
 
 
-class TrainingInterrupted(Exception):
-    """Raised after the checkpoint that a stop signal (Ctrl-C, SIGTERM, SIGUSR1) asked for."""
+class TrainingInterrupted(BaseException):
+    """Raised once a stop signal (Ctrl-C, SIGTERM, SIGUSR1) has been handled: the checkpoint of
+    the last finished iteration is on disk (``forced``: a second signal exited at once, after
+    the last checkpoint written). A BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` on the way swallows it."""
 
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signal.Signals(signum).name}")
+    def __init__(self, signum: int, message: str, forced: bool = False):
+        super().__init__(message)
         self.signum = int(signum)
+        self.forced = forced
 
 
 class _StopFlag:
-    """Remembers a stop signal so the loop can save a checkpoint before exiting."""
+    """Turns the first stop signal into a flag the loop checks, and a second one into an exit.
+
+    The loop saves a checkpoint at the next iteration boundary (or at once during validation,
+    whose checkpoint is already written) and raises :class:`TrainingInterrupted`. A second signal
+    raises it at once, wherever the loop is: what was checkpointed last is what remains.
+    """
 
     def __init__(self):
         self.signum = None
+        self.last_checkpoint = None  # iteration of the last checkpoint written by this run
         self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         for sig in _STOP_SIGNALS:
@@ -141,17 +159,43 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+            logging.getLogger("afa").warning(
+                "%s received: stopping after a checkpoint of the last finished iteration (send "
+                "it again to exit at once)", signal.Signals(signum).name)
+            return
+        saved = ("no checkpoint was written by this run" if self.last_checkpoint is None else
+                 f"the last checkpoint is iteration {self.last_checkpoint}")
+        raise TrainingInterrupted(signum, f"second stop signal ({signal.Signals(signum).name}): "
+                                  f"exited at once; {saved}", forced=True)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _all_agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank."""
-    t = torch.tensor([float(flag)], device=device)
-    return bool(D.all_reduce_sum(t).item() > 0)
+def _init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seeding, and stop signals left to the main process.
+
+    A terminal's Ctrl-C and SLURM's signals go to the whole process group. A worker killed by
+    one would take the run down ("DataLoader worker exited unexpectedly") before the main
+    process has saved; ignoring them, the workers live until the main process shuts them down.
+    (Forked workers also inherit the main process's handler, which covers the instant before
+    this runs.)
+    """
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    seed_worker(worker_id)
+
+
+def _data_problem(err: Exception) -> str:
+    """The message of a DataError, without the traceback a DataLoader worker wraps around it."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split("DataError: ", 1)[-1]
+    return text
 
 
 class TrainResult(NamedTuple):
@@ -159,35 +203,124 @@ class TrainResult(NamedTuple):
     scores: dict  # the last validation scores (see afa.engine.validate)
 
 
-def train(cfg: DictConfig, resume: str | None = None) -> TrainResult:
-    """Train with ``cfg`` (see ``afa.config``), from scratch or from ``resume`` (auto|path)."""
+# Saved-config keys that a resumed run may change freely: they change no number of the run.
+RESUME_FREE_KEYS = ("work_dir", "data.num_workers")
+# What a run writes into its work dir; a fresh run refuses a dir holding the first three.
+_RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "val_scores.json", "train.log", "config.yaml")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict, cfg: DictConfig) -> list[tuple[str, object, object]]:
+    """``(key, saved value, current value)`` for every key that differs (``<absent>`` if new)."""
+    old = _flatten(OmegaConf.to_container(OmegaConf.create(saved), resolve=True))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    return [(k, old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+            if old.get(k, "<absent>") != new.get(k, "<absent>") and k not in RESUME_FREE_KEYS]
+
+
+def _check_resume_config(saved: dict, cfg: DictConfig, allowed, path: Path, log) -> None:
+    """Refuse to resume with a config other than the checkpoint's, except for allowed keys."""
+    def is_allowed(key: str) -> bool:
+        return any(a in ("all", key) or key.startswith(f"{a}.") for a in allowed)
+
+    diffs = config_differences(saved, cfg)
+    refused = [d for d in diffs if not is_allowed(d[0])]
+    lines = [f"  {k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in diffs]
+    if refused:
+        keys = " ".join(k for k, _, _ in refused)
+        raise C.ConfigError(
+            f"--resume: the config differs from the one {path} was trained with:\n"
+            + "\n".join(lines) + f"\nResume with the same config, or allow the change with "
+            f"--allow-config-change {keys}")
+    if diffs:
+        log.warning("Resuming with config changes (allowed):\n%s", "\n".join(lines))
+
+
+def _prepare_work_dir(work_dir: Path, resume: str | None, overwrite: bool, main: bool) -> None:
+    """A fresh run never mixes its files with another run's; ``overwrite`` removes those first."""
+    found = []
+    checkpoints = work_dir / "checkpoints"
+    if checkpoints.is_dir():
+        found += sorted(f"checkpoints/{p.name}" for p in checkpoints.iterdir())[:3]
+    if (work_dir / "metrics.jsonl").is_file():
+        found.append("metrics.jsonl")
+    if (work_dir / "tb").is_dir() and any((work_dir / "tb").iterdir()):
+        found.append("tb/")
+    D.barrier()  # every rank has looked before rank 0 removes anything
+    if found and resume is None and not overwrite:
+        raise C.ConfigError(
+            f"{work_dir} holds another run ({', '.join(found)}). Continue it with --resume auto, "
+            f"replace it with --overwrite, or choose another --work-dir")
+    if overwrite and main:
+        for name in _RUN_FILES:
+            path = work_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    D.barrier()
+
+
+def train(cfg: DictConfig, resume: str | None = None, *, overwrite: bool = False,
+          allow_config_change=()) -> TrainResult:
+    """Train with ``cfg`` (see ``afa.config``), from scratch or from ``resume`` (auto|path).
+
+    ``overwrite``: a work dir holding another run is emptied first (otherwise that is an error).
+    ``allow_config_change``: config keys (or sections, or ``all``) a resumed run may change.
+    """
+    if overwrite and resume:
+        raise C.ConfigError("--overwrite and --resume contradict each other: choose one")
     info = D.init_distributed(cfg.device)
     main = info.rank == 0
     work_dir = Path(cfg.work_dir)
-    log = setup_logging(work_dir, main)
     try:
-        return _train(cfg, resume, info, main, work_dir, log)
+        _prepare_work_dir(work_dir, resume, overwrite, main)
+        log = setup_logging(work_dir, main)
+        return _train(cfg, resume, tuple(allow_config_change), info, main, work_dir, log)
     finally:
         D.cleanup()
 
 
-def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
+def _batch_per_process(t: DictConfig, world: int) -> int:
+    """``train.batch_per_gpu``, or the global batch split over the processes when it is null."""
+    if t.batch_per_gpu is None:
+        if t.global_batch % world:
+            raise C.ConfigError(f"train.global_batch={t.global_batch} cannot be split over "
+                                f"{world} processes; set train.batch_per_gpu to a divisor of it")
+        return t.global_batch // world
+    if t.global_batch % (t.batch_per_gpu * world):
+        raise C.ConfigError(f"train.global_batch={t.global_batch} is not a multiple of "
+                            f"train.batch_per_gpu x processes = {t.batch_per_gpu} x {world}; "
+                            "train.batch_per_gpu=null splits the global batch evenly")
+    return t.batch_per_gpu
+
+
+def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     t = cfg.train
     world = info.world_size
-    per_step = t.batch_per_gpu * world
-    if t.global_batch % per_step:
-        raise C.ConfigError(f"train.global_batch={t.global_batch} is not a multiple of "
-                            f"train.batch_per_gpu x processes = {t.batch_per_gpu} x {world}")
+    batch_size = _batch_per_process(t, world)
     if t.amp != "none" and info.device.type != "cuda":
         # Autocast is CUDA-only here; running fp32 under an amp setting would be a silent lie.
         raise C.ConfigError(f"train.amp={t.amp} needs a CUDA device, but this run is on "
                             f"{info.device.type}; set train.amp=none")
-    accum = t.global_batch // per_step
-    if main:
-        C.save_config(cfg, work_dir / "config.yaml")
+    accum = t.global_batch // (batch_size * world)
+    for line in run_record():
+        log.info("%s", line)
     torch.manual_seed(cfg.seed + info.rank)
 
     train_set, val_set = build_datasets(cfg)
+    for dataset in (train_set, val_set):
+        for _, problem in dataset.skipped:  # data.skip_bad: ids left out before the run
+            log.warning("left out (data.skip_bad): %s", problem)
     names = class_names(cfg)
     if len(names) != cfg.data.num_classes:
         raise ValueError(f"data.name={cfg.data.name} has {len(names)} classes but "
@@ -196,6 +329,17 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
         val_set = Subset(val_set, range(min(cfg.data.val_max_images, len(val_set))))
 
     model = AFANet(**C.model_kwargs(cfg)).to(info.device)
+    weights = model.pretrained_info
+    if weights is None:
+        log.info("No pretrained weights (model.pretrained=null): the model starts from scratch")
+        m = cfg.optim.lr_mults
+        if m.backbone_norm == 0 or m.heads > m.backbone:
+            log.warning("Training from scratch with frozen backbone norms (optim.lr_mults."
+                        "backbone_norm=%g) or %gx heads: the paper's setting for ImageNet weights "
+                        "stays near chance from scratch; configs/demo.yaml shows a working "
+                        "from-scratch setting", m.backbone_norm, m.heads)
+    else:
+        log.info("Loaded %s", weights)
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
                                 cfg.optim.betas, lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and info.device.type == "cuda")
@@ -209,75 +353,161 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                                 ignore_index=cfg.cam.ignore_index)
 
     ckpt = CheckpointManager(work_dir / "checkpoints", keep_last=t.keep_last)
-    start_iter, best = 0, -1.0
+    start_iter, best, pending_validation = 0, -1.0, False
     resume_path = ckpt.resolve(resume)
     if resume_path is not None:
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
+        _check_resume_config(state["config"], cfg, allowed, resume_path, log)
+        if state["data"]["global_batch"] != t.global_batch:
+            raise C.ConfigError(f"{resume_path} was trained with global batch "
+                                f"{state['data']['global_batch']}: its data order cannot "
+                                f"continue with train.global_batch={t.global_batch}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        note = load_scaler_state(scaler, state["scaler"])
+        if note:
+            log.warning("%s", note)
         start_iter, best = state["iteration"], state["best"]
-        if state["data"]["global_batch"] != t.global_batch:
-            raise ValueError(f"{resume_path} was trained with global batch "
-                             f"{state['data']['global_batch']}, the config says {t.global_batch}")
+        # A checkpoint written just before a validation that did not finish: redo it first.
+        pending_validation = not state.get("validated", True)
         if len(state["rng"]) == world:
             restore_rng_state(state["rng"][info.rank])
+        else:  # randomness is a function of the stream position; see data_order
+            log.info("The checkpoint comes from %d processes, this run has %d: RNG states not "
+                     "restored (the data order and augmentations do not depend on them)",
+                     len(state["rng"]), world)
         log.info("Resumed from %s at iteration %d", resume_path, start_iter)
+    if main:
+        C.save_config(cfg, work_dir / "config.yaml")
 
     model = convert_sync_batchnorm(model, world, info.device)
     if world > 1:
+        # DDP compares each gradient's strides with its bucket view's, exactly. The depthwise
+        # (C, 1, 3, 3) Mix-FFN convolutions and the (1, K, 1, 1) affinity projection get
+        # gradients whose strides differ only along a size-1 dimension: the same memory layout,
+        # copied into the bucket like any gradient. tests/test_train.py checks that no gradient
+        # differs in any other dimension, so the one-time "Grad strides do not match bucket view
+        # strides" warning says nothing here and is silenced (that message only).
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
-
-    # The data stream and all randomness are functions of the position in it (see data_order),
-    # so resuming at an iteration needs nothing else, on any number of processes.
-    sampler = ResumableSampler(len(train_set), t.batch_per_gpu, t.global_batch, cfg.seed,
-                               info.rank, world, start_batches=start_iter * accum)
-    loader = DataLoader(SeededDataset(train_set), batch_size=t.batch_per_gpu, sampler=sampler,
-                        num_workers=cfg.data.num_workers, worker_init_fn=seed_worker,
-                        pin_memory=info.device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.data.num_workers > 0)
-    batches = iter(loader)
-    log.info("Training %s on %s: %d images, %d processes x %d per batch x %d accumulation = "
-             "global batch %d, %d iterations from %d", cfg.model.backbone, info.device,
-             len(train_set), world, t.batch_per_gpu, accum, t.global_batch, t.max_iters,
-             start_iter)
+    bare = unwrap_model(model)
+    buffers = list(bare.buffers())
+    params = [p for p in bare.parameters() if p.requires_grad]
 
     step_kwargs = dict(device=info.device, par=par, crf_loss=crf_loss,
                        cam_scales=tuple(cfg.cam.scales), amp=t.amp, loss_kwargs=_loss_kwargs(cfg),
                        cls_phase_full_forward=t.cls_phase_full_forward,
                        reuse_train_forward=cfg.cam.reuse_train_forward)
-    run_log = RunLogger(work_dir, main)
-    sums, logged, skipped, scores = defaultdict(float), 0, 0, {}
-    bar = tqdm(total=t.max_iters, initial=start_iter, disable=not main, dynamic_ncols=True,
-               desc="train")
+    run_log = RunLogger(work_dir, main, start_iter)
+    sums, logged, skipped, bad_files, scores = {}, 0, 0, 0, {}
+    bar = tqdm(total=t.max_iters, initial=start_iter, disable=not progress_enabled(),
+               dynamic_ncols=True, desc="train")
     tic = time.time()
 
-    def checkpoint(iteration: int, is_best: bool = False) -> None:
+    def checkpoint(iteration: int, *, validated: bool = True, is_best: bool = False) -> None:
+        bad = non_finite_tensors(bare)
+        if bad:  # never leave a checkpoint that cannot be trained on
+            raise FloatingPointError(f"Not writing the checkpoint of iteration {iteration}: "
+                                     f"non-finite values in {', '.join(bad[:5])}")
         rng = [None] * world
         if world > 1:
             torch.distributed.all_gather_object(rng, capture_rng_state())
         else:
             rng[0] = capture_rng_state()
         if main:
-            ckpt.save({"model": unwrap_model(model).state_dict(),
-                       "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                       "iteration": iteration, "best": best, "rng": rng,
-                       "data": {"stream_position": iteration * t.global_batch,
-                                "global_batch": t.global_batch},
-                       "config": OmegaConf.to_container(cfg)}, iteration, is_best)
+            path = ckpt.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scaler": scaler.state_dict(), "iteration": iteration,
+                              "best": best, "validated": validated, "rng": rng,
+                              "data": {"stream_position": iteration * t.global_batch,
+                                       "global_batch": t.global_batch},
+                              "config": OmegaConf.to_container(cfg, resolve=True)},
+                             iteration, is_best)
+            if is_best:
+                log.info("best.pth updated: seg mIoU %.2f at iteration %d (%s)", 100 * best,
+                         iteration, path.name)
         D.barrier()
+        stop.last_checkpoint = iteration
+
+    def run_validation(iteration: int) -> None:
+        """Validate at ``iteration``, whose checkpoint is written; then mark it validated."""
+        nonlocal best, scores
+        D.broadcast_buffers(bare)
+        try:
+            scores = validate(bare, val_set, par=par, device=info.device,
+                              cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
+                              low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
+                              amp=t.amp, should_stop=lambda: stop.requested,
+                              skip_bad=cfg.data.skip_bad)
+        except ValidationStopped:
+            raise TrainingInterrupted(stop.signum, (
+                f"stopped by {signal.Signals(stop.signum).name} during the validation of "
+                f"iteration {iteration}; its checkpoint is saved and --resume auto redoes the "
+                "validation")) from None
+        except DataError as err:
+            raise DataError(
+                f"{_data_problem(err)}\nValidation at iteration {iteration} stopped; the "
+                f"checkpoint of iteration {iteration} is saved. Fix or remove the file (or set "
+                "data.skip_bad=true), then continue with --resume auto, which redoes this "
+                "validation") from None
+        summary = {k: v["miou"] for k, v in scores.items() if isinstance(v, dict)}
+        summary["cls_f1"] = scores["cls_f1"]
+        if "skipped_images" in scores:
+            summary["skipped_images"] = scores["skipped_images"]
+        run_log.scalars(iteration, summary, prefix="val/")
+        run_log.val_scores(iteration, scores)
+        log.info("val iter %d: %s\n%s", iteration,
+                 " ".join(f"{k} {100 * v:.2f}" for k, v in summary.items()
+                          if k != "skipped_images"), format_table(scores, names))
+        is_best = summary["seg"] > best
+        best = max(best, summary["seg"])
+        checkpoint(iteration, validated=True, is_best=is_best)
 
     with _StopFlag() as stop:
+        # The loader's workers start here, after the handlers are in place (see _init_worker).
+        # The data stream and all randomness are functions of the position in it (see
+        # data_order), so resuming at an iteration needs nothing else, on any number of processes.
+        sampler = ResumableSampler(len(train_set), batch_size, t.global_batch, cfg.seed,
+                                   info.rank, world, start_batches=start_iter * accum)
+        loader = DataLoader(SeededDataset(train_set), batch_size=batch_size, sampler=sampler,
+                            num_workers=cfg.data.num_workers, worker_init_fn=_init_worker,
+                            pin_memory=info.device.type == "cuda", drop_last=True,
+                            persistent_workers=cfg.data.num_workers > 0)
+        batches = iter(loader)
+        log.info("Training %s on %s: %d images, %d processes x %d per batch x %d accumulation = "
+                 "global batch %d, %d iterations from %d", cfg.model.backbone, info.device,
+                 len(train_set), world, batch_size, accum, t.global_batch, t.max_iters,
+                 start_iter)
         iteration = start_iter
+        if pending_validation:
+            log.info("Redoing the validation of iteration %d, which did not finish", iteration)
+            run_validation(iteration)
         while iteration < t.max_iters:
             lr = lr_at(iteration, cfg.optim.lr, t.max_iters, cfg.optim.warmup_iters,
                        cfg.optim.warmup_ratio, cfg.optim.power)
             set_lr(optimizer, lr)
             model.train()
-            finite = True
-            for micro in range(accum):
-                batch = next(batches)
+            micro_batches, problem = [], None
+            try:
+                for _ in range(accum):
+                    micro_batches.append(next(batches))
+            except DataError as err:
+                problem = _data_problem(err)
+            (bad_data,) = D.any_rank([problem is not None], info.device)
+            if bad_data:
+                checkpoint(iteration)
+                raise DataError(
+                    f"{problem or 'another process met a bad training file (see its message)'}"
+                    f"\nTraining stopped before iteration {iteration + 1}; the checkpoint of "
+                    f"iteration {iteration} is saved. Fix or remove the file (or set "
+                    "data.skip_bad=true), then continue with --resume auto")
+            before = [b.detach().clone() for b in buffers]  # restored if the step is dropped
+            finite = torch.ones((), dtype=torch.bool, device=info.device)
+            for micro, batch in enumerate(micro_batches):
+                for problem in batch.get("skipped", ()):  # data.skip_bad replacements
+                    for line in filter(None, problem.split("\n")):
+                        bad_files += 1
+                        log.warning("skipped a bad training sample (data.skip_bad): %s", line)
                 chunk = (iteration * accum + micro) * world + info.rank
                 torch.manual_seed(stream_seed(cfg.seed, chunk, salt=1))  # dropout, drop-path
                 sync = micro == accum - 1 or world == 1
@@ -285,17 +515,26 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                     step = train_step(model, batch, iteration, **step_kwargs)
                     terms = step.terms
                     scaler.scale(terms.total / accum).backward()
-                finite &= bool(torch.isfinite(terms.total))
-                for key in ("cls_loss", "seg_loss", "aff_loss", "reg_loss", "total"):
-                    sums[key] += float(getattr(terms, key).detach()) / accum
+                finite &= torch.isfinite(terms.total)
+                for key in _LOSS_KEYS:
+                    sums[key] = sums.get(key, 0.0) + getattr(terms, key).detach().float() / accum
+            if not scaler.is_enabled():  # fp16's scaler handles overflowing gradients itself
+                grads = [p.grad for p in params if p.grad is not None]
+                finite &= torch.isfinite(_total_norm(grads))
             logged += 1
-            if _all_agree(not finite, info.device):
-                message = (f"Non-finite loss at iteration {iteration}: " + ", ".join(
-                    f"{k}={float(getattr(terms, k).detach()):.4g}"
-                    for k in ("cls_loss", "seg_loss", "aff_loss", "reg_loss")))
+            # The one host-device sync of an iteration: every rank takes the same branch.
+            nonfinite, stop_now = D.any_rank([not bool(finite), stop.requested], info.device)
+            if nonfinite:
+                for b, saved in zip(buffers, before):  # BatchNorm statistics of the bad forward
+                    b.copy_(saved)
+                optimizer.zero_grad(set_to_none=True)
+                message = (f"Non-finite loss or gradient at iteration {iteration}: " + ", ".join(
+                    f"{k}={float(getattr(terms, k).detach()):.4g}" for k in _LOSS_KEYS[:-1]))
                 if t.nonfinite == "stop":
                     checkpoint(iteration)
-                    raise FloatingPointError(message + " (train.nonfinite=skip skips such steps)")
+                    raise FloatingPointError(
+                        f"{message}. The checkpoint of iteration {iteration} (the last finite "
+                        "state) is saved; train.nonfinite=skip skips such steps")
                 skipped += 1
                 log.warning("%s; step skipped (%d so far)", message, skipped)
             else:
@@ -306,8 +545,12 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
             bar.update(1)
 
             if iteration % t.log_iters == 0 or iteration == t.max_iters:
-                means = D.all_reduce_mean({k: v / logged for k, v in sums.items()}, info.device)
-                means.update(lr=lr, skipped_steps=skipped, sec_per_iter=(time.time() - tic) / logged)
+                # Host-device sync point, once per log interval: the summed loss terms.
+                totals = torch.stack([sums[k] for k in _LOSS_KEYS]).double() / logged
+                D.all_reduce_sum(totals)
+                means = dict(zip(_LOSS_KEYS, (totals / world).tolist()))
+                means.update(lr=lr, skipped_steps=skipped, skipped_files=bad_files,
+                             sec_per_iter=(time.time() - tic) / logged)
                 sums.clear()
                 logged, tic = 0, time.time()
                 run_log.scalars(iteration, means, prefix="train/")
@@ -317,38 +560,37 @@ def _train(cfg, resume, info, main, work_dir, log) -> TrainResult:
                          means["seg_loss"], means["aff_loss"], means["reg_loss"])
             if (main and t.image_log_iters and iteration % t.image_log_iters == 0
                     and terms.seg_target is not None):
-                _log_images(run_log, iteration, batch, step)
+                _log_images(run_log, iteration, micro_batches[-1], step)
 
-            is_best = False
-            if iteration % t.eval_iters == 0 or iteration == t.max_iters:
-                D.broadcast_buffers(unwrap_model(model))
-                scores = validate(unwrap_model(model), val_set, par=par, device=info.device,
-                                  cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
-                                  low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
-                                  amp=t.amp)
-                summary = {k: v["miou"] for k, v in scores.items() if isinstance(v, dict)}
-                summary["cls_f1"] = scores["cls_f1"]
-                run_log.scalars(iteration, summary, prefix="val/")
-                run_log.val_scores(iteration, scores)
-                log.info("val iter %d: %s\n%s", iteration,
-                         " ".join(f"{k} {100 * v:.2f}" for k, v in summary.items()),
-                         format_table(scores, names))
-                is_best = summary["seg"] > best
-                best = max(best, summary["seg"])
-            stop_now = _all_agree(stop.signum is not None, info.device)
-            if (iteration % t.ckpt_iters == 0 or iteration == t.max_iters or is_best
-                    or stop_now):
-                checkpoint(iteration, is_best)
+            validate_now = iteration % t.eval_iters == 0 or iteration == t.max_iters
+            if validate_now or iteration % t.ckpt_iters == 0 or stop_now:
+                # Before validating: a failing validation must not cost the iterations before it.
+                checkpoint(iteration, validated=not validate_now)
             if stop_now:
                 bar.close()
                 run_log.close()
-                log.warning("Stopped by a signal at iteration %d; checkpoint saved. Continue with "
-                            "--resume auto", iteration)
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM)
-    D.broadcast_buffers(unwrap_model(model))
+                pending = " (its validation is redone on resume)" if validate_now else ""
+                raise TrainingInterrupted(stop.signum, (
+                    f"stopped by {signal.Signals(stop.signum).name} at iteration {iteration}; "
+                    f"checkpoint saved{pending}"))
+            if validate_now:
+                run_validation(iteration)
+    D.broadcast_buffers(bare)
     bar.close()
     run_log.close()
-    return TrainResult(unwrap_model(model), scores)
+    return TrainResult(bare, scores)
+
+
+_LOSS_KEYS = ("cls_loss", "seg_loss", "aff_loss", "reg_loss", "total")
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``tensors`` together, on their device, without a sync."""
+    if not tensors:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: a few fused kernels
+        return torch.nn.utils.get_total_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in tensors]))
 
 
 def _log_images(run_log: RunLogger, iteration: int, batch: dict, step: StepOutput) -> None:

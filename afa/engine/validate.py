@@ -17,6 +17,8 @@ with the scores of the whole set. Five label maps are scored against the ground 
 from __future__ import annotations
 
 import contextlib
+import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +26,12 @@ from tqdm import tqdm
 
 from afa.affinity import propagate_cams
 from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
-from afa.data import denormalize
+from afa.data import DataError, denormalize
 from afa.engine import distributed as D
+from afa.engine.logger import progress_enabled
 from afa.metrics import ConfusionMatrix, multilabel_f1
 
-__all__ = ["KINDS", "format_table", "predict_labels", "validate"]
+__all__ = ["KINDS", "ValidationStopped", "format_table", "predict_labels", "validate"]
 
 KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
 
@@ -55,19 +58,56 @@ def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_
     return labels, out.cls_logits.float()
 
 
+class ValidationStopped(Exception):
+    """A stop signal arrived during validation; the scores of this pass are incomplete."""
+
+
 @torch.no_grad()
 def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score: float,
-             low: float, radius: int, class_names: list[str], amp: str = "none") -> dict:
-    """Scores of every kind in ``KINDS`` (``SegmentationScores.to_dict()``) plus ``cls_f1``."""
+             low: float, radius: int, class_names: list[str], amp: str = "none",
+             should_stop: Callable[[], bool] | None = None, skip_bad: bool = False) -> dict:
+    """Scores of every kind in ``KINDS`` (``SegmentationScores.to_dict()``) plus ``cls_f1``.
+
+    ``should_stop`` is asked before each image (all ranks agree on the answer): when it says yes,
+    :class:`ValidationStopped` is raised at once instead of finishing the pass. A sample that
+    cannot be read raises its :class:`~afa.data.DataError` on every rank, or with ``skip_bad`` is
+    left out of the scores (``scores["skipped_images"]`` counts them over all ranks, and each
+    rank logs its own).
+    """
     was_training = model.training
     model.eval()
     matrices = {k: ConfusionMatrix(len(class_names), device=device) for k in KINDS}
     f1 = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image F1, image count
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "none" and device.type == "cuda" else contextlib.nullcontext())
-    indices = range(D.rank(), len(dataset), D.world_size())
-    for index in tqdm(indices, desc="val", disable=not D.is_main(), leave=False):
-        sample = dataset[index]
+    world, rank = D.world_size(), D.rank()
+    skipped = torch.zeros(1, dtype=torch.float64, device=device)
+    # Every rank takes the same number of turns (the last may have no image) so that the
+    # per-image agreement below pairs up across ranks.
+    turns = -(-len(dataset) // world)
+    for turn in tqdm(range(turns), desc="val", disable=not progress_enabled(), leave=False):
+        index = turn * world + rank
+        sample, problem = None, None
+        if index < len(dataset):
+            try:
+                sample = dataset[index]
+            except DataError as err:
+                if not skip_bad:
+                    problem = err
+                else:
+                    logging.getLogger("afa").warning("validation: left out a bad image: %s", err)
+                    skipped += 1
+        stop, bad = D.any_rank([should_stop is not None and should_stop(), problem is not None],
+                               device)
+        if bad:
+            model.train(was_training)
+            raise problem or DataError("validation: another process met a bad file (see its "
+                                       "message)")
+        if stop:
+            model.train(was_training)
+            raise ValidationStopped()
+        if sample is None:
+            continue
         image = sample["image"][None].to(device)
         label = sample["label"][None].to(device)
         mask = sample["mask"][None].to(device)
@@ -84,6 +124,8 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score
     for kind, matrix in matrices.items():
         matrix.reduce_(D.all_reduce_sum)
         scores[kind] = matrix.compute(class_names).to_dict()
+    if skip_bad:
+        scores["skipped_images"] = int(D.all_reduce_sum(skipped).item())
     model.train(was_training)
     return scores
 

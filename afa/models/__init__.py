@@ -3,6 +3,8 @@
 from afa.models.afa_net import AFANet, AFAOutput, load_state_dict_flexible
 from afa.models.mix_transformer import (
     MixVisionTransformer,
+    PretrainedWeights,
+    WeightsError,
     load_pretrained,
     mit_b0,
     mit_b1,
@@ -19,7 +21,9 @@ __all__ = [
     "AFAOutput",
     "MixVisionTransformer",
     "PAR",
+    "PretrainedWeights",
     "SegFormerHead",
+    "WeightsError",
     "convert_sync_batchnorm",
     "load_pretrained",
     "load_state_dict_flexible",

@@ -59,8 +59,11 @@ class AFANet(nn.Module):
         self.pooling = pooling
         self.encoder = getattr(mix_transformer, backbone)(
             strides=tuple(stride), drop_path_rate=drop_path_rate)
+        # What was loaded (path, sha256 prefix, variant) for the run's log; None from scratch.
+        self.pretrained_info = None
         if pretrained:
-            mix_transformer.load_pretrained(self.encoder, pretrained, name=backbone)
+            self.pretrained_info = mix_transformer.load_pretrained(
+                self.encoder, pretrained, name=backbone)
         dims = self.encoder.embed_dims
         self.decoder = SegFormerHead(dims, embedding_dim, num_classes)
         self.classifier = nn.Conv2d(dims[3], num_classes - 1, 1, bias=False)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["convert_hf_mit_keys", "load_hf_mit_state_dict"]
+__all__ = ["convert_hf_mit_keys", "hf_weight_file", "load_hf_mit_state_dict"]
 
 _RULES = [
     (re.compile(r"^patch_embeddings\.(\d)\.layer_norm\."), lambda m: f"patch_embed{int(m[1]) + 1}.norm."),
@@ -64,19 +64,27 @@ def convert_hf_mit_keys(state_dict: dict) -> dict:
     return out
 
 
+def hf_weight_file(directory: str | Path) -> Path | None:
+    """The weight file of a Hugging Face download: ``model.safetensors`` (preferred) or
+    ``pytorch_model.bin``; None when ``directory`` holds neither."""
+    directory = Path(directory)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
 def load_hf_mit_state_dict(directory: str | Path) -> dict:
     """Read ``model.safetensors`` (preferred) or ``pytorch_model.bin`` from ``directory``."""
-    directory = Path(directory)
-    safetensors_file = directory / "model.safetensors"
-    bin_file = directory / "pytorch_model.bin"
-    if safetensors_file.is_file():
-        from safetensors.torch import load_file
-
-        state_dict = load_file(str(safetensors_file))
-    elif bin_file.is_file():
-        state_dict = torch.load(bin_file, map_location="cpu", weights_only=True)
-    else:
+    weight_file = hf_weight_file(directory)
+    if weight_file is None:
         raise FileNotFoundError(
             f"'{directory}' is a directory but holds neither model.safetensors nor "
             "pytorch_model.bin (a Hugging Face nvidia/mit-b* download).")
+    if weight_file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state_dict = load_file(str(weight_file))
+    else:
+        state_dict = torch.load(weight_file, map_location="cpu", weights_only=True)
     return convert_hf_mit_keys(state_dict)
