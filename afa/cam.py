@@ -219,6 +219,8 @@ def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch
     index, valid = _present_classes(labels)
     label = torch.full((batch, height, width), ignore_index, dtype=torch.long, device=rgb.device)
     for b, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        if y1 <= y0 or x1 <= x0:
+            continue  # a crop of padding only: nothing to label
         keys = index[b][valid[b]]  # (1 + P_b,) background + present classes
         crop_rgb = rgb[b:b + 1, :, y0:y1, x0:x1]
         small = (max(1, (y1 - y0) // down_scale), max(1, (x1 - x0) // down_scale))
