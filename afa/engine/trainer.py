@@ -31,6 +31,7 @@ from afa import config as C
 from afa.cam import multi_scale_cam
 from afa.constants import COCO_CLASSES, VOC_CLASSES
 from afa.data import DataError, VOCStyleDataset, denormalize, seed_worker
+from afa.data.lists import subset_note
 from afa.engine import distributed as D
 from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_scaler_state,
                                    non_finite_tensors, restore_rng_state, unwrap_model)
@@ -318,7 +319,10 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     torch.manual_seed(cfg.seed + info.rank)
 
     train_set, val_set = build_datasets(cfg)
-    for dataset in (train_set, val_set):
+    for dataset, split in ((train_set, cfg.data.train_split), (val_set, cfg.data.val_split)):
+        note = subset_note(Path(cfg.data.list_dir) / f"{split}.txt")
+        if note:  # tools/prepare_voc.py --skip-missing wrote a shortened list
+            log.warning("%s", note)
         for _, problem in dataset.skipped:  # data.skip_bad: ids left out before the run
             log.warning("left out (data.skip_bad): %s", problem)
     names = class_names(cfg)
