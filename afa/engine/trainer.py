@@ -531,7 +531,6 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
             if nonfinite:
                 for b, saved in zip(buffers, before):  # BatchNorm statistics of the bad forward
                     b.copy_(saved)
-                optimizer.zero_grad(set_to_none=True)
                 message = (f"Non-finite loss or gradient at iteration {iteration}: " + ", ".join(
                     f"{k}={float(getattr(terms, k).detach()):.4g}" for k in _LOSS_KEYS[:-1]))
                 if t.nonfinite == "stop":
