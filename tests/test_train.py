@@ -16,8 +16,8 @@ from conftest import DEMO_CONFIG, tiny_config, tiny_overrides
 from afa import config as C
 from afa.config import ConfigError, load_config
 from afa.engine.checkpoint import CheckpointManager
-from afa.engine.trainer import (TrainingInterrupted, _loss_kwargs, build_datasets, train,
-                                 train_step)
+from afa.data import build_datasets
+from afa.engine.trainer import TrainingInterrupted, _loss_kwargs, train, train_step
 from afa.engine.validate import validate
 from afa.models import PAR, AFANet
 

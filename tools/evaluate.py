@@ -27,7 +27,7 @@ from afa.config import ConfigError, load_config
 from afa.data import DataError
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
-from afa.engine.trainer import build_datasets, class_names
+from afa.data import build_datasets, class_names
 from afa.engine.validate import format_table, validate
 from afa.models import PAR, AFANet
 

@@ -61,7 +61,7 @@ from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_
 from afa.config import ConfigError, load_config
 from afa.data import DataError, denormalize, normalize, write_mask
 from afa.engine import distributed as D
-from afa.engine.trainer import class_names
+from afa.data import class_names
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, mask_ignored,
                            run_sharded, save_npy_atomic)
 from afa.io import read_label_png

@@ -64,7 +64,7 @@ from afa.crf import dense_crf_many, import_densecrf
 from afa.data import DataError, normalize, write_mask
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
-from afa.engine.trainer import class_names
+from afa.data import class_names
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
                            predict_seg_logits, run_sharded, save_npy_atomic,
                            write_rgb_png_atomic)

@@ -1,5 +1,6 @@
 """Data: the VOC-style dataset, its transforms, and the synthetic demo set."""
 
+from afa.data.build import build_datasets, class_names
 from afa.data.transforms import Augment, denormalize, normalize
 from afa.data.voc import (
     DataError,
@@ -21,6 +22,8 @@ __all__ = [
     "Augment",
     "DataError",
     "VOCStyleDataset",
+    "build_datasets",
+    "class_names",
     "denormalize",
     "labels_from_mask",
     "make_generator",

@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from afa import config as C
 from afa.cam import multi_scale_cam
-from afa.constants import COCO_CLASSES, VOC_CLASSES
-from afa.data import DataError, VOCStyleDataset, denormalize, seed_worker
+from afa.data import DataError, build_datasets, class_names, denormalize, seed_worker
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
 from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_scaler_state,
@@ -42,35 +41,10 @@ from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
 from afa.pseudo_labels import AFALosses, compute_afa_losses
 
-__all__ = ["RESUME_FREE_KEYS", "StepOutput", "TrainResult", "TrainingInterrupted", "build_datasets",
-           "class_names", "config_differences", "train", "train_step"]
+__all__ = ["RESUME_FREE_KEYS", "StepOutput", "TrainResult", "TrainingInterrupted", "config_differences",
+           "train", "train_step"]
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-def class_names(cfg: DictConfig) -> list[str]:
-    if cfg.data.name == "voc":
-        return list(VOC_CLASSES)
-    if cfg.data.name == "coco":
-        return list(COCO_CLASSES)
-    from afa.data.synthetic import DEMO_CLASSES  # the demo set names its own classes
-
-    return list(DEMO_CLASSES)
-
-
-def build_datasets(cfg: DictConfig) -> tuple[VOCStyleDataset, VOCStyleDataset]:
-    """The classification training set and the segmentation validation set of ``cfg.data``."""
-    d = cfg.data
-    list_dir = Path(d.list_dir)
-    common = dict(num_classes=d.num_classes, mask_dir=d.mask_dir, skip_bad=d.skip_bad)
-    train_set = VOCStyleDataset(
-        d.root, list_dir / f"{d.train_split}.txt", list_dir / "cls_labels.json", mode="cls",
-        split=d.train_split if d.split_subdirs else None, crop_size=d.crop_size,
-        scale_range=tuple(d.scale_range), hflip=True, **common)
-    val_set = VOCStyleDataset(
-        d.root, list_dir / f"{d.val_split}.txt", None, mode="seg",
-        split=d.val_split if d.split_subdirs else None, **common)
-    return train_set, val_set
 
 
 def _loss_kwargs(cfg: DictConfig) -> dict:

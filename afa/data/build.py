@@ -1,0 +1,38 @@
+"""The datasets and class names of a config's ``data`` section, for the trainer and the tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from afa.constants import COCO_CLASSES, VOC_CLASSES
+from afa.data.voc import VOCStyleDataset
+
+__all__ = ["build_datasets", "class_names"]
+
+
+def class_names(cfg: DictConfig) -> list[str]:
+    """Class names of ``cfg.data.name``, background first."""
+    if cfg.data.name == "voc":
+        return list(VOC_CLASSES)
+    if cfg.data.name == "coco":
+        return list(COCO_CLASSES)
+    from afa.data.synthetic import DEMO_CLASSES  # the demo set names its own classes
+
+    return list(DEMO_CLASSES)
+
+
+def build_datasets(cfg: DictConfig) -> tuple[VOCStyleDataset, VOCStyleDataset]:
+    """The classification training set and the segmentation validation set of ``cfg.data``."""
+    d = cfg.data
+    list_dir = Path(d.list_dir)
+    common = dict(num_classes=d.num_classes, mask_dir=d.mask_dir, skip_bad=d.skip_bad)
+    train_set = VOCStyleDataset(
+        d.root, list_dir / f"{d.train_split}.txt", list_dir / "cls_labels.json", mode="cls",
+        split=d.train_split if d.split_subdirs else None, crop_size=d.crop_size,
+        scale_range=tuple(d.scale_range), hflip=True, **common)
+    val_set = VOCStyleDataset(
+        d.root, list_dir / f"{d.val_split}.txt", None, mode="seg",
+        split=d.val_split if d.split_subdirs else None, **common)
+    return train_set, val_set
