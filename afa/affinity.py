@@ -7,7 +7,6 @@ row-major (index ``y * w + x``), so an affinity matrix is (B, N, N) with N = h *
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -15,26 +14,11 @@ import torch.nn.functional as F
 from afa.constants import IGNORE_INDEX
 
 __all__ = [
-    "token_grid",
     "radius_mask",
     "affinity_label",
     "random_walk",
     "propagate_cams",
 ]
-
-
-def token_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The (h, w) grid of ``num_tokens`` positions covering an image of (height, width).
-
-    The affinity matrices carry only N = h * w; the grid follows from the image's aspect ratio, so
-    callers need not know the network's stride or padding arithmetic.
-    """
-    h = max(1, round(height * math.sqrt(num_tokens / (height * width))))
-    w = num_tokens // h
-    if h * w != num_tokens:
-        raise ValueError(f"Cannot lay {num_tokens} tokens on a grid with the aspect of a "
-                         f"{height}x{width} image")
-    return h, w
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,14 +72,16 @@ def random_walk(scores: torch.Tensor, aff: torch.Tensor, mask: torch.Tensor) -> 
     return torch.bmm(scores, trans)
 
 
-def propagate_cams(cams: torch.Tensor, labels: torch.Tensor, aff: torch.Tensor, bkg_score: float,
-                   radius: int = 8) -> torch.Tensor:
+def propagate_cams(cams: torch.Tensor, labels: torch.Tensor, aff: torch.Tensor,
+                   grid: tuple[int, int], bkg_score: float, radius: int = 8) -> torch.Tensor:
     """Random-walk propagation of CAMs with a constant background channel (DESIGN step 8).
 
     Args:
         cams: (B, C-1, H, W) normalised CAMs in [0, 1].
         labels: (B, C-1) multi-hot image labels.
-        aff: (B, N, N) predicted affinity on the token grid of the CAM's largest scale.
+        aff: (B, N, N) predicted affinity, N = h * w.
+        grid: (h, w) stage-4 grid of the forward that predicted ``aff`` (``AFAOutput.grid``,
+            ``MultiScaleCAM.aff_grid``).
         bkg_score: value of the background channel before the softmax.
         radius: Chebyshev radius on the token grid outside of which affinities are dropped.
 
@@ -103,7 +89,9 @@ def propagate_cams(cams: torch.Tensor, labels: torch.Tensor, aff: torch.Tensor, 
         (B, C, H, W) propagated scores, channel 0 background; channels of absent classes are 0.
     """
     _, _, height, width = cams.shape
-    grid = token_grid(aff.shape[-1], height, width)
+    if grid[0] * grid[1] != aff.shape[-1]:
+        raise ValueError(f"an affinity over {aff.shape[-1]} positions cannot lie on a "
+                         f"{grid[0]}x{grid[1]} grid")
     small = F.interpolate(cams * labels[:, :, None, None], size=grid, mode="bilinear",
                           align_corners=False)  # (B, C-1, h, w)
     scores = F.pad(small, (0, 0, 0, 0, 1, 0), value=bkg_score)  # (B, C, h, w), background first

@@ -30,54 +30,75 @@ __all__ = [
 
 class MultiScaleCAM(NamedTuple):
     cam: torch.Tensor  # (B, C-1, H, W) normalised to [0, 1] per image and class
-    aff: torch.Tensor  # (B, N, N) affinity of the largest scale, N = tokens of that scale
+    aff: torch.Tensor  # (B, N, N) affinity of the ``aff_scale`` forward, N = h * w
+    aff_grid: tuple[int, int]  # (h, w) stage-4 grid of that forward, from the encoder
 
 
 @torch.no_grad()
 def multi_scale_cam(model: nn.Module, images: torch.Tensor,
-                    scales: Sequence[float] = (1.0, 0.5, 1.5),
-                    scale1: tuple[torch.Tensor, torch.Tensor] | None = None) -> MultiScaleCAM:
-    """Multi-scale + flip CAM (DESIGN step 2).
+                    scales: Sequence[float] = (1.0, 0.5, 1.5), *,
+                    aff_scale: float | None = None, scale1=None,
+                    update_decoder_bn: bool = False) -> MultiScaleCAM:
+    """Multi-scale + flip CAM (DESIGN step 2), and the affinity of one of its scales.
 
     Args:
-        model: exposes ``forward_cam(x, return_aff) -> (cam (B, C-1, h, w) before ReLU,
-            aff (B, N, N) or None)``.
+        model: exposes ``cam_forward(x, return_aff) -> CAMForward`` (``afa.models.AFANet``) and,
+            with ``update_decoder_bn``, ``decoder``.
         images: (B, 3, H, W) normalised images.
-        scales: resize factors; the affinity of the largest one is returned.
-        scale1: ``(cam, aff)`` of a forward already run on ``images`` (``AFAOutput.cam_logits``
-            and ``aff_pred``): used as the un-flipped scale-1 copy instead of running it again
-            (``cam.reuse_train_forward``); only its flipped copy is run. Equal to the second
-            forward when the model is deterministic (no drop-path or dropout in this mode).
+        scales: resize factors (``int(s * H), int(s * W)``, bilinear).
+        aff_scale: the scale whose affinity is returned: the largest by default (training);
+            validation takes 1.0. Only that scale computes explicit attention.
+        scale1: an ``AFAOutput`` of a forward already run on ``images``: its ``cam_logits``,
+            ``aff_pred`` and ``grid`` serve as the un-flipped scale-1 copy instead of running it
+            again (``cam.reuse_train_forward``, and validation); only the flip is run. Equal to
+            the second forward when the model is deterministic (eval mode, or no drop-path).
+        update_decoder_bn: also run the decoder on each scale's (image, flip) batch, as the
+            authors' CAM forwards run the whole network. In train mode this updates the decoder's
+            BatchNorm running statistics (once per scale and iteration) exactly as theirs do;
+            its outputs are discarded. Not with ``scale1``, whose decoder saw no flip.
 
     The model is called in whatever mode it is in; the caller decides train/eval.
     """
+    if aff_scale is None:
+        aff_scale = max(scales)
+    if aff_scale not in scales:
+        raise ValueError(f"aff_scale {aff_scale} is not one of the CAM scales {tuple(scales)}")
+    if update_decoder_bn and scale1 is not None:
+        raise ValueError("update_decoder_bn needs the decoder to see each scale with its flip; "
+                         "a reused scale-1 forward (scale1) did not")
     batch, _, height, width = images.shape
-    largest = max(scales)
     cam_sum = images.new_zeros(())
-    aff = None
+    aff, grid = None, None
     for scale in scales:
         size = (int(scale * height), int(scale * width))
         x = images if size == (height, width) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False)
+        want_aff = scale == aff_scale and aff is None
         if scale1 is not None and scale == 1.0:
-            cam_flip, _ = model.forward_cam(x.flip(-1), return_aff=False)
-            cam = torch.cat([scale1[0].detach().to(cam_flip.dtype), cam_flip], dim=0)
-            if scale == largest and aff is None:
-                aff = scale1[1].detach()
-        elif scale == largest and aff is None:
+            flipped = model.cam_forward(x.flip(-1), return_aff=False)
+            cam = torch.cat([scale1.cam_logits.detach().to(flipped.cam.dtype), flipped.cam])
+            if want_aff:
+                aff, grid = scale1.aff_pred.detach(), scale1.grid
+        elif want_aff:
             # Explicit attention (for the affinity) on the un-flipped copies only: the flipped
             # ones run fused, which halves the largest transient of the training iteration.
-            cam, aff = model.forward_cam(x, return_aff=True)
-            cam_flip, _ = model.forward_cam(x.flip(-1), return_aff=False)
-            cam = torch.cat([cam, cam_flip], dim=0)
+            plain = model.cam_forward(x, return_aff=True)
+            flipped = model.cam_forward(x.flip(-1), return_aff=False)
+            cam = torch.cat([plain.cam, flipped.cam], dim=0)
+            aff, grid = plain.aff, plain.grid
+            if update_decoder_bn:  # one (image, flip) batch, as one forward of both would be
+                model.decoder([torch.cat(pair) for pair in zip(plain.features, flipped.features)])
         else:
-            cam, _ = model.forward_cam(torch.cat([x, x.flip(-1)], dim=0), return_aff=False)
+            both = model.cam_forward(torch.cat([x, x.flip(-1)], dim=0), return_aff=False)
+            cam = both.cam
+            if update_decoder_bn:
+                model.decoder(both.features)
         cam = F.interpolate(cam.float(), size=(height, width), mode="bilinear", align_corners=False)
         cam = torch.maximum(cam[:batch], cam[batch:].flip(-1))  # (B, C-1, H, W)
         cam_sum = cam_sum + F.relu(cam)
     cam_sum = cam_sum - cam_sum.amin(dim=(2, 3), keepdim=True)
     cam_sum = cam_sum / (cam_sum.amax(dim=(2, 3), keepdim=True) + 1e-5)
-    return MultiScaleCAM(cam=cam_sum, aff=aff)
+    return MultiScaleCAM(cam=cam_sum, aff=aff, aff_grid=grid)
 
 
 def box_mask(boxes: torch.Tensor, height: int, width: int,

@@ -115,6 +115,12 @@ class CamConfig:
     # a second forward (the paper runs it again). Identical when the backbone is deterministic in
     # training (model.drop_path_rate: 0); with drop-path the reused CAM carries its noise.
     reuse_train_forward: bool = False
+    # true (the authors' code): every multi-scale CAM forward, each scale with its flip and every
+    # iteration, also runs the decoder in train mode, so its BatchNorm running statistics (what
+    # validation and inference use) are updated 1 + len(scales) times per iteration. false: the
+    # CAM forwards skip the decoder and only the training forward updates them (cheaper; the
+    # classification phase then needs no CAM forwards at all). Not with reuse_train_forward.
+    update_decoder_bn: bool = True
 
 
 @dataclass
@@ -207,6 +213,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
         OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:  # e.g. a ${...} that names no key
         raise ConfigError(f"Bad config value: {str(err).splitlines()[0]}") from None
+    if cfg.cam.update_decoder_bn and cfg.cam.reuse_train_forward:
+        raise ConfigError("'cam.update_decoder_bn' and 'cam.reuse_train_forward' exclude each "
+                          "other: the reused forward's decoder saw no flipped copy; set one false")
     batch = cfg.train.batch_per_gpu
     if batch is not None and (batch < 1 or cfg.train.global_batch % batch):
         raise ConfigError(f"'train.global_batch' ({cfg.train.global_batch}) must be a multiple of "

@@ -1,24 +1,79 @@
-"""One training iteration's pseudo labels and losses (DESIGN.md section 3, steps 3-12).
+"""Pseudo labels (DESIGN.md section 3, steps 3-9) and one training iteration's losses (7-12).
 
-``compute_afa_losses`` takes what the network produced (the training forward and the multi-scale
-CAM with its affinity) and returns every pseudo label and loss term of the iteration. It holds no
-network call and no config object: the trainer maps its config onto the keyword arguments.
+``make_pseudo_labels`` is the one path from CAMs (and an affinity) to the CAM label, the
+PAR-refined label and the affinity pseudo label: training, validation and ``tools/infer_cam.py``
+all call it, with their own thresholds and affinity scale as arguments. ``compute_afa_losses``
+takes what the network produced (the training forward and the multi-scale CAM with its affinity)
+and returns every pseudo label and loss term of the iteration. Neither holds a network call or a
+config object: callers map their config onto the keyword arguments.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afa.affinity import affinity_label, propagate_cams, token_grid
+from afa.affinity import affinity_label, propagate_cams
 from afa.cam import cam_to_label, refine_cams_with_par, refine_propagated_cams
 from afa.constants import IGNORE_INDEX
 from afa.losses import DenseCRFLoss, affinity_loss, balanced_seg_loss, classification_loss
 
-__all__ = ["AFALosses", "compute_afa_losses"]
+__all__ = ["AFALosses", "PseudoLabels", "compute_afa_losses", "make_pseudo_labels"]
+
+
+class PseudoLabels(NamedTuple):
+    cam_label: torch.Tensor  # (B, H, W) CAM thresholded at cam_bkg (step 3)
+    refined_label: torch.Tensor  # (B, H, W) PAR-refined CAM label, band refine_bkg (step 4)
+    walked: torch.Tensor | None  # (B, C, H, W) CAMs propagated with walk_bkg[1] (step 8)
+    aff_pseudo_label: torch.Tensor | None  # (B, H, W) PAR on the propagated CAMs (step 9)
+
+
+@torch.no_grad()
+def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tensor,
+                       boxes: torch.Tensor, *, par: nn.Module, cam_bkg: float,
+                       refine_bkg: tuple[float, float], aff: torch.Tensor | None = None,
+                       aff_grid: tuple[int, int] | None = None,
+                       walk_bkg: tuple[float, float] | None = None, radius: int = 8,
+                       ignore_index: int = IGNORE_INDEX) -> PseudoLabels:
+    """The pseudo labels of a batch of CAMs, all images at once.
+
+    Args:
+        cam: (B, C-1, H, W) normalised multi-scale CAM.
+        labels: (B, C-1) multi-hot image labels.
+        rgb: (B, 3, H, W) images in [0, 1] (padding 0).
+        boxes: (B, 4) ``[y0, y1, x0, x1]`` image content; every label is ignore outside.
+        par: the ``PAR`` module.
+        cam_bkg: background score of the CAM label.
+        refine_bkg: ``(high, low)`` background scores of the refined label; pixels whose two
+            refinements disagree are ignore (training: (0.55, 0.35); equal values: no band).
+        aff, aff_grid: (B, N, N) affinity and its (h, w) stage-4 grid; without them the affinity
+            pseudo label is not made (None).
+        walk_bkg: ``(high, low)`` background scores of the random walks behind the affinity
+            pseudo label, with the same band rule (training: (0.55, 0.35)).
+        radius: Chebyshev radius of the random walk on the stage-4 grid.
+
+    Training, ``tools/infer_cam.py`` (the labels the segmentation learns from) and validation
+    (which scores the labels without the band: ``refine_bkg=(bkg, bkg)``, ``walk_bkg=(low, low)``,
+    and the argmax of ``walked`` as the affinity CAM) differ only in these arguments.
+    """
+    cam_label = cam_to_label(cam, labels, bkg_score=cam_bkg, boxes=boxes,
+                             ignore_index=ignore_index)
+    high, low = refine_bkg
+    refined = refine_cams_with_par(par, rgb, cam, labels, boxes, high=high, low=low,
+                                   ignore_index=ignore_index)
+    if aff is None:
+        return PseudoLabels(cam_label, refined, None, None)
+    high, low = walk_bkg
+    walked_low = propagate_cams(cam, labels, aff, aff_grid, bkg_score=low, radius=radius)
+    walked_high = walked_low if high == low else propagate_cams(cam, labels, aff, aff_grid,
+                                                                bkg_score=high, radius=radius)
+    aff_pseudo_label = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
+                                              ignore_index=ignore_index)
+    return PseudoLabels(cam_label, refined, walked_low, aff_pseudo_label)
 
 
 @dataclass
@@ -42,6 +97,7 @@ def compute_afa_losses(
     aff_pred: torch.Tensor,
     cam: torch.Tensor | None,
     cam_aff: torch.Tensor | None,
+    grids: tuple[tuple[int, int], tuple[int, int]] | None,
     rgb: torch.Tensor,
     labels: torch.Tensor,
     boxes: torch.Tensor,
@@ -70,6 +126,8 @@ def compute_afa_losses(
             (may be None before ``cam_iters``).
         cam: (B, C-1, H, W) multi-scale CAM (``afa.cam.multi_scale_cam(...).cam``).
         cam_aff: (B, N', N') affinity of the CAM's largest scale (``multi_scale_cam(...).aff``).
+        grids: the (h, w) stage-4 grids of ``aff_pred`` (``AFAOutput.grid``) and of ``cam_aff``
+            (``MultiScaleCAM.aff_grid``); None with ``cam=None``.
         rgb: (B, 3, H, W) the crop de-normalised to [0, 1] (padding is 0).
         labels: (B, C-1) multi-hot image labels.
         boxes: (B, 4) integer ``[y0, y1, x0, x1]``, half-open: ``crop[y0:y1, x0:x1]`` is image
@@ -102,17 +160,15 @@ def compute_afa_losses(
                          seg_target=None, aff_label=None, cls_loss=cls_loss, seg_loss=zero,
                          aff_loss=zero, reg_loss=zero, total=cls_loss + unused)
 
+    aff_grid, cam_aff_grid = grids
+    pseudo = make_pseudo_labels(cam, labels, rgb, boxes, par=par, cam_bkg=bkg_score,
+                                refine_bkg=(high, low), aff=cam_aff, aff_grid=cam_aff_grid,
+                                walk_bkg=(high, low), radius=radius, ignore_index=ignore_index)
+    cam_label, refined_label, aff_pseudo_label = (pseudo.cam_label, pseudo.refined_label,
+                                                  pseudo.aff_pseudo_label)
     with torch.no_grad():
-        cam_label = cam_to_label(cam, labels, bkg_score=bkg_score, boxes=boxes,
-                                 ignore_index=ignore_index)
-        refined_label = refine_cams_with_par(par, rgb, cam, labels, boxes, high=high, low=low,
-                                             ignore_index=ignore_index)
-        aff_label = affinity_label(refined_label, token_grid(aff_pred.shape[-1], height, width),
-                                   radius=radius, ignore_index=ignore_index)
-        walked_high = propagate_cams(cam, labels, cam_aff, bkg_score=high, radius=radius)
-        walked_low = propagate_cams(cam, labels, cam_aff, bkg_score=low, radius=radius)
-        aff_pseudo_label = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
-                                                  ignore_index=ignore_index)
+        aff_label = affinity_label(refined_label, aff_grid, radius=radius,
+                                   ignore_index=ignore_index)
     seg_target = refined_label if iteration < aff_switch_iter else aff_pseudo_label
 
     aff_loss = affinity_loss(aff_pred, aff_label)

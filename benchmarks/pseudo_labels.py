@@ -51,11 +51,12 @@ def _iteration_inputs(batch: int, crop: int, num_classes: int, device: torch.dev
         aff_pred=torch.rand(batch, tokens, tokens, generator=gen),
         cam=cam,
         cam_aff=torch.rand(batch, tokens_large, tokens_large, generator=gen),
+        grids=((crop // 16, crop // 16), (int(crop * 1.5) // 16, int(crop * 1.5) // 16)),
         rgb=torch.rand(batch, 3, crop, crop, generator=gen),
         labels=labels,
         boxes=torch.tensor([[0, crop, 0, crop]] + [[16, crop, 0, crop - 40]] * (batch - 1)),
     )
-    return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
 def main() -> None:

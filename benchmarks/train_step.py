@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from afa import config as C
-from afa.affinity import affinity_label, propagate_cams, token_grid
+from afa.affinity import affinity_label, propagate_cams
 from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
 from afa.config import load_config
 from afa.data import denormalize
@@ -86,7 +86,8 @@ class Timer:
 
 
 def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_loss, amp,
-                     loss_kwargs, cam_scales, reuse_train_forward=False) -> dict:
+                     loss_kwargs, cam_scales, reuse_train_forward=False,
+                     update_decoder_bn=False) -> dict:
     """One iteration with the body of train_step / compute_afa_losses split into timed stages."""
     t = Timer(device)
     kw = loss_kwargs
@@ -96,8 +97,9 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
     with t("forward"), _autocast(device, amp):
         out = model(images)
     with t("multi_scale_cam"), _autocast(device, amp):
-        scale1 = (out.cam_logits, out.aff_pred) if reuse_train_forward else None
-        cams = multi_scale_cam(model, images, cam_scales, scale1=scale1)
+        cams = multi_scale_cam(model, images, cam_scales,
+                               scale1=out if reuse_train_forward else None,
+                               update_decoder_bn=update_decoder_bn)
     cam, cam_aff = cams.cam.float(), cams.aff.float()
     rgb = denormalize(images)
     height, width = rgb.shape[-2:]
@@ -108,12 +110,12 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
             refined = refine_cams_with_par(par, rgb, cam, labels, boxes, high=kw["high"],
                                            low=kw["low"], ignore_index=kw["ignore_index"])
         with t("affinity_labels"):
-            aff_label = affinity_label(refined, token_grid(out.aff_pred.shape[-1], height, width),
-                                       radius=kw["radius"], ignore_index=kw["ignore_index"])
+            aff_label = affinity_label(refined, out.grid, radius=kw["radius"],
+                                       ignore_index=kw["ignore_index"])
         with t("random_walk"):
-            walked_high = propagate_cams(cam, labels, cam_aff, bkg_score=kw["high"],
-                                         radius=kw["radius"])
-            walked_low = propagate_cams(cam, labels, cam_aff, bkg_score=kw["low"],
+            walked_high = propagate_cams(cam, labels, cam_aff, cams.aff_grid,
+                                         bkg_score=kw["high"], radius=kw["radius"])
+            walked_low = propagate_cams(cam, labels, cam_aff, cams.aff_grid, bkg_score=kw["low"],
                                         radius=kw["radius"])
         with t("par"):
             aff_pseudo = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
@@ -182,7 +184,8 @@ def main() -> None:
     step_kwargs = dict(device=device, par=par, crf_loss=crf_loss, cam_scales=cam_scales,
                        amp=args.amp, loss_kwargs=loss_kwargs,
                        cls_phase_full_forward=cfg.train.cls_phase_full_forward,
-                       reuse_train_forward=cfg.cam.reuse_train_forward)
+                       reuse_train_forward=cfg.cam.reuse_train_forward,
+                       update_decoder_bn=cfg.cam.update_decoder_bn)
 
     def full_iteration() -> float:
         if device.type == "cuda":
@@ -225,7 +228,8 @@ def main() -> None:
         runs = [restore() or staged_iteration(model, optimizer, batch, iteration, par=par, crf_loss=crf_loss,
                                  amp=args.amp if device.type == "cuda" else "none",
                                  device=device, loss_kwargs=loss_kwargs, cam_scales=cam_scales,
-                                 reuse_train_forward=cfg.cam.reuse_train_forward)
+                                 reuse_train_forward=cfg.cam.reuse_train_forward,
+                                 update_decoder_bn=cfg.cam.update_decoder_bn)
                 for _ in range(args.iters)]
         stages = {s: round(statistics.median(r.get(s, 0.0) for r in runs), 4) for s in STAGES}
 

@@ -4,15 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from afa.affinity import affinity_label, propagate_cams, radius_mask, random_walk, token_grid
-
-
-def test_token_grid_from_aspect():
-    assert token_grid(20 * 30, 320, 480) == (20, 30)
-    assert token_grid(21 * 32, 330, 500) == (21, 32)  # ceil-rounded grids too
-    assert token_grid(30 * 30, 320, 320) == (30, 30)  # the 1.5x CAM scale on a 320 crop
-    with pytest.raises(ValueError):
-        token_grid(7, 320, 480)
+from afa.affinity import affinity_label, propagate_cams, radius_mask, random_walk
 
 
 @pytest.mark.parametrize("radius", [3, 8])
@@ -111,7 +103,9 @@ def test_propagate_cams_identity_affinity_and_absent_classes():
     labels[1, 4] = 1
     grid = (4, 4)
     eye = torch.eye(16).expand(b, 16, 16)
-    out = propagate_cams(cams, labels, eye, bkg_score=0.4, radius=8)
+    out = propagate_cams(cams, labels, eye, grid, bkg_score=0.4, radius=8)
+    with pytest.raises(ValueError, match="16 positions cannot lie on a 2x4 grid"):
+        propagate_cams(cams, labels, eye, (2, 4), bkg_score=0.4)
     assert out.shape == (b, c1 + 1, height, width)
     # Absent classes stay exactly zero.
     assert (out[0, [1, 3, 5]] == 0).all() and (out[1, 1:5] == 0).all()

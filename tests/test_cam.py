@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from afa.cam import (box_mask, cam_to_label, multi_scale_cam, refine_cams_with_par,
                      refine_propagated_cams)
+from afa.models import CAMForward
 from afa.models.par import PAR
 
 
@@ -17,11 +18,15 @@ class TinyCAMModel(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(3, num_fg, 1)
 
-    def forward_cam(self, x, return_aff=True):
+    def cam_forward(self, x, return_aff=True):
         feat = F.avg_pool2d(x, 4)
         tokens = feat[:, 0].flatten(1)  # (B, N)
         aff = torch.sigmoid(tokens[:, :, None] - tokens[:, None, :]) if return_aff else None
-        return self.proj(feat), aff
+        return CAMForward(self.proj(feat), aff, tuple(feat.shape[-2:]), [feat])
+
+    def forward_cam(self, x, return_aff=True):
+        out = self.cam_forward(x, return_aff)
+        return out.cam, out.aff
 
 
 def test_multi_scale_cam_matches_per_copy_reference():
@@ -47,9 +52,7 @@ def test_multi_scale_cam_matches_per_copy_reference():
 
     x_large = F.interpolate(images, size=(48, 60), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.aff, model.forward_cam(x_large)[1].detach())  # un-flipped
-    cam, aff = out  # unpacks like a tuple
-    assert cam is out.cam
-    assert aff.shape == (2, 12 * 15, 12 * 15)
+    assert out.aff.shape == (2, 12 * 15, 12 * 15) and out.aff_grid == (12, 15)
 
 
 def test_cam_to_label_boundaries_are_inclusive():

@@ -82,7 +82,8 @@ def test_labels_equal_a_training_iteration(run):
             out = model(x)
             ms = multi_scale_cam(model, x, tuple(cfg.cam.scales))
             losses = compute_afa_losses(
-                out.cls_logits, out.seg_logits, out.aff_pred, ms.cam, ms.aff, denormalize(x),
+                out.cls_logits, out.seg_logits, out.aff_pred, ms.cam, ms.aff,
+                (out.grid, ms.aff_grid), denormalize(x),
                 label, torch.tensor([[0, x.shape[2], 0, x.shape[3]]]), iteration=10**6, par=par,
                 bkg_score=cfg.cam.bkg_score, high=cfg.cam.high, low=cfg.cam.low,
                 radius=cfg.cam.radius, cam_iters=0, aff_switch_iter=0)

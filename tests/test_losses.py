@@ -173,6 +173,7 @@ def _combined_inputs(seed=0):
         aff_pred=torch.rand(b, 4, 4, generator=gen).requires_grad_(),  # 2x2 grid at stride 16
         cam=cam,
         cam_aff=torch.rand(b, 9, 9, generator=gen),  # 3x3 grid of the 1.5x scale
+        grids=((2, 2), (3, 3)),
         rgb=torch.rand(b, 3, size, size, generator=gen),
         labels=labels,
         boxes=torch.tensor([[0, 32, 0, 32], [0, 28, 4, 32]]),

@@ -309,7 +309,8 @@ def run_both_paths():
         product_cam = multi_scale_cam(model, x, scales=SCALES)
         product = {iteration: compute_afa_losses(
             forward.cls_logits, forward.seg_logits, forward.aff_pred, product_cam.cam,
-            product_cam.aff, rgb, labels, boxes, iteration, par=PAR())
+            product_cam.aff, (forward.grid, product_cam.aff_grid), rgb, labels, boxes, iteration,
+            par=PAR())
             for iteration in (CAM_ITERS - 1, CAM_ITERS, AFF_SWITCH_ITER)}
         plain = plain_path(model, x, rgb, labels, [list(box) for box in BOXES],
                            forward.cls_logits, forward.seg_logits, forward.aff_pred)

@@ -412,7 +412,7 @@ def test_crop_whose_pseudo_label_is_all_ignore_gives_finite_losses(box):
     labels = torch.eye(8)[:2]
     terms = compute_afa_losses(
         cls_logits, seg_logits, aff_logits.sigmoid(), torch.full((2, 8, 64, 64), 0.45),
-        torch.full((2, 16, 16), 1 / 16), torch.rand(2, 3, 64, 64), labels,
+        torch.full((2, 16, 16), 1 / 16), ((4, 4), (4, 4)), torch.rand(2, 3, 64, 64), labels,
         torch.tensor([box, box]), 5, par=PAR(num_iter=3), crf_loss=DenseCRFLoss(),
         cam_iters=0, aff_switch_iter=0)
     for name in ("refined_label", "aff_pseudo_label", "seg_target", "aff_label"):

@@ -55,18 +55,17 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from afa import config as C
-from afa.affinity import propagate_cams
 from afa.atomic import write_atomic
-from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
+from afa.cam import multi_scale_cam
 from afa.config import ConfigError, load_config
-from afa.data import DataError, denormalize, normalize, write_mask
+from afa.data import DataError, class_names, denormalize, normalize, write_mask
 from afa.engine import distributed as D
-from afa.data import class_names
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, mask_ignored,
                            run_sharded, save_npy_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
+from afa.pseudo_labels import make_pseudo_labels
 
 __all__ = ["KINDS", "main", "parse_args", "pseudo_labels"]
 
@@ -103,17 +102,13 @@ def pseudo_labels(model, par, image: torch.Tensor, label: torch.Tensor, *, scale
     height, width = image.shape[-2:]
     ms = multi_scale_cam(model, image, scales)
     cam = ms.cam.float()
-    rgb = denormalize(image.float())
     box = torch.tensor([[0, height, 0, width]], device=image.device)
-    walked_high = propagate_cams(cam, label, ms.aff.float(), bkg_score=high, radius=radius)
-    walked_low = propagate_cams(cam, label, ms.aff.float(), bkg_score=low, radius=radius)
-    labels = {
-        "cam_label": cam_to_label(cam, label, bkg_score=bkg_score, ignore_index=ignore_index),
-        "refined": refine_cams_with_par(par, rgb, cam, label, box, high=high, low=low,
-                                        ignore_index=ignore_index),
-        "affinity": refine_propagated_cams(par, rgb, walked_high, walked_low, label, box,
-                                           ignore_index=ignore_index),
-    }
+    pseudo = make_pseudo_labels(cam, label, denormalize(image.float()), box, par=par,
+                                cam_bkg=bkg_score, refine_bkg=(high, low), aff=ms.aff.float(),
+                                aff_grid=ms.aff_grid, walk_bkg=(high, low), radius=radius,
+                                ignore_index=ignore_index)
+    labels = {"cam_label": pseudo.cam_label, "refined": pseudo.refined_label,
+              "affinity": pseudo.aff_pseudo_label}
     return labels, cam * label[:, :, None, None]
 
 

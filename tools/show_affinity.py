@@ -41,12 +41,10 @@ def affinity_picture(model: AFANet, image, pixels, long_side: int | None):
     """The grid for ``image`` (H, W, 3) uint8 and query ``pixels`` [(y, x), ...]."""
     height, width = image.shape[:2]
     x = resize_long_side(normalize(image)[None], long_side)
-    out = model(x)
-    cam, _ = model.forward_cam(x)
-    grid = tuple(cam.shape[-2:])  # the stage-4 grid the affinity lives on
+    out = model(x)  # out.grid: the stage-4 grid the affinity lives on
     seg = F.interpolate(out.seg_logits, size=(height, width), mode="bilinear",
                         align_corners=False).max(dim=1).indices[0]
-    panels = [image] + [affinity_overlay(image, out.aff_pred[0], grid, p) for p in pixels]
+    panels = [image] + [affinity_overlay(image, out.aff_pred[0], out.grid, p) for p in pixels]
     panels.append(colorize_label(seg))
     titles = ["image"] + [f"affinity of {y},{x}" for y, x in pixels] + ["segmentation"]
     return make_grid(panels, titles=titles)

@@ -68,31 +68,39 @@ class StepOutput(NamedTuple):
 
 def train_step(model, batch: dict, iteration: int, *, device: torch.device, par: PAR,
                crf_loss, cam_scales, amp: str, loss_kwargs: dict,
-               cls_phase_full_forward: bool = True, reuse_train_forward: bool = False) -> StepOutput:
+               cls_phase_full_forward: bool = True, reuse_train_forward: bool = False,
+               update_decoder_bn: bool = False) -> StepOutput:
     """Forward, multi-scale CAM, pseudo labels and losses of one (micro-)batch; no backward.
 
     Before ``cam_iters`` with ``cls_phase_full_forward=False`` the forward runs the encoder and
     classifier only; the idle decoder and affinity head join the graph with weight 0 (for DDP).
     ``reuse_train_forward``: the multi-scale CAM takes its un-flipped scale-1 copy from this
-    forward (``cam.reuse_train_forward``).
+    forward (``cam.reuse_train_forward``). ``update_decoder_bn``: the CAM forwards also run the
+    decoder, updating its BatchNorm statistics as the authors' code does
+    (``cam.update_decoder_bn``); they then run in the classification phase too, whose pseudo
+    labels are not needed, as the authors' loop runs them every iteration.
     """
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) normalised
     labels = batch["label"].to(device, non_blocking=True)  # (B, C-1) multi-hot
     boxes = batch["box"].to(device, non_blocking=True)  # (B, 4) [y0, y1, x0, x1]
-    # The CAMs feed only the pseudo labels, which count from cam_iters on: skip them before.
+    # The CAMs feed only the pseudo labels, which count from cam_iters on: skip them before,
+    # unless their forwards must update the decoder's statistics.
     need_cams = iteration >= loss_kwargs["cam_iters"]
     cls_only = not (need_cams or cls_phase_full_forward)
+    run_cams = need_cams or (update_decoder_bn and not cls_only)
     with _autocast(device, amp):
         out = model(images, cls_only=cls_only)
-        scale1 = (out.cam_logits, out.aff_pred) if reuse_train_forward else None
-        cams = (multi_scale_cam(unwrap_model(model), images, cam_scales, scale1=scale1)
-                if need_cams else None)
+        cams = (multi_scale_cam(unwrap_model(model), images, cam_scales,
+                                scale1=out if reuse_train_forward else None,
+                                update_decoder_bn=update_decoder_bn)
+                if run_cams else None)
     cam = cams.cam.float() if need_cams else None
     seg_logits = None if cls_only else out.seg_logits.float()
     terms = compute_afa_losses(
         out.cls_logits.float(), seg_logits, None if cls_only else out.aff_pred.float(), cam,
-        cams.aff.float() if need_cams else None, denormalize(images), labels, boxes, iteration,
-        par=par, crf_loss=crf_loss, **loss_kwargs)
+        cams.aff.float() if need_cams else None, (out.grid, cams.aff_grid) if need_cams else None,
+        denormalize(images), labels, boxes, iteration, par=par, crf_loss=crf_loss,
+        **loss_kwargs)
     if cls_only:
         idle = sum(0.0 * p.sum() for p in unwrap_model(model).idle_params())
         terms = dataclasses.replace(terms, total=terms.total + idle)
@@ -376,7 +384,8 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     step_kwargs = dict(device=info.device, par=par, crf_loss=crf_loss,
                        cam_scales=tuple(cfg.cam.scales), amp=t.amp, loss_kwargs=_loss_kwargs(cfg),
                        cls_phase_full_forward=t.cls_phase_full_forward,
-                       reuse_train_forward=cfg.cam.reuse_train_forward)
+                       reuse_train_forward=cfg.cam.reuse_train_forward,
+                       update_decoder_bn=cfg.cam.update_decoder_bn)
     run_log = RunLogger(work_dir, main, start_iter)
     sums, logged, skipped, bad_files, scores = {}, 0, 0, 0, {}
     bar = tqdm(total=t.max_iters, initial=start_iter, disable=not progress_enabled(),

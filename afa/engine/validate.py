@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from afa.affinity import propagate_cams
-from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
+from afa.cam import multi_scale_cam
 from afa.data import DataError, denormalize
 from afa.engine import distributed as D
 from afa.engine.logger import progress_enabled
 from afa.metrics import ConfusionMatrix, multilabel_f1
+from afa.pseudo_labels import make_pseudo_labels
 
 __all__ = ["KINDS", "ValidationStopped", "format_table", "predict_labels", "validate"]
 
@@ -39,20 +39,29 @@ KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
 @torch.no_grad()
 def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_scales,
                    bkg_score: float, low: float, radius: int) -> tuple[dict, torch.Tensor]:
-    """The five label maps of one image (1, 3, H, W) with labels (1, C-1); and the cls logits."""
+    """The five label maps of one image (1, 3, H, W) with labels (1, C-1); and the cls logits.
+
+    One forward gives the segmentation, the scale-1 affinity and, when 1.0 is a CAM scale, the
+    multi-scale CAM's un-flipped scale-1 copy (eval mode: the same numbers a second forward would
+    give); the other CAM forwards run fused attention and compute no affinity.
+    """
     height, width = image.shape[-2:]
     out = model(image)
-    cam = multi_scale_cam(model, image, cam_scales).cam.float()
+    reuse = 1.0 in cam_scales
+    cam = multi_scale_cam(model, image, cam_scales, aff_scale=1.0 if reuse else None,
+                          scale1=out if reuse else None).cam.float()
     rgb = denormalize(image.float())
     box = torch.tensor([[0, height, 0, width]], device=image.device)
-    walked = propagate_cams(cam, label, out.aff_pred.float(), bkg_score=low, radius=radius)
+    pseudo = make_pseudo_labels(cam, label, rgb, box, par=par, cam_bkg=bkg_score,
+                                refine_bkg=(bkg_score, bkg_score), aff=out.aff_pred.float(),
+                                aff_grid=out.grid, walk_bkg=(low, low), radius=radius)
     seg = F.interpolate(out.seg_logits.float(), size=(height, width), mode="bilinear",
                         align_corners=False)
     labels = {
-        "cam": cam_to_label(cam, label, bkg_score=bkg_score),
-        "refined": refine_cams_with_par(par, rgb, cam, label, box, high=bkg_score, low=bkg_score),
-        "aff_cam": walked.max(dim=1).indices,
-        "affinity": refine_propagated_cams(par, rgb, walked, walked, label, box),
+        "cam": pseudo.cam_label,
+        "refined": pseudo.refined_label,
+        "aff_cam": pseudo.walked.max(dim=1).indices,
+        "affinity": pseudo.aff_pseudo_label,
         "seg": seg.max(dim=1).indices,
     }
     return labels, out.cls_logits.float()

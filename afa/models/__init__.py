@@ -1,6 +1,6 @@
 """Networks of AFA: the MiT encoder, the SegFormer decoder, AFANet and PAR."""
 
-from afa.models.afa_net import AFANet, AFAOutput, load_state_dict_flexible
+from afa.models.afa_net import AFANet, AFAOutput, CAMForward, load_state_dict_flexible
 from afa.models.mix_transformer import (
     MixVisionTransformer,
     PretrainedWeights,
@@ -19,6 +19,7 @@ from afa.models.segformer_head import SegFormerHead, convert_sync_batchnorm
 __all__ = [
     "AFANet",
     "AFAOutput",
+    "CAMForward",
     "MixVisionTransformer",
     "PAR",
     "PretrainedWeights",

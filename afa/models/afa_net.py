@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from afa.models import mix_transformer
 from afa.models.segformer_head import SegFormerHead
 
-__all__ = ["AFANet", "AFAOutput", "load_state_dict_flexible"]
+__all__ = ["AFANet", "AFAOutput", "CAMForward", "load_state_dict_flexible"]
 
 
 class AFAOutput(NamedTuple):
@@ -31,6 +31,18 @@ class AFAOutput(NamedTuple):
     # (B, C-1, H/16, W/16) CAM before ReLU of this forward (what forward_cam returns); None after
     # a cls_only forward. The trainer can reuse it as the multi-scale CAM's scale-1 copy.
     cam_logits: torch.Tensor | None = None
+    # (h, w) stage-4 grid of this forward: attn_logits and aff_pred are over its N = h * w
+    # positions, row-major. Taken from the encoder's output, never guessed from N.
+    grid: tuple[int, int] | None = None
+
+
+class CAMForward(NamedTuple):
+    """What a CAM-only forward computed (:meth:`AFANet.cam_forward`)."""
+
+    cam: torch.Tensor  # (B, C-1, h, w) CAM before ReLU on the stage-4 grid
+    aff: torch.Tensor | None  # (B, N, N) affinity, N = h * w; None unless asked for
+    grid: tuple[int, int]  # (h, w) stage-4 grid of this forward
+    features: list[torch.Tensor]  # the four encoder stages, for the decoder
 
 
 class AFANet(nn.Module):
@@ -96,26 +108,34 @@ class AFANet(nn.Module):
         decoder, no affinity), the rest None."""
         features, attn_logits = self.encoder(x, return_attn=not cls_only)
         cls_logits = self.classifier(self._pool(features[3])).flatten(1)
+        grid = tuple(features[3].shape[-2:])
         if cls_only:
-            return AFAOutput(cls_logits, None, None, None)
+            return AFAOutput(cls_logits, None, None, None, grid=grid)
         seg_logits = self.decoder(features)
         cam_logits = F.conv2d(features[3], self.classifier.weight)
         return AFAOutput(cls_logits, seg_logits, attn_logits, self._affinity(attn_logits),
-                         cam_logits)
+                         cam_logits, grid)
 
     def idle_params(self) -> list[nn.Parameter]:
         """The parameters a ``cls_only`` forward does not use (decoder and affinity head)."""
         return list(self.decoder.parameters()) + list(self.attn_proj.parameters())
 
-    def forward_cam(self, x: torch.Tensor, return_aff: bool = True):
-        """CAMs ``(B, C-1, h, w)`` before ReLU and the affinity ``(B, N, N)``; skips the decoder.
+    def cam_forward(self, x: torch.Tensor, return_aff: bool = True) -> CAMForward:
+        """The encoder and the CAM, with the stage-4 grid and features; skips the decoder.
 
         With ``return_aff=False`` every block runs the fused attention kernel and the affinity is
         None: the multi-scale CAM needs the affinity of one scale only.
         """
         features, attn_logits = self.encoder(x, return_attn=return_aff)
         cam = F.conv2d(features[3], self.classifier.weight)
-        return cam, self._affinity(attn_logits) if return_aff else None
+        aff = self._affinity(attn_logits) if return_aff else None
+        return CAMForward(cam, aff, tuple(features[3].shape[-2:]), features)
+
+    def forward_cam(self, x: torch.Tensor, return_aff: bool = True):
+        """CAMs ``(B, C-1, h, w)`` before ReLU (on the stage-4 grid) and the affinity
+        ``(B, N, N)`` or None; see :meth:`cam_forward`."""
+        out = self.cam_forward(x, return_aff)
+        return out.cam, out.aff
 
     def param_groups(self) -> list[dict]:
         """Named optimiser groups with their learning-rate multipliers (AFA: 1, 0, 10, 10)."""
