@@ -1,13 +1,17 @@
-"""tools/evaluate.py on a tiny generated set with a random tiny model: it runs, and it announces a
-validation list that ``prepare_voc.py --skip-missing`` shortened."""
+"""tools/evaluate.py on a tiny generated set with a random or a one-iteration model: it runs, it
+announces a validation list that ``prepare_voc.py --skip-missing`` shortened, it builds the
+network of our checkpoint's saved config, and ``--limit`` / ``data.val_max_images`` score the
+first images."""
 
 import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import load_tool
+from conftest import load_tool, tiny_config
+from afa.engine.trainer import train
 from afa.data.synthetic import make_demo_dataset
 from afa.models import AFANet
 
@@ -41,3 +45,98 @@ def test_a_val_list_that_prepare_voc_shortened_is_announced(tmp_path, capsys):
     record.unlink()
     assert evaluate.main(argv) == 0
     assert "listed ids" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tiny_data, tmp_path_factory):
+    """The checkpoint of a one-iteration run of the real trainer: MiT-B0, decoder width 32."""
+    work = tmp_path_factory.mktemp("evaluate_run")
+    train(tiny_config(tiny_data, work, **{"train.max_iters": 1, "train.eval_iters": 100,
+                                          "train.ckpt_iters": 100}))
+    return work / "checkpoints" / "iter_000001.pth"
+
+
+def _voc_argv(data, checkpoint, *extra):
+    """configs/voc.yaml (MiT-B1, width 256) pointed at the tiny demo set."""
+    return ["--config", str(REPO / "configs" / "voc.yaml"), "--checkpoint", str(checkpoint),
+            *extra, f"data.root={data}", f"data.list_dir={data}", "data.name=demo",
+            f"data.num_classes={NUM_CLASSES}", "device=cpu", "cam.scales=[1.0]"]
+
+
+def _count_scored(monkeypatch) -> list[int]:
+    sizes = []
+
+    def counting(model, dataset, **kwargs):
+        sizes.append(len(dataset))
+        return real_validate(model, dataset, **kwargs)
+
+    real_validate = evaluate.validate
+    monkeypatch.setattr(evaluate, "validate", counting)
+    return sizes
+
+
+def test_our_checkpoint_brings_its_network_to_another_config(tiny_data, trained_checkpoint,
+                                                             tmp_path, capsys, monkeypatch):
+    sizes = _count_scored(monkeypatch)
+    out_json = tmp_path / "scores.json"
+    assert evaluate.main(_voc_argv(tiny_data, trained_checkpoint, "--json", str(out_json))) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (
+        f"checkpoint '{trained_checkpoint}': network settings taken from its saved config (they "
+        "differ from --config): model.backbone=mit_b0 (config: mit_b1), "
+        "model.embedding_dim=32 (config: 256)")
+    assert lines[1] == "val, 3 images, single-scale (no flip, no CRF); IoU and F1 in %"
+    assert lines[2].split() == ["class", "cam", "refined", "aff_cam", "affinity", "seg"]
+    assert sizes == [3]
+    record = json.loads(out_json.read_text())
+    assert record["num_images"] == record["split_images"] == 3 and record["split"] == "val"
+    assert record["checkpoint"] == str(trained_checkpoint.resolve())
+    assert 0 <= record["seg"]["miou"] <= 1
+
+
+def test_an_override_against_the_checkpoint_is_refused(tiny_data, trained_checkpoint, capsys):
+    argv = _voc_argv(tiny_data, trained_checkpoint, "model.embedding_dim=256")
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "model.embedding_dim=256 was given on the command line" in err
+    assert "model.embedding_dim=32 (its saved config)" in err
+
+
+def test_limit_and_val_max_images_score_the_first_images(tiny_data, trained_checkpoint,
+                                                          tmp_path, capsys, monkeypatch):
+    sizes = _count_scored(monkeypatch)
+    out_json = tmp_path / "scores.json"
+    argv = _voc_argv(tiny_data, trained_checkpoint, "--limit", "2", "--json", str(out_json))
+    assert evaluate.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("scoring the first 2 of 3 images of val (--limit / data.val_max_images): not the "
+            "split's scores") in out
+    assert "val, 2 images, single-scale" in out
+    record = json.loads(out_json.read_text())
+    assert (record["num_images"], record["split_images"]) == (2, 3)
+    assert evaluate.main(_voc_argv(tiny_data, trained_checkpoint, "data.val_max_images=1")) == 0
+    assert evaluate.main(_voc_argv(tiny_data, trained_checkpoint, "--limit", "9")) == 0
+    assert sizes == [2, 1, 3]
+    assert "scoring the first 3 of 3" in capsys.readouterr().out
+    assert evaluate.main(_voc_argv(tiny_data, trained_checkpoint, "--limit", "2",
+                                   "data.val_max_images=1")) == 2
+    assert "--limit 2 and data.val_max_images=1 disagree" in capsys.readouterr().err
+    assert evaluate.main(_voc_argv(tiny_data, trained_checkpoint, "--limit", "0")) == 2
+    assert sizes == [2, 1, 3]
+
+
+def test_help_explains_every_flag_and_the_single_scale_score(capsys):
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--config", "--checkpoint", "--split", "--limit N", "--json OUT.json",
+                 "key=value"):
+        assert flag in text
+    assert "SINGLE-SCALE, no flip, no CRF" in text and "tools/infer_seg.py" in text
+    assert "IoU in %" in text and "data.val_max_images" in text
+
+
+def test_a_missing_checkpoint_is_named(tiny_data, tmp_path, capsys):
+    assert evaluate.main(_voc_argv(tiny_data, tmp_path / "none.pth")) == 2
+    assert f"Checkpoint not found: '{tmp_path / 'none.pth'}'" in capsys.readouterr().err

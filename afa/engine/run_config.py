@@ -1,0 +1,155 @@
+"""The network settings of a trained checkpoint, for the tools that load one.
+
+A checkpoint written by our trainer carries the merged config of its run (``state["config"]``, a
+plain dict); the authors' checkpoints carry only a state dict. A tool that evaluates or runs a
+checkpoint builds the network from ``--config``, so ``--config configs/voc.yaml`` (MiT-B1,
+decoder width 256) with a checkpoint of a MiT-B0 run would fail to load.
+:func:`model_config_from_checkpoint` returns the config with the checkpoint's network settings
+instead, and says which ones it took.
+
+The rule:
+
+- ``MODEL_KEYS`` (backbone, decoder width, stage strides, pooling) describe the network alone:
+  the checkpoint's saved value wins over the config file, and the returned note lists what was
+  taken. The same key given on the command line with another value is an error, since that
+  network cannot use these weights.
+- ``data.num_classes`` also shapes the network, but it belongs to the data the tool reads (masks,
+  class names, image labels): a checkpoint trained for another number of classes is an error,
+  never silently adopted.
+- ``model.pretrained`` becomes null: a checkpoint holds every weight, so evaluating one never
+  needs (or looks for) the ImageNet MiT file.
+
+Checkpoints without a saved config (the authors', or a bare state dict) change nothing but
+``model.pretrained``; their shapes are checked when the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from afa.config import ConfigError
+
+__all__ = ["MATCHED_KEYS", "MODEL_KEYS", "CheckpointError", "CheckpointSettings",
+           "model_config_from_checkpoint", "read_checkpoint"]
+
+# Network settings a checkpoint's saved config decides (the keys of ``afa.config.model_kwargs``
+# that matter once the weights are loaded; drop_path_rate does nothing in evaluation).
+MODEL_KEYS = ("model.backbone", "model.embedding_dim", "model.stride", "model.pooling")
+# Settings the network shares with the data: the checkpoint's value must equal the config's.
+MATCHED_KEYS = ("data.num_classes",)
+
+_ABSENT = object()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read; the message names the file."""
+
+
+class CheckpointSettings(NamedTuple):
+    cfg: DictConfig  # read-only, like load_config's
+    # {key: (value in the config, value taken from the checkpoint)} for every key that changed
+    changed: dict[str, tuple[Any, Any]]
+    note: str | None  # one line naming the checkpoint and the changed keys; None if none changed
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` of a checkpoint onto the CPU, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: '{path}'")
+    try:
+        # weights_only=False: our checkpoints hold RNG states and NumPy arrays besides tensors.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointError(f"Cannot read checkpoint '{path}' ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'empty'})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"Checkpoint '{path}' holds a {type(state).__name__}, not a dict "
+                              "of weights")
+    return state
+
+
+def _lookup(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value).replace(" ", "")
+
+
+def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
+                                 overrides=()) -> CheckpointSettings:
+    """``cfg`` with the network settings of ``checkpoint``'s saved config (see the module doc).
+
+    Args:
+        cfg: the merged config of ``load_config`` (not modified; a changed copy is returned).
+        checkpoint: a checkpoint path, or the dict ``torch.load`` returned for it.
+        overrides: the ``key=value`` strings the user gave on the command line; a network key
+            among them that contradicts the checkpoint is a :class:`~afa.config.ConfigError`.
+
+    Raises ``ConfigError`` (an override or ``data.num_classes`` that contradicts the checkpoint),
+    ``FileNotFoundError`` and :class:`CheckpointError` (a missing or unreadable file).
+
+    Use in a tool, after the config is loaded and before the network is built::
+
+        cfg = load_config(args.config, overrides)
+        cfg, _, note = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
+        if note and is_main_process:
+            print(note)
+        model = AFANet(**C.model_kwargs(cfg))
+        model.load_weights(args.checkpoint)
+
+    (no ``model.pretrained=null`` override is needed any more).
+    """
+    source = "the given checkpoint"
+    if not isinstance(checkpoint, dict):
+        source = f"checkpoint '{checkpoint}'"
+        checkpoint = read_checkpoint(checkpoint)
+    saved = checkpoint.get("config")
+    explicit = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    changed = {}
+    if isinstance(saved, dict):
+        for key in MODEL_KEYS + MATCHED_KEYS:
+            value = _lookup(saved, key)
+            current = _plain(OmegaConf.select(cfg, key))
+            if value is _ABSENT or value == current:
+                continue
+            if key in explicit:
+                raise ConfigError(
+                    f"{key}={_show(current)} was given on the command line, but {source} was "
+                    f"trained with {key}={_show(value)} (its saved config): the network must "
+                    f"be the checkpoint's; drop that override")
+            if key in MATCHED_KEYS:
+                raise ConfigError(
+                    f"{source} was trained with {key}={_show(value)} (data.name="
+                    f"{_show(_lookup(saved, 'data.name'))}), but the config's data has "
+                    f"{key}={_show(current)} (data.name={cfg.data.name}): use the config of the "
+                    f"data the model was trained on, or {key}={_show(value)} and the matching "
+                    "data.name")
+            changed[key] = (current, value)
+    new = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(new, False)
+    for key, (_, value) in changed.items():
+        OmegaConf.update(new, key, value, merge=False)
+    new.model.pretrained = None  # the checkpoint holds every weight
+    OmegaConf.set_readonly(new, True)
+    note = None
+    if changed:
+        note = (f"{source}: network settings taken from its saved config (they differ from "
+                "--config): " + ", ".join(f"{key}={_show(new_value)} (config: {_show(old)})"
+                                          for key, (old, new_value) in changed.items()))
+    return CheckpointSettings(new, changed, note)
