@@ -35,3 +35,23 @@ def test_pixel_outside_the_image_is_an_error(tmp_path, capsys):
             "--out", str(tmp_path / "o.png"), "model.embedding_dim=32"]
     assert show_affinity.main(argv) == 2
     assert "outside" in capsys.readouterr().err
+
+
+def test_checkpoint_brings_its_network_and_overrides_stand_anywhere(tmp_path, capsys):
+    """Our checkpoint's saved config decides the network (demo.yaml says width 128, the
+    checkpoint 32); a key=value right after --pixels is an override, not a pixel."""
+    from omegaconf import OmegaConf
+
+    from afa.config import load_config
+
+    config = REPO / "configs" / "demo.yaml"
+    model = AFANet("mit_b0", num_classes=9, embedding_dim=32)
+    saved = OmegaConf.to_container(load_config(config, ["model.embedding_dim=32"]), resolve=True)
+    torch.save({"model": model.state_dict(), "config": saved}, tmp_path / "ckpt.pth")
+    Image.fromarray(np.zeros((50, 70, 3), np.uint8)).save(tmp_path / "img.png")
+    argv = ["--config", str(config), "--checkpoint", str(tmp_path / "ckpt.pth"), "--image",
+            str(tmp_path / "img.png"), "--pixels", "5,5", "40,60", "infer.long_side=64",
+            "--out", str(tmp_path / "o.png")]
+    assert show_affinity.main(argv) == 0
+    assert "model.embedding_dim=32" in capsys.readouterr().out
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape[1] == 4 * 70 + 3 * 4

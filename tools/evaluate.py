@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def _image_limit(args, cfg_overrides: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    main_process = int(os.environ.get("RANK", 0)) == 0
+    main_process = D.env_rank() == 0
     try:
         overrides = list(args.overrides) + _image_limit(args, args.overrides)
         if args.split:

@@ -60,6 +60,7 @@ from afa.cam import multi_scale_cam
 from afa.config import ConfigError, load_config
 from afa.data import DataError, class_names, denormalize, normalize, write_mask
 from afa.engine import distributed as D
+from afa.engine.run_config import model_config_from_checkpoint
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, mask_ignored,
                            run_sharded, save_npy_atomic)
 from afa.io import read_label_png
@@ -199,12 +200,15 @@ def format_table(scores: dict, names: list[str]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides) + ["model.pretrained=null"]
     kinds = {kind: ".png" for kind in KINDS}
     if args.save_npy:
         kinds = {"cam": ".npy", **kinds}
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, args.overrides)
+        # Our checkpoints bring their network settings (backbone, decoder width): say which.
+        cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
+        if taken and D.env_rank() == 0:
+            print(taken, flush=True)
         split = args.split or cfg.data.train_split
         images = ImageSet(**C.image_set_kwargs(cfg, split))
         model = AFANet(**C.model_kwargs(cfg))

@@ -1,4 +1,4 @@
-"""Show what AFA learned from attention: the affinity of chosen pixels to the rest of an image.
+r"""Show what AFA learned from attention: the affinity of chosen pixels to the rest of an image.
 
     python tools/show_affinity.py --config configs/voc.yaml --checkpoint CKPT \
         --image data/VOCdevkit/VOC2012/JPEGImages/2007_000033.jpg --pixels 120,200 250,330 \
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from afa import config as C
 from afa.config import ConfigError, load_config
 from afa.data import DataError, normalize, read_image
+from afa.engine.run_config import model_config_from_checkpoint
 from afa.inference import resize_long_side
 from afa.io import write_rgb_png
 from afa.models import AFANet
@@ -51,16 +52,29 @@ def affinity_picture(model: AFANet, image, pixels, long_side: int | None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--image", required=True, help="an image file")
-    parser.add_argument("--pixels", type=_pixel, nargs="+", required=True, metavar="Y,X")
-    parser.add_argument("--out", required=True, help="the PNG to write")
-    parser.add_argument("overrides", nargs="*", help="config overrides as key=value")
-    args = parser.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True,
+                        help="a YAML config, e.g. configs/voc.yaml (our checkpoints bring their "
+                             "own network settings; the config gives infer.long_side)")
+    parser.add_argument("--checkpoint", required=True, help="our checkpoint or the authors'")
+    parser.add_argument("--image", required=True, help="an image file (JPEG or PNG, any size)")
+    parser.add_argument("--pixels", type=_pixel, nargs="+", required=True, metavar="Y,X",
+                        help="query pixels in the original image's coordinates, row first")
+    parser.add_argument("--out", required=True, help="the PNG to write (folders are created)")
+    parser.add_argument("overrides", nargs="*", help="config overrides as key=value, anywhere "
+                                                     "on the line")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # key=value overrides may stand anywhere, e.g. after --pixels, whose nargs="+" would
+    # otherwise take them for pixels: set them aside before parsing.
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    overrides = list(args.overrides) + overrides
     try:
-        cfg = load_config(args.config, list(args.overrides) + ["model.pretrained=null"])
+        cfg = load_config(args.config, overrides)
+        cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, overrides)
+        if taken:
+            print(taken)
         model = AFANet(**C.model_kwargs(cfg)).eval()
         model.load_weights(args.checkpoint)
         image = read_image(args.image)

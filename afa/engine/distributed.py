@@ -22,6 +22,7 @@ __all__ = [
     "barrier",
     "broadcast_buffers",
     "cleanup",
+    "env_rank",
     "init_distributed",
     "is_main",
     "rank",
@@ -42,6 +43,11 @@ def _env_int(*names: str, default: int) -> int:
         if name in os.environ:
             return int(os.environ[name])
     return default
+
+
+def env_rank() -> int:
+    """This process's rank as the launcher set it, before (or without) joining the group."""
+    return _env_int("RANK", "SLURM_PROCID", default=0)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
