@@ -32,6 +32,7 @@ __all__ = [
     "SegmentationScores",
     "segmentation_scores",
     "format_scores",
+    "format_table",
     "multilabel_f1",
 ]
 
@@ -202,19 +203,40 @@ def segmentation_scores(
     )
 
 
-def format_scores(scores: SegmentationScores) -> str:
-    """A readable table: per-class IoU (``-`` for excluded classes), then the summary scores."""
-    width = max(len("class"), *(len(name) for name in scores.class_names))
-    lines = [f"{'id':>3}  {'class':<{width}}  {'IoU':>6}  {'acc':>6}"]
-    for index, (name, iou, acc) in enumerate(zip(scores.class_names, scores.iou, scores.acc)):
-        iou_s = "-" if np.isnan(iou) else f"{100 * iou:6.2f}"
-        acc_s = "-" if np.isnan(acc) else f"{100 * acc:6.2f}"
-        lines.append(f"{index:>3}  {name:<{width}}  {iou_s:>6}  {acc_s:>6}")
+def format_table(columns: dict[str, Sequence], class_names: Sequence[str],
+                 summary: dict[str, Sequence] | None = None) -> str:
+    """The one table of the project's tools: a row per class, a column per entry of ``columns``,
+    then the ``summary`` rows; every value is a fraction printed in %.
+
+    ``columns`` maps a title to per-class values; ``summary`` maps a row name to one value per
+    column (a shorter list leaves the rest blank). None or NaN prints ``-``: a class absent from
+    both prediction and ground truth has no IoU.
+    """
+    summary = summary or {}
+
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "-"
+        return f"{100 * value:.2f}"
+
+    width = max(len(name) for name in [*class_names, *summary, "class (in %)"]) + 2
+    size = max(9, *(len(title) + 1 for title in columns))
+    lines = [f"{'class (in %)':<{width}}" + "".join(f"{t:>{size}}" for t in columns)]
+    for index, name in enumerate(class_names):
+        lines.append(f"{name:<{width}}"
+                     + "".join(f"{cell(v[index]):>{size}}" for v in columns.values()))
     lines.append("-" * len(lines[0]))
-    lines.append(f"pixel acc {100 * scores.pixel_acc:6.2f}")
-    lines.append(f"mean acc  {100 * scores.mean_acc:6.2f}")
-    lines.append(f"mIoU      {100 * scores.miou:6.2f}")
+    for name, values in summary.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{cell(v):>{size}}" for v in values))
     return "\n".join(lines)
+
+
+def format_scores(scores: SegmentationScores) -> str:
+    """:func:`format_table` of one prediction: per-class IoU and accuracy, then pixel accuracy,
+    mean accuracy and mIoU."""
+    return format_table({"IoU": scores.iou, "acc": scores.acc}, scores.class_names,
+                        {"pixel acc": [scores.pixel_acc], "mean acc": [scores.mean_acc],
+                         "mIoU": [scores.miou]})
 
 
 def multilabel_f1(

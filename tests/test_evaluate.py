@@ -86,7 +86,7 @@ def test_our_checkpoint_brings_its_network_to_another_config(tiny_data, trained_
         "differ from --config): model.backbone=mit_b0 (config: mit_b1), "
         "model.embedding_dim=32 (config: 256)")
     assert lines[1] == "val, 3 images, single-scale (no flip, no CRF); IoU and F1 in %"
-    assert lines[2].split() == ["class", "cam", "refined", "aff_cam", "affinity", "seg"]
+    assert lines[2].split() == ["class", "(in", "%)", "cam", "refined", "aff_cam", "affinity", "seg"]
     assert sizes == [3]
     record = json.loads(out_json.read_text())
     assert record["num_images"] == record["split_images"] == 3 and record["split"] == "val"

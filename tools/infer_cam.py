@@ -64,7 +64,7 @@ from afa.engine.run_config import model_config_from_checkpoint
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, mask_ignored,
                            run_sharded, save_npy_atomic)
 from afa.io import read_label_png
-from afa.metrics import ConfusionMatrix
+from afa.metrics import ConfusionMatrix, format_table
 from afa.models import PAR, AFANet
 from afa.pseudo_labels import make_pseudo_labels
 
@@ -183,21 +183,6 @@ class CamInference:
         return out
 
 
-def format_table(scores: dict, names: list[str]) -> str:
-    """Per-class IoU (rows) of every kind (columns), then the mIoU and ignored-fraction rows."""
-    width = max(len(n) for n in names + ["ignored %"]) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{k:>11}" for k in KINDS)]
-    for index, name in enumerate(names):
-        cells = [scores[k]["iou"][index] for k in KINDS]
-        lines.append(f"{name:<{width}}" + "".join(
-            f"{'-':>11}" if v is None else f"{100 * v:11.2f}" for v in cells))
-    lines.append(f"{'mIoU':<{width}}" + "".join(
-        f"{100 * (scores[k]['miou'] or 0.0):11.2f}" for k in KINDS))
-    lines.append(f"{'ignored %':<{width}}" + "".join(
-        f"{100 * (scores[k]['ignored_fraction'] or 0.0):11.2f}" for k in KINDS))
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     kinds = {kind: ".png" for kind in KINDS}
@@ -243,7 +228,9 @@ def main(argv=None) -> int:
         if scored:
             names = class_names(cfg)
             scores = job.scores(names)
-            print(format_table(scores, names))
+            print(format_table({k: scores[k]["iou"] for k in KINDS}, names, {
+                "mIoU": [scores[k]["miou"] for k in KINDS],
+                "ignored": [scores[k]["ignored_fraction"] for k in KINDS]}))
             result = {"split": split, "num_images": total, "num_scored": scored, **scores}
             write_atomic(args.out_dir / "scores.json",
                          lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))

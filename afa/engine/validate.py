@@ -28,6 +28,7 @@ from afa.cam import multi_scale_cam
 from afa.data import DataError, denormalize
 from afa.engine import distributed as D
 from afa.engine.logger import progress_enabled
+from afa import metrics
 from afa.metrics import ConfusionMatrix, multilabel_f1
 from afa.pseudo_labels import make_pseudo_labels
 
@@ -140,15 +141,7 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score
 
 
 def format_table(scores: dict, names: list[str]) -> str:
-    """Per-class IoU (rows) of every label kind (columns), then the mIoU row and the F1."""
-    def cell(value) -> str:  # None: the class is absent from prediction and ground truth
-        return f"{'-':>10}" if value is None else f"{100 * value:10.2f}"
-
-    width = max(len(n) for n in names) + 2
-    lines = [f"{'class':<{width}}" + "".join(f"{k:>10}" for k in KINDS)]
-    for index, name in enumerate(names):
-        lines.append(f"{name:<{width}}" + "".join(cell(scores[k]["iou"][index]) for k in KINDS))
-    lines.append(f"{'mIoU':<{width}}" + "".join(cell(scores[k]["miou"]) for k in KINDS))
-    lines.append(f"classification F1 {100 * scores['cls_f1']:.2f}")
-    return "\n".join(lines)
-
+    """The validation table: per-class IoU of every label kind, the mIoU row and the F1."""
+    table = metrics.format_table({k: scores[k]["iou"] for k in KINDS}, names,
+                                 {"mIoU": [scores[k]["miou"] for k in KINDS]})
+    return f"{table}\nclassification F1 {100 * scores['cls_f1']:.2f} %"

@@ -1,0 +1,69 @@
+"""Seconds per image of the trainer's validation (``afa.engine.validate.predict_labels``).
+
+    python benchmarks/validate.py                                    # CPU, mit_b1, 2 threads
+    python benchmarks/validate.py --image-dir ../shared/data/voc_mini/VOC2012/JPEGImages --images 10
+
+Per image: the five label maps validation scores (CAM, PAR-refined CAM, affinity CAM, affinity
+pseudo label, single-scale segmentation) with the VOC config's CAM scales (1.0, 0.5, 1.5), PAR and
+radius, a randomly initialised VOC model (21 classes), one image at a time at its own size. Random
+images are 500x375 smooth colour fields; ``--image-dir`` times real photos (the first ``--images``
+JPEGs, sorted by name). One warm-up image is not timed. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from afa import config as C
+from afa.config import load_config
+from afa.data import normalize, read_image
+from afa.engine.validate import predict_labels
+from afa.models import PAR, AFANet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="mit_b1")
+    parser.add_argument("--images", type=int, default=5)
+    parser.add_argument("--image-dir", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(REPO / "configs" / "voc.yaml", [f"model.backbone={args.backbone}"])
+    torch.manual_seed(0)
+    model = AFANet(args.backbone, num_classes=21).eval()
+    par = PAR(**C.par_kwargs(cfg))
+    if args.image_dir:
+        paths = sorted(args.image_dir.glob("*.jpg"))[:args.images + 1]
+        images = [normalize(read_image(p))[None] for p in paths]
+    else:
+        gen = torch.Generator().manual_seed(0)
+        images = [F.interpolate(torch.randn(1, 3, 12, 16, generator=gen), size=(375, 500),
+                                mode="bicubic", align_corners=False)
+                  for _ in range(args.images + 1)]
+    label = torch.zeros(1, 20)
+    label[0, [6, 14]] = 1
+    kwargs = dict(par=par, cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
+                  low=cfg.cam.low, radius=cfg.cam.radius)
+    times = []
+    for i, image in enumerate(images):
+        start = time.perf_counter()
+        predict_labels(model, image, label, **kwargs)
+        if i:  # the first is a warm-up
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"backbone": args.backbone, "threads": args.threads, "images": len(times),
+                      "sec_per_image": round(statistics.median(times), 3),
+                      "source": str(args.image_dir) if args.image_dir else "random 500x375"}))
+
+
+if __name__ == "__main__":
+    main()
