@@ -3,7 +3,11 @@
 AFA refines its test-time segmentation with a fully connected CRF: the unary term is the negative
 log of the network's class probabilities, the pairwise terms are a Gaussian (smoothness) kernel and
 a bilateral (appearance) kernel, mean-field inference for 10 iterations. The defaults below are the
-paper's: Gaussian ``sxy=3, compat=3``; bilateral ``sxy=64, srgb=5, compat=4``.
+authors' (``utils/dcrf.py`` ``DenseCRF`` as set up in ``scripts/test_msc_flip.py`` of their
+release): Gaussian ``sxy=3, compat=3``; bilateral ``sxy=64, srgb=5, compat=4``, both with
+pydensecrf's default kernel (``DIAG_KERNEL``) and normalisation (``NORMALIZE_SYMMETRIC``); the
+unary is ``pydensecrf.utils.unary_from_softmax``: the negative log of the probabilities clipped to
+``[1e-5, 1]``, in float32.
 
 ``pydensecrf2`` is imported only when a CRF is actually run, so the rest of the package works
 without it.
@@ -23,9 +27,11 @@ import numpy as np
 
 __all__ = ["import_densecrf", "dense_crf", "dense_crf_many"]
 
-# Probabilities are clipped to this before the log so that a zero probability gives a large but
-# finite unary energy (-log(1e-8) ~ 18.4).
-PROB_FLOOR = 1e-8
+# Probabilities are clipped to this before the log, so that a zero probability gives a large but
+# finite unary energy (-log(1e-5) ~ 11.5). The value is the authors' (``unary_from_softmax``'s
+# default clip, which their DenseCRF uses); a lower floor lets confident pixels resist the pairwise
+# terms more and changes the CRF's output.
+PROB_FLOOR = 1e-5
 
 
 def import_densecrf() -> ModuleType:

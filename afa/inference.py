@@ -1,22 +1,31 @@
 """Test-time inference: multi-scale + flip segmentation, and what the inference tools share.
 
-The math (DESIGN.md section 5) is :func:`predict_seg_logits`: resize the image so that its long
-side is ``long_side``; for each scale resize again (bilinear, size ``int(s * h), int(s * w)``), run
-the image together with its horizontal flip, resize both logit maps straight to the original image
-size, average the logits with the flipped-back ones, and take the element-wise maximum over the
-scales. The argmax of the result is the prediction; its softmax is what the dense CRF refines.
-(The authors' script sums the flip pair instead of averaging it: the same argmax, but the softmax
-fed to the CRF would be twice as sharp.)
+The math (DESIGN.md section 5) is :func:`predict_seg_logits`, the authors' released multi-scale
+test (``scripts/test_msc_flip.py`` of github.com/rulixiang/afa) step for step:
 
-The rest serves ``tools/infer_seg.py`` and ``tools/infer_cam.py``: :class:`ImageSet` reads the ids
-of a split with their images, optional masks and image-level labels; :class:`OutputFiles` names
-the per-image outputs and tells which images are done (resuming); :func:`check_run_settings`
-refuses to resume into a directory written with other settings; :func:`run_sharded` runs a tool's
-job on this process's share of the images and sums the results over processes;
-:func:`save_npy_atomic` and
+1. resize the image so that its long side is ``long_side`` (bilinear, size
+   ``int(side * (long_side / max(h, w)))``, the ratio computed first as they do);
+2. run it together with its horizontal flip; its (flip-averaged) logits, at stride 4, set the
+   *fusion grid* (the largest scale's grid when 1.0 is not among the scales; they always run 1.0);
+3. for every other scale ``s`` resize the step-1 image with
+   ``F.interpolate(scale_factor=s, mode="bilinear", align_corners=False)`` (PyTorch samples at
+   ``(i + 0.5) / s - 0.5`` and keeps ``floor(s * side)`` pixels), run it with its flip, resize both
+   logit maps to the fusion grid (bilinear), and average the pair, the flipped one flipped back;
+4. take the element-wise maximum of the raw logits (no softmax) over the scales on that grid;
+5. upsample the fused logits once to the original image (bilinear) for the argmax, or for the
+   softmax that the dense CRF (:mod:`afa.crf`) refines.
+
+Only the segmentation logits are computed (:func:`seg_logits`): no attention maps, no affinity.
+
+The rest serves ``tools/infer_seg.py`` and ``tools/infer_cam.py``: :class:`ImageSet` (the
+``"infer"`` mode of :class:`afa.data.VOCStyleDataset`) reads the ids of a split with their images,
+optional masks and image-level labels; :class:`OutputFiles` names the per-image outputs and tells
+which images are done (resuming); :func:`check_run_settings` refuses to resume into a directory
+written with other settings; :func:`run_sharded` runs a tool's job on this process's share of the
+images and sums the results over processes; :func:`save_npy_atomic` and
 :func:`write_rgb_png_atomic` (through :func:`afa.atomic.write_atomic`) write each file under a
-temporary name first, so that an interrupted run never leaves a truncated
-file that a resumed run would take for finished work.
+temporary name first, so that an interrupted run never leaves a truncated file that a resumed run
+would take for finished work.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +44,13 @@ from PIL import Image
 
 from afa.atomic import write_atomic
 from afa.constants import IGNORE_INDEX
-from afa.data.voc import (DataError, labels_from_mask, read_image, read_label_file, read_mask,
-                          read_name_list)
+from afa.data.voc import DataError, VOCStyleDataset
 from afa.engine import distributed as D
 
 __all__ = [
     "SETTINGS_FILE",
     "resize_long_side",
+    "seg_logits",
     "predict_seg_logits",
     "likely_classes",
     "ImageSet",
@@ -60,9 +69,12 @@ __all__ = [
 
 
 def resize_long_side(images: torch.Tensor, long_side: int | None) -> torch.Tensor:
-    """Resize (B, 3, H, W) images (bilinear) so that ``max(H, W) == long_side``, keeping the aspect.
+    """Resize (B, 3, H, W) images (bilinear) so that their long side becomes ``long_side``.
 
-    Small images are enlarged too (VOC's 500-pixel images go to 512). ``None`` or 0 keeps the size.
+    Each side becomes ``int(side * (long_side / max(H, W)))``, the ratio computed first, as in the
+    authors' script: for some sizes that is one pixel short of ``int(side * long_side / max)``
+    (a 103 x 103 image goes to 511 x 511). Small images are enlarged too (VOC's 500-pixel images
+    go to 512). ``None`` or 0 keeps the size.
     """
     height, width = images.shape[-2:]
     if not long_side or max(height, width) == long_side:
@@ -72,42 +84,56 @@ def resize_long_side(images: torch.Tensor, long_side: int | None) -> torch.Tenso
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
+def seg_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H/4, W/4) segmentation logits of ``model`` for ``x``, nothing else.
+
+    :meth:`AFANet.forward_seg` builds no attention maps and no (B, N, N) affinity, which inference
+    would throw away (the logits equal ``model(x).seg_logits`` up to float rounding); a model
+    without it is called and its ``seg_logits`` taken.
+    """
+    forward_seg = getattr(model, "forward_seg", None)
+    return forward_seg(x) if forward_seg is not None else model(x).seg_logits
+
+
 @torch.no_grad()
 def predict_seg_logits(model: nn.Module, images: torch.Tensor,
                        scales: Sequence[float] = (1.0, 0.5, 0.75), flip: bool = True,
                        long_side: int | None = 512) -> torch.Tensor:
-    """Fused multi-scale (+ flip) segmentation logits at the input's size (DESIGN section 5).
+    """Fused multi-scale (+ flip) segmentation logits at the input's size (module docstring).
 
     Args:
-        model: returns an object with ``seg_logits`` (B, C, h, w) for (B, 3, H', W') input; call
-            it in eval mode (the decoder has BatchNorm and Dropout).
+        model: an :class:`AFANet`, or any module returning an object with ``seg_logits``
+            (B, C, h, w); call it in eval mode (the decoder has BatchNorm and Dropout).
         images: (B, 3, H, W) normalised images of one size.
-        scales: resize factors applied after the long-side resize.
+        scales: resize factors applied after the long-side resize. The scales are fused on the
+            logit grid of scale 1.0; when 1.0 is not among them (the authors always run it), on
+            the grid of the largest scale.
         flip: also run the horizontal flip of every scale and average the pair.
         long_side: the long side the image is first resized to; None keeps the size.
 
     Returns:
-        (B, C, H, W) float32: per scale the (flip-averaged) logits resized to (H, W), then the
-        element-wise maximum over scales.
+        (B, C, H, W) float32: the element-wise maximum over scales of the (flip-averaged) logits
+        on the fusion grid, upsampled (bilinear) to (H, W).
     """
     if not scales:
         raise ValueError("predict_seg_logits needs at least one scale")
     batch, _, height, width = images.shape
     base = resize_long_side(images, long_side)
-    base_h, base_w = base.shape[-2:]
-    fused = None
-    for scale in scales:
-        size = (max(1, int(scale * base_h)), max(1, int(scale * base_w)))
-        x = base if size == (base_h, base_w) else F.interpolate(
-            base, size=size, mode="bilinear", align_corners=False)
+    grid_scale = 1.0 if 1.0 in scales else max(scales)
+    fused = None  # (B, C, h, w) on the fusion grid
+    for scale in [grid_scale] + [s for s in scales if s != grid_scale]:
+        x = base if scale == 1.0 else F.interpolate(
+            base, scale_factor=scale, mode="bilinear", align_corners=False)
         if flip:
             x = torch.cat([x, x.flip(-1)], dim=0)  # one forward for the pair
-        logits = F.interpolate(model(x).seg_logits.float(), size=(height, width),
-                               mode="bilinear", align_corners=False)
+        logits = seg_logits(model, x).float()
+        if fused is not None:  # bring this scale to the fusion grid before pairing the flips
+            logits = F.interpolate(logits, size=fused.shape[-2:], mode="bilinear",
+                                   align_corners=False)
         if flip:
             logits = (logits[:batch] + logits[batch:].flip(-1)) / 2
         fused = logits if fused is None else torch.maximum(fused, logits)
-    return fused
+    return F.interpolate(fused, size=(height, width), mode="bilinear", align_corners=False)
 
 
 def likely_classes(probs: np.ndarray, min_prob: float) -> np.ndarray:
@@ -128,12 +154,14 @@ def likely_classes(probs: np.ndarray, min_prob: float) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-class ImageSet:
+class ImageSet(VOCStyleDataset):
     """The ids of a name list with their images and, where they exist, masks and labels.
 
-    Unlike :class:`afa.data.VOCStyleDataset` nothing is required beyond the images: a split
-    without masks (VOC ``test``) is predicted but not scored, and image-level labels come from the
-    label file when it lists the id, else from the mask.
+    :class:`afa.data.VOCStyleDataset` in its ``"infer"`` mode (the same paths, name-list and
+    label-file checks and readers: ``image``, ``mask``, ``has_mask``, ``classes``,
+    ``multi_hot``): nothing is required beyond the images, a split without masks (VOC ``test``) is
+    predicted but not scored, and image-level labels come from the label file when it lists the
+    id, else from the mask.
 
     Args:
         root: dataset root holding ``JPEGImages`` and ``mask_dir``.
@@ -148,59 +176,10 @@ class ImageSet:
     def __init__(self, root: str | os.PathLike, name_list: str | os.PathLike, num_classes: int,
                  *, mask_dir: str = "SegmentationClassAug", split_subdir: str | None = None,
                  label_file: str | os.PathLike | None = None):
-        self.root = Path(root)
-        self.num_classes = num_classes
-        self.image_dir = self.root / "JPEGImages"
-        self.mask_dir = self.root / mask_dir
-        if split_subdir:
-            self.image_dir = self.image_dir / split_subdir
-            self.mask_dir = self.mask_dir / split_subdir
-        if not self.image_dir.is_dir():
-            raise DataError(f"{self.image_dir}: image folder not found (root={self.root})")
-        self.names = read_name_list(name_list)
-        if not self.names:
-            raise DataError(f"{name_list}: name list is empty")
-        self.label_file = label_file
-        self.labels = None
-        if label_file is not None and Path(label_file).is_file():
-            self.labels = read_label_file(label_file, num_classes)
-
-    def image_path(self, name: str) -> Path:
-        return self.image_dir / f"{name}.jpg"
-
-    def mask_path(self, name: str) -> Path:
-        return self.mask_dir / f"{name}.png"
-
-    def has_mask(self, name: str) -> bool:
-        return self.mask_path(name).is_file()
-
-    def image(self, name: str) -> np.ndarray:
-        """(H, W, 3) uint8 RGB; ``DataError`` naming the file when it is missing or corrupt."""
-        return read_image(self.image_path(name))
-
-    def mask(self, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
-        """(H, W) uint8 class indices; with ``shape``, a mask of another size is an error."""
-        mask = read_mask(self.mask_path(name), self.num_classes)
-        if shape is not None and mask.shape != tuple(shape):
-            raise DataError(f"{self.mask_path(name)}: mask is {mask.shape[1]}x{mask.shape[0]} "
-                            f"(WxH), the image {self.image_path(name)} is {shape[1]}x{shape[0]}")
-        return mask
-
-    def classes(self, name: str) -> list[int]:
-        """Image-level labels (1..C-1): the label file's entry, else the classes of the mask."""
-        if self.labels is not None and name in self.labels:
-            return list(self.labels[name])
-        if self.has_mask(name):
-            return labels_from_mask(self.mask(name), self.num_classes)
-        where = f"the label file {self.label_file}" if self.labels is not None else "a label file"
-        raise DataError(f"no image-level labels for {name!r}: neither {where} nor a mask "
-                        f"{self.mask_path(name)} has them")
-
-    def multi_hot(self, classes: Iterable[int]) -> torch.Tensor:
-        """(C-1,) float32 multi-hot of class indices 1..C-1."""
-        label = torch.zeros(self.num_classes - 1, dtype=torch.float32)
-        label[[c - 1 for c in classes]] = 1.0
-        return label
+        if label_file is not None and not Path(label_file).is_file():
+            label_file = None
+        super().__init__(root, name_list, label_file, num_classes, split=split_subdir,
+                         mask_dir=mask_dir, mode="infer")
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,6 +45,35 @@ def test_output_is_probability_map_and_inputs_untouched():
     np.testing.assert_allclose(dense_crf(frozen, probs, iterations=0), probs, atol=1e-5)
 
 
+def _authors_crf(image, probs, clip=1e-5):
+    """The authors' ``utils/dcrf.py`` DenseCRF with the settings of ``scripts/test_msc_flip.py``:
+    pydensecrf's own ``unary_from_softmax`` (which clips at 1e-5), Gaussian sxy 3 compat 3,
+    bilateral sxy 64 srgb 5 compat 4, 10 iterations."""
+    from pydensecrf.utils import unary_from_softmax
+
+    dcrf = import_densecrf()
+    classes, height, width = probs.shape
+    crf = dcrf.DenseCRF2D(width, height, classes)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs, clip=clip)))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=64, srgb=5, rgbim=np.ascontiguousarray(image), compat=4)
+    return np.array(crf.inference(10)).reshape(classes, height, width)
+
+
+@needs_crf
+def test_defaults_are_the_authors_crf_exactly():
+    """Confident probabilities (many below 1e-5, as a trained network gives) make the clip count:
+    the authors' 1e-5 gives our output to the bit, another clip does not."""
+    image, _ = _random_pair(5, height=40, width=48)
+    logits = np.random.default_rng(6).normal(size=(6, 40, 48)) * 12
+    probs = (np.exp(logits) / np.exp(logits).sum(0, keepdims=True)).astype(np.float32)
+    assert (probs < 1e-5).mean() > 0.3
+    ours = dense_crf(image, probs)
+    np.testing.assert_array_equal(ours, _authors_crf(image, probs))
+    other = _authors_crf(image, probs, clip=1e-8)  # differs where probabilities are tiny
+    assert np.abs(np.log(ours) - np.log(other)).max() > 1.0
+
+
 @needs_crf
 def test_shape_errors():
     image, probs = _random_pair(1)

@@ -146,6 +146,52 @@ def test_coco_split_layout(tmp_path):
     assert np.array_equal(ds[0]["mask"].numpy(), _masks()["img_a"][0])
 
 
+def test_infer_mode_needs_only_images(tree):
+    """What the inference tools read (``afa.inference.ImageSet`` is this mode): masks and labels
+    where they exist; the label file names some ids, the others take the classes of their mask."""
+    root, names, labels = tree
+    (root / "SegmentationClassAug" / "img_b.png").unlink()
+    labels.write_text(json.dumps({"img_a": [7, 15]}))
+    ds = VOCStyleDataset(root, names, labels, NUM_CLASSES, mode="infer")
+    assert ds.names == ["img_a", "img_b", "img_c"]
+    assert set(ds[0]) == {"name", "image", "label", "box", "mask"}
+    assert set(ds[1]) == {"name", "image", "box"}  # neither mask nor labels
+    assert torch.nonzero(ds[2]["label"]).flatten().add(1).tolist() == [12]  # from the mask
+    assert [ds.has_mask(n) for n in names.read_text().split()] == [True, False, True]
+    assert ds.classes("img_a") == [7, 15] and ds.classes("img_c") == [12]
+    with pytest.raises(DataError, match=r"no image-level labels for 'img_b'.*labels\.json"):
+        ds.classes("img_b")
+    assert np.array_equal(ds.mask("img_c", (20, 20)), _masks()["img_c"][0])
+    with pytest.raises(DataError, match=r"img_c\.png: mask size \(20, 20\) differs"):
+        ds.mask("img_c", (20, 21))
+    # No mask folder at all (the VOC test split) and no label file.
+    for mask in (root / "SegmentationClassAug").iterdir():
+        mask.unlink()
+    (root / "SegmentationClassAug").rmdir()
+    assert set(VOCStyleDataset(root, names, None, NUM_CLASSES, mode="infer")[0]) == {
+        "name", "image", "box"}
+    # Images stay required.
+    (root / "JPEGImages" / "img_c.jpg").unlink()
+    with pytest.raises(DataError, match=r"img_c\.jpg: image file not found"):
+        VOCStyleDataset(root, names, None, NUM_CLASSES, mode="infer")
+
+
+def test_image_set_is_the_infer_mode(tmp_path):
+    from afa.inference import ImageSet
+
+    root, names, labels = make_tree(tmp_path, split="val", mask_dir="SegmentationClass")
+    images = ImageSet(root, names, NUM_CLASSES, mask_dir="SegmentationClass", split_subdir="val",
+                      label_file=root / "absent.json")  # a missing label file is no label file
+    assert isinstance(images, VOCStyleDataset) and images.mode == "infer"
+    assert images.labels is None and images.classes("img_a") == [7, 15]
+    assert images.image_path("img_a") == root / "JPEGImages" / "val" / "img_a.jpg"
+    assert images.mask_path("img_a") == root / "SegmentationClass" / "val" / "img_a.png"
+    assert np.array_equal(images.image("img_b"), TABLE[_masks()["img_b"][0]])
+    names.write_text("img_a\nimg_a\n")
+    with pytest.raises(DataError, match=r"duplicate ids \['img_a'\]"):
+        ImageSet(root, names, NUM_CLASSES, mask_dir="SegmentationClass", split_subdir="val")
+
+
 def test_loader_is_repeatable_across_workers(tree):
     root, names, labels = tree
     ds = VOCStyleDataset(root, names, labels, NUM_CLASSES, crop_size=16, scale_range=(0.5, 2.0),

@@ -101,3 +101,56 @@ def test_command_line(dirs, tmp_path):
     assert json.loads(json_path.read_text())["miou"] == pytest.approx(
         sum(EXPECTED_IOU.values()) / 3
     )
+
+
+def test_class_rules_differ_on_a_subset(tmp_path, capsys):
+    """A class predicted but absent from the ground truth (as on a subset of val): the standard
+    rule counts it with IoU 0, the authors' rule leaves it out of the mean."""
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    pred_dir.mkdir()
+    gt_dir.mkdir()
+    write_label_png(gt_dir / "a.png", np.array([[0, 0, 1, 1], [0, 0, 1, 255]]))
+    write_label_png(pred_dir / "a.png", np.array([[0, 5, 1, 1], [0, 0, 1, 5]]))
+    list_file = tmp_path / "sub.txt"
+    list_file.write_text("a\n")
+    # background 3/4, aeroplane 3/3, class 5 (bottle): 0 / 1 (the ignore pixel is not counted).
+    standard = (3 / 4 + 1 + 0) / 3
+    gt_only = (3 / 4 + 1) / 2
+    json_path = tmp_path / "scores.json"
+    result = eval_miou.main(_args(pred_dir, gt_dir, list_file, "--class-rule", "both",
+                                  "--json", str(json_path)))
+    assert result["miou"] == pytest.approx(standard)
+    assert result["miou_gt_only"] == pytest.approx(gt_only)
+    assert json.loads(json_path.read_text())["miou_gt_only"] == pytest.approx(gt_only)
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert rows["mIoU (standard)"] == [f"{100 * standard:.2f}"]
+    assert rows["mIoU (gt-only)"] == [f"{100 * gt_only:.2f}"]
+    assert rows["bottle"] == ["0.00", "-"]  # predicted, not in the ground truth: IoU 0
+    assert "over the 3 classes in the ground truth or the prediction" in out
+    assert "over the 2 classes in the ground truth only (the authors' rule)" in out
+
+    eval_miou.main(_args(pred_dir, gt_dir, list_file, "--class-rule", "gt-only"))
+    rows = _rows(capsys.readouterr().out)
+    assert rows["mIoU (gt-only)"] == [f"{100 * gt_only:.2f}"] and "mIoU (standard)" not in rows
+    assert rows["bottle"] == ["-", "-"]  # no IoU under this rule
+    eval_miou.main(_args(pred_dir, gt_dir, list_file))  # default: standard only
+    rows = _rows(capsys.readouterr().out)
+    assert "mIoU (standard)" in rows and "mIoU (gt-only)" not in rows
+
+
+def _rows(table: str) -> dict[str, list[str]]:
+    """``{row name: its cells}`` of a printed table (names may hold spaces, cells do not)."""
+    rows = {}
+    for line in table.splitlines():
+        fields = line.split()
+        cells = [f for f in fields if f == "-" or f.replace(".", "").isdigit()]
+        name = " ".join(fields[:len(fields) - len(cells)])
+        if name and cells and not line.startswith("-"):
+            rows[name] = cells
+    return rows
+
+
+def test_class_rules_agree_when_every_predicted_class_is_in_the_ground_truth(dirs):
+    result = eval_miou.main(_args(*dirs))
+    assert result["miou_gt_only"] == pytest.approx(result["miou"])

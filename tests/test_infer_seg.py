@@ -227,3 +227,49 @@ def test_a_list_that_prepare_voc_shortened_is_announced(setup, tmp_path, capsys)
     assert infer_seg.main(_argv(setup, out, "--no-overlay") + [f"data.list_dir={lists}"]) == 0
     assert "listed ids" not in capsys.readouterr().out
     assert "subset_note" not in json.loads((out / "scores.json").read_text())
+
+
+def test_protocol_presets_set_infer_values_and_explicit_overrides_win(setup, tmp_path, capsys):
+    from afa.config import load_config
+
+    voc = REPO / "configs" / "voc.yaml"
+    assert infer_seg.protocol_of(load_config(voc)) == "paper"  # the config defaults
+    for name, values in infer_seg.PROTOCOLS.items():
+        cfg = load_config(voc, infer_seg._dotlist(values))
+        assert infer_seg.protocol_of(cfg) == name
+        assert list(cfg.infer.scales) == values["infer.scales"]
+    assert infer_seg.protocol_of(load_config(voc, ["infer.crf_bilateral_srgb=13"])) == "custom"
+
+    # The preset's scales arrive; the test's infer.long_side=64 override still wins, so the run
+    # is recorded as custom, with a note naming what differs.
+    out = tmp_path / "maintainers"
+    assert infer_seg.main(_argv(setup, out, "--protocol", "maintainers", "--no-overlay")) == 0
+    printed = capsys.readouterr().out
+    assert ("note: overrides change infer.long_side of --protocol maintainers: recorded as "
+            "protocol 'custom'") in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5] and run["long_side"] == LONG_SIDE
+    assert run["protocol"] == "custom"
+    scores = json.loads((out / "scores.json").read_text())
+    assert {k: scores[k] for k in ("protocol", "scales", "long_side", "flip", "crf")} == {
+        "protocol": "custom", "scales": run["scales"], "long_side": LONG_SIDE, "flip": True,
+        "crf": None}
+
+    out = tmp_path / "paper_one_scale"
+    assert infer_seg.main(_argv(setup, out, "--protocol", "paper", "--scales", "1",
+                                "--no-overlay")) == 0
+    assert json.loads((out / "run.json").read_text())["scales"] == [1.0]
+
+
+def test_help_says_what_each_protocol_sets(capsys):
+    with pytest.raises(SystemExit):
+        infer_seg.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "paper: infer.scales=[1.0,0.5,0.75]" in text
+    assert "maintainers: infer.scales=[0.5,0.75,1.0,1.25,1.5]" in text
+    for setting in ("infer.long_side=512", "infer.flip=true", "infer.crf_iters=10",
+                    "infer.crf_gauss_sxy=3.0", "infer.crf_gauss_compat=3.0",
+                    "infer.crf_bilateral_sxy=64.0", "infer.crf_bilateral_srgb=5.0",
+                    "infer.crf_bilateral_compat=4.0"):
+        assert setting in text
+    assert "66.0" in text

@@ -1,5 +1,6 @@
 """afa.inference: the multi-scale + flip fusion against hand computations with a known stand-in
-model, and the helpers the inference tools share (inputs, resume guard, pseudo-label scoring)."""
+model, and the helpers the inference tools share (inputs, resume guard, pseudo-label scoring).
+The comparison with the authors' protocol on real photos is tests/test_authors_protocol.py."""
 
 import os
 from types import SimpleNamespace
@@ -13,8 +14,11 @@ import torch.nn.functional as F
 from afa.atomic import write_atomic
 from afa.data import DataError
 from afa.data.synthetic import make_demo_dataset
+from afa.data import VOCStyleDataset
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
-                           mask_ignored, predict_seg_logits, resize_long_side, save_npy_atomic)
+                           mask_ignored, predict_seg_logits, resize_long_side, save_npy_atomic,
+                           seg_logits)
+from afa.models import AFANet
 
 STRIDE = 4
 
@@ -24,16 +28,17 @@ class LinearSeg(nn.Module):
 
     The column term ``(j + 0.5) / w`` depends on the position, not on the content, so the flipped
     input does not give the flipped output: the flip pair really has to be averaged. Records the
-    input shapes it sees.
+    inputs it sees (``seen``: their shapes).
     """
 
     def __init__(self, weight: torch.Tensor, ramp: torch.Tensor):
         super().__init__()
         self.weight, self.ramp = weight, ramp
-        self.seen = []
+        self.seen, self.inputs = [], []
 
     def forward(self, x):
         self.seen.append(tuple(x.shape))
+        self.inputs.append(x)
         pooled = F.avg_pool2d(x, STRIDE)  # (B, 3, h, w)
         width = pooled.shape[-1]
         column = (torch.arange(width, dtype=x.dtype) + 0.5) / width  # (w,)
@@ -48,25 +53,28 @@ def _model(num_classes=5, seed=0):
 
 
 def _by_hand(model, image, scales, flip, long_side):
-    """DESIGN section 5 written out plainly: one forward per scale and per flip."""
+    """DESIGN section 5 (the authors' script) written out plainly: one forward per scale and per
+    flip; every scale's logits resized to the grid of the first scale listed, flip pair averaged,
+    maximum over scales there, then one upsampling to the image."""
     height, width = image.shape[-2:]
     ratio = long_side / max(height, width)
     base = F.interpolate(image, size=(int(height * ratio), int(width * ratio)), mode="bilinear",
                          align_corners=False)
-    per_scale = []
+    grid, per_scale = None, []
     for scale in scales:
-        size = (int(scale * base.shape[-2]), int(scale * base.shape[-1]))
-        x = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
+        x = F.interpolate(base, scale_factor=scale, mode="bilinear", align_corners=False)
+        logits = model(x).seg_logits
+        grid = grid or logits.shape[-2:]
 
-        def to_image(t):
-            return F.interpolate(model(t).seg_logits, size=(height, width), mode="bilinear",
-                                 align_corners=False)
+        def to_grid(t):
+            return F.interpolate(t, size=grid, mode="bilinear", align_corners=False)
 
-        logits = to_image(x)
+        logits = to_grid(logits)
         if flip:
-            logits = 0.5 * (logits + to_image(torch.flip(x, dims=[3])).flip(3))
+            logits = 0.5 * (logits + to_grid(model(torch.flip(x, dims=[3])).seg_logits).flip(3))
         per_scale.append(logits)
-    return torch.stack(per_scale).max(dim=0).values
+    fused = torch.stack(per_scale).max(dim=0).values
+    return F.interpolate(fused, size=(height, width), mode="bilinear", align_corners=False)
 
 
 def test_resize_long_side_keeps_aspect_and_enlarges():
@@ -74,6 +82,8 @@ def test_resize_long_side_keeps_aspect_and_enlarges():
     assert resize_long_side(image, 48).shape[-2:] == (32, 48)
     assert resize_long_side(image, 120).shape[-2:] == (80, 120)
     assert resize_long_side(image, None) is image
+    # The authors compute the ratio first: 103 * (512 / 103) is 511.99..., so 511, not 512.
+    assert resize_long_side(torch.rand(1, 3, 103, 103), 512).shape[-2:] == (511, 511)
 
 
 def test_fusion_equals_hand_computation_and_sees_the_right_sizes():
@@ -83,6 +93,7 @@ def test_fusion_equals_hand_computation_and_sees_the_right_sizes():
     fused = predict_seg_logits(model, image, scales=scales, flip=True, long_side=48)
     # Long side 60 -> 48 gives 32x48; each scale runs with its flip in one batch of two.
     assert model.seen == [(2, 3, 32, 48), (2, 3, 16, 24), (2, 3, 24, 36)]
+    model.seen.clear()
     assert fused.shape == (1, 5, 40, 60)
     torch.testing.assert_close(fused, _by_hand(model, image, scales, True, 48), atol=1e-5,
                                rtol=1e-5)
@@ -96,6 +107,43 @@ def test_fusion_equals_hand_computation_and_sees_the_right_sizes():
     apart = torch.cat([predict_seg_logits(model, b[None], scales=scales, long_side=48)
                        for b in batch])
     torch.testing.assert_close(together, apart, atol=1e-5, rtol=1e-5)
+
+
+def test_scales_sample_like_scale_factor_and_fuse_on_the_scale_one_grid():
+    """Where ``s * side`` is not whole, ``scale_factor=s`` samples at ``(i + 0.5) / s - 0.5``
+    (the authors' call), not at the positions of an explicit ``int(s * side)`` size."""
+    model = _model()
+    image = torch.randn(1, 3, 34, 50)  # long side 50: 34 x 50, and 0.75 * 34 = 25.5
+    fused = predict_seg_logits(model, image, scales=(0.75, 1.0), flip=False, long_side=50)
+    assert model.seen == [(1, 3, 34, 50), (1, 3, 25, 37)]  # scale 1 (the grid) runs first
+    expected = F.interpolate(image, scale_factor=0.75, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(model.inputs[1], expected, rtol=0, atol=0)
+    by_size = F.interpolate(image, size=(25, 37), mode="bilinear", align_corners=False)
+    assert (model.inputs[1] - by_size).abs().max() > 0.05
+    torch.testing.assert_close(fused, _by_hand(model, image, (1.0, 0.75), False, 50),
+                               atol=1e-5, rtol=1e-5)
+    # Without 1.0 among the scales the grid is the largest scale's.
+    no_one = predict_seg_logits(model, image, scales=(0.5, 1.5), flip=True, long_side=50)
+    torch.testing.assert_close(no_one, _by_hand(model, image, (1.5, 0.5), True, 50), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_seg_logits_of_afanet_skips_attention_maps_and_affinity(monkeypatch):
+    torch.manual_seed(0)
+    model = AFANet("mit_b0", num_classes=5, embedding_dim=16).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        full = model(x).seg_logits
+    calls = []
+    encoder_forward = model.encoder.forward
+    monkeypatch.setattr(model.encoder, "forward",
+                        lambda x, return_attn=True: calls.append(return_attn)
+                        or encoder_forward(x, return_attn=return_attn))
+    monkeypatch.setattr(model, "_affinity", lambda *a: pytest.fail("affinity computed"))
+    with torch.no_grad():
+        fast = seg_logits(model, x)
+    assert calls == [False]
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=1e-4)
 
 
 def test_fusion_closed_form_on_a_flat_image():
@@ -185,7 +233,7 @@ def test_image_set_labels_from_label_file_or_mask(tmp_path):
         assert with_file.image(name).shape == (32, 32, 3)
         assert with_file.mask(name, (32, 32)).shape == (32, 32)
     name = with_file.names[0]
-    with pytest.raises(DataError, match="mask is 32x32"):
+    with pytest.raises(DataError, match=r"mask size \(32, 32\) differs from image size \(40, 32\)"):
         with_file.mask(name, (32, 40))
     with_file.mask_path(name).unlink()
     assert not with_file.has_mask(name)

@@ -1,8 +1,20 @@
 """Score class-index prediction PNGs against ground-truth PNGs: pixel acc, mean acc, mIoU.
 
-One confusion matrix over all pixels of all listed images (ground-truth 255 ignored); classes absent
-from both prediction and ground truth are left out of the mean. Predictions and ground truth are
-palette (or greyscale) PNGs named ``<id>.png`` whose pixel indices are class ids.
+One confusion matrix over all pixels of all listed images (ground-truth 255 ignored). Which classes
+the mean IoU averages over (``--class-rule``):
+
+- ``standard`` (default): every class that occurs in the ground truth or the prediction; a class
+  absent from both is left out;
+- ``gt-only``: only the classes that occur in the ground truth, the rule of the authors'
+  ``utils/evaluate.py`` (``valid = hist.sum(axis=1) > 0``). A class predicted but absent from
+  the ground truth then drops out of the mean (its false positives still lower the IoU of the
+  classes they cover). On the full VOC val set every class occurs in the ground truth and the two
+  agree; on a subset they can differ;
+- ``both``: print both, labelled.
+
+The JSON always holds ``miou`` (standard) and ``miou_gt_only`` (the authors' rule). Predictions
+and ground truth are palette (or greyscale) PNGs named ``<id>.png`` whose pixel indices are class
+ids.
 
 Run::
 
@@ -19,22 +31,29 @@ number of reader threads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from afa.constants import COCO_CLASSES, VOC_CLASSES
 from afa.io import read_label_png
-from afa.metrics import ConfusionMatrix, confusion_matrix, format_scores
+from afa.metrics import ConfusionMatrix, SegmentationScores, confusion_matrix, format_table
 
-__all__ = ["read_ids", "evaluate_dirs", "main"]
+__all__ = ["read_ids", "evaluate_dirs", "gt_only_scores", "main"]
 
 CLASS_NAME_SETS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
+CLASS_RULES = ("standard", "gt-only", "both")
+_RULE_LEGENDS = {  # {n}: how many classes the mean runs over
+    "standard": "mIoU (standard): over the {n} classes in the ground truth or the prediction",
+    "gt-only": "mIoU (gt-only): over the {n} classes in the ground truth only (the authors' rule)",
+}
 
 
 def read_ids(list_file: str | Path) -> list[str]:
@@ -91,6 +110,29 @@ def evaluate_dirs(
     return matrix
 
 
+def gt_only_scores(matrix: ConfusionMatrix, scores: SegmentationScores) -> SegmentationScores:
+    """``scores`` (of ``matrix``) with the IoU of classes absent from the ground truth set to
+    ``nan`` and the mIoU averaged over the others: the authors' rule."""
+    in_gt = matrix.matrix.sum(dim=1).cpu().numpy() > 0  # rows are the ground truth
+    iou = np.where(in_gt, np.asarray(scores.iou, dtype=np.float64), np.nan)
+    miou = float(np.nanmean(iou)) if in_gt.any() else float("nan")
+    return dataclasses.replace(scores, iou=iou.tolist(), miou=miou)
+
+
+def _report(scores: dict[str, SegmentationScores], rule: str) -> str:
+    """The per-class table of ``rule`` (standard for ``both``) with one labelled mIoU row per
+    rule shown, and a legend saying which classes each averages over."""
+    shown = ("standard", "gt-only") if rule == "both" else (rule,)
+    table = scores[shown[0]]
+    summary = {"pixel acc": [table.pixel_acc], "mean acc": [table.mean_acc]}
+    legend = []
+    for name in shown:
+        summary[f"mIoU ({name})"] = [scores[name].miou]
+        legend.append(_RULE_LEGENDS[name].format(n=int(np.isfinite(scores[name].iou).sum())))
+    return "\n".join([format_table({"IoU": table.iou, "acc": table.acc}, table.class_names,
+                                    summary), *legend])
+
+
 def _class_names(choice: str | None, num_classes: int) -> list[str]:
     if choice is None:
         choice = {len(VOC_CLASSES): "voc", len(COCO_CLASSES): "coco"}.get(num_classes, "index")
@@ -116,6 +158,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=[*CLASS_NAME_SETS, "index"],
         help="names for the table (default: voc for 21 classes, coco for 81, else indices)",
     )
+    parser.add_argument(
+        "--class-rule",
+        choices=CLASS_RULES,
+        default="standard",
+        help="classes the mIoU averages over: standard (in the ground truth or the prediction), "
+             "gt-only (in the ground truth only: the authors' rule; differs on subsets of val), "
+             "or both, labelled (default: standard)",
+    )
     parser.add_argument("--workers", type=int, default=4, help="PNG reader threads")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)
@@ -134,9 +184,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"eval_miou: error: {err}") from err
 
     scores = matrix.compute(class_names=names)
-    print(format_scores(scores))
+    by_rule = {"standard": scores, "gt-only": gt_only_scores(matrix, scores)}
+    print(_report(by_rule, args.class_rule))
     result = {
         **scores.to_dict(),
+        "miou_gt_only": by_rule["gt-only"].to_dict()["miou"],
         "num_images": len(ids),
         "confusion_matrix": matrix.matrix.tolist(),
         "pred_dir": str(args.pred_dir),

@@ -4,8 +4,8 @@ Single process (CPU or one GPU):
 
     python tools/infer_seg.py --config configs/voc.yaml \\
         --checkpoint work_dirs/voc/checkpoints/best.pth --split val \\
-        --out-dir work_dirs/voc/seg_val \\
-        [--scales 1.0,0.5,0.75] [--crf] [--save-logits] [--overwrite] [key=value ...]
+        --out-dir work_dirs/voc/seg_val --protocol paper --crf \\
+        [--scales 1.0,0.5,0.75] [--save-logits] [--overwrite] [key=value ...]
 
 Several processes (images sharded by rank, confusion matrices summed; gloo on CPU, NCCL on GPU):
 
@@ -13,13 +13,28 @@ Several processes (images sharded by rank, confusion matrices summed; gloo on CP
         --split val --out-dir work_dirs/voc/seg_val --crf
 
 Each image is resized so that its long side is ``infer.long_side`` (512), run at ``infer.scales``
-(1.0, 0.5, 0.75) each with its horizontal flip (``infer.flip``; the pair is averaged), and the
-element-wise maximum of the logits over the scales, resized to the image, gives the prediction
-(``afa.inference.predict_seg_logits``). ``--scales`` is shorthand for the ``infer.scales=[...]``
-override. With ``--crf`` the softmax of those logits is refined by a dense CRF (``infer.crf_*``,
-the paper's 10 iterations, Gaussian sxy 3 compat 3, bilateral sxy 64 srgb 5 compat 4) in a pool
-of worker processes (``--crf-workers``; default: the usable CPUs shared among the ranks of the
-machine), while the network goes on with the next images. ``--crf-min-prob 0.01`` gives the CRF
+each with its horizontal flip (``infer.flip``; the pair is averaged); the element-wise maximum of
+the logits over the scales, taken on the logit grid of scale 1 and then upsampled to the image,
+gives the prediction (``afa.inference.predict_seg_logits``, the authors' released
+``scripts/test_msc_flip.py`` to the pixel). With ``--crf`` the softmax of those logits is refined
+by a dense CRF (``infer.crf_*``) in a pool of worker processes (``--crf-workers``; default: the
+usable CPUs shared among the ranks of the machine), while the network goes on with the next
+images.
+
+Two named protocols (``--protocol``) set the ``infer.*`` values; ``key=value`` overrides and
+``--scales`` (shorthand for ``infer.scales=[...]``) still win, and ``--crf`` still switches the
+CRF on. Both set ``infer.long_side=512``, ``infer.flip=true`` and the authors' CRF (10 iterations,
+Gaussian sxy 3 compat 3, bilateral sxy 64 srgb 5 compat 4):
+
+    paper        infer.scales=[1.0,0.5,0.75]: the authors' released test script; with --crf
+                 it is the protocol of the paper's 66.0 mIoU on VOC val (DESIGN.md section 5).
+                 The config defaults are these values.
+    maintainers  infer.scales=[0.5,0.75,1.0,1.25,1.5]: the scales the first author named when
+                 asked how the paper's VOC results were tested (github.com/rulixiang/afa
+                 issue 6); with --crf, his answer for reproducing the same 66.0.
+
+The run records the protocol in ``run.json`` and ``scores.json``: the preset whose values the
+merged config has (whether named or not), or ``custom``. ``--crf-min-prob 0.01`` gives the CRF
 only the classes that reach that probability somewhere (faster; results differ only where a
 dropped class would have won after the CRF, which the Potts terms make very unlikely).
 
@@ -48,6 +63,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,10 +77,10 @@ from afa import config as C
 from afa.atomic import write_atomic
 from afa.config import ConfigError, load_config
 from afa.crf import dense_crf_many, import_densecrf
-from afa.data import DataError, normalize, write_mask
+from afa.data import DataError, class_names, normalize, write_mask
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
-from afa.data import class_names
+from afa.engine.run_config import model_config_from_checkpoint
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
                            predict_seg_logits, run_sharded, save_npy_atomic,
                            write_rgb_png_atomic)
@@ -73,11 +89,66 @@ from afa.metrics import ConfusionMatrix, format_scores
 from afa.models import AFANet
 from afa.viz import overlay_label
 
-__all__ = ["main", "parse_args"]
+__all__ = ["PROTOCOLS", "main", "parse_args", "protocol_of"]
+
+# The CRF both protocols use: utils/dcrf.py as set up in the authors' scripts/test_msc_flip.py.
+_AUTHORS_CRF = {"infer.crf_iters": 10, "infer.crf_gauss_sxy": 3.0, "infer.crf_gauss_compat": 3.0,
+                "infer.crf_bilateral_sxy": 64.0, "infer.crf_bilateral_srgb": 5.0,
+                "infer.crf_bilateral_compat": 4.0}
+# Named test protocols: the infer.* values each sets (module docstring: which figure each is for).
+PROTOCOLS = {
+    "paper": {"infer.long_side": 512, "infer.scales": [1.0, 0.5, 0.75], "infer.flip": True,
+              **_AUTHORS_CRF},
+    "maintainers": {"infer.long_side": 512, "infer.scales": [0.5, 0.75, 1.0, 1.25, 1.5],
+                    "infer.flip": True, **_AUTHORS_CRF},
+}
+
+
+def _dotlist(values: dict) -> list[str]:
+    """``{"infer.scales": [1.0, 0.5]}`` -> ``["infer.scales=[1.0,0.5]"]`` (config overrides)."""
+    def text(value):
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, list):
+            return "[" + ",".join(map(str, value)) + "]"
+        return str(value)
+    return [f"{key}={text(value)}" for key, value in values.items()]
+
+
+# What each protocol is for, shown by --help under its values.
+_PROTOCOL_PURPOSE = {
+    "paper": "the authors' released test script; with --crf: the paper's 66.0 mIoU, VOC val",
+    "maintainers": "the scales named by the first author in rulixiang/afa issue 6 for "
+                   "reproducing the paper's VOC results; with --crf: the same 66.0",
+}
+
+
+def _protocols_help() -> str:
+    """The --help epilog: what every protocol sets, generated from PROTOCOLS."""
+    shared = {k: v for k, v in PROTOCOLS["paper"].items()
+              if all(p.get(k) == v for p in PROTOCOLS.values())}
+    lines = ["protocols (--protocol NAME sets these config values):",
+             *textwrap.wrap(" ".join(_dotlist(shared)), 96, initial_indent="  both: ",
+                            subsequent_indent="    ")]
+    for name, values in PROTOCOLS.items():
+        own = {k: v for k, v in values.items() if k not in shared}
+        lines.append(f"  {name}: {' '.join(_dotlist(own))}")
+        lines += textwrap.wrap(_PROTOCOL_PURPOSE[name], 96, initial_indent="    ",
+                               subsequent_indent="    ")
+    return "\n".join(lines)
+
+
+def protocol_of(cfg: DictConfig) -> str:
+    """The name of the preset whose every ``infer.*`` value ``cfg`` has, else ``"custom"``."""
+    for name, values in PROTOCOLS.items():
+        if all(OmegaConf.select(cfg, key) == value for key, value in values.items()):
+            return name
+    return "custom"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=_protocols_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/voc.yaml")
     parser.add_argument("--checkpoint", required=True, help="our checkpoint or the authors'")
@@ -87,6 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scales", type=_float_list, metavar="S1,S2,...",
                         help="comma-separated, e.g. 1.0,0.5,0.75: shorthand for the override "
                              "infer.scales=[...]")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                        help="set the infer.* values of a named test protocol (listed below); "
+                             "key=value overrides and --scales still win; the CRF stays off "
+                             "without --crf")
     parser.add_argument("--crf", action="store_true", help="refine with a dense CRF")
     parser.add_argument("--crf-workers", type=int,
                         help="CRF processes per rank (default: the usable CPUs / local ranks; "
@@ -170,11 +245,13 @@ class SegInference:
         def pairs():
             for name, image, logits in self._predict(names):
                 probs = logits.softmax(0).cpu().numpy()
-                keep = (np.arange(len(probs)) if self.args.crf_min_prob is None
-                        else likely_classes(probs, self.args.crf_min_prob))
-                kept = probs[keep]
+                if self.args.crf_min_prob is None:  # all classes, as the authors: no renormalising
+                    keep = np.arange(len(probs))
+                else:
+                    keep = likely_classes(probs, self.args.crf_min_prob)
+                    probs = probs[keep] / probs[keep].sum(0, keepdims=True)
                 pending.append((name, image, keep))
-                yield image, kept / kept.sum(0, keepdims=True)
+                yield image, probs
 
         for q in dense_crf_many(pairs(), workers=_crf_workers(self.args.crf_workers),
                                 **self.crf_kwargs):
@@ -198,7 +275,9 @@ class SegInference:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = list(args.overrides) + ["model.pretrained=null"]
+    # The preset first, so that explicit overrides win.
+    overrides = _dotlist(PROTOCOLS[args.protocol]) if args.protocol else []
+    overrides += list(args.overrides)
     if args.scales:
         overrides.append(f"infer.scales=[{','.join(map(str, args.scales))}]")
     kinds = {"pred": ".png"}
@@ -208,18 +287,30 @@ def main(argv=None) -> int:
         kinds["logits"] = ".npy"
     try:
         cfg = load_config(args.config, overrides)
+        # Our checkpoints bring their network settings (backbone, decoder width): say which.
+        cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
+        main_process = D.env_rank() == 0
+        if taken and main_process:
+            print(taken, flush=True)
         split = args.split or cfg.data.val_split
         image_set_kwargs = C.image_set_kwargs(cfg, split)
         images = ImageSet(**image_set_kwargs)
         note = subset_note(image_set_kwargs["name_list"])
-        if note and int(os.environ.get("RANK", 0)) == 0:
+        if note and main_process:
             print(note, flush=True)
         model = AFANet(**C.model_kwargs(cfg))
         model.load_weights(args.checkpoint)
         if args.crf:
             import_densecrf()
+        protocol = protocol_of(cfg)
+        if args.protocol and protocol != args.protocol:
+            changed = sorted(k for k, v in PROTOCOLS[args.protocol].items()
+                             if OmegaConf.select(cfg, k) != v)
+            if main_process:
+                print(f"note: overrides change {', '.join(changed)} of --protocol "
+                      f"{args.protocol}: recorded as protocol {protocol!r}", flush=True)
         settings = {"tool": "infer_seg", "checkpoint": str(Path(args.checkpoint).resolve()),
-                    "split": split, "long_side": cfg.infer.long_side,
+                    "split": split, "protocol": protocol, "long_side": cfg.infer.long_side,
                     "scales": list(cfg.infer.scales), "flip": cfg.infer.flip,
                     "crf": C.crf_kwargs(cfg) if args.crf else None,
                     "crf_min_prob": args.crf_min_prob if args.crf else None}
@@ -247,6 +338,8 @@ def main(argv=None) -> int:
             scores = job.matrix.compute(class_names(cfg))
             print(format_scores(scores))
             result = {"split": split, "num_images": total, "num_scored": scored,
+                      **{k: settings[k] for k in ("protocol", "long_side", "scales", "flip",
+                                                  "crf")},
                       "seg": scores.to_dict()}
             if note:
                 result["subset_note"] = note

@@ -13,13 +13,18 @@ file* (JSON ``{id: sorted list of class indices in 1..C-1}``); ``tools/prepare_v
 ``tools/prepare_coco.py`` and ``tools/make_demo_data.py`` write both. Masks are PNGs of class
 indices (palette index values, not colours): 0 background, 1..C-1 objects, 255 ignore.
 
-Two modes of :class:`VOCStyleDataset`, each returning a dict (batched by the default collate):
+Three modes of :class:`VOCStyleDataset`, each returning a dict (batched by the default collate):
 
 - ``mode="cls"`` (classification training, masks never read):
   ``name`` str, ``image`` (3, h, w) float32 normalised, ``label`` (C-1,) float32 multi-hot,
   ``box`` (4,) int64.
 - ``mode="seg"`` (segmentation evaluation): the same keys plus ``mask`` (h, w) int64. ``label``
   comes from the label file when one is given, otherwise from the classes present in the mask.
+- ``mode="infer"`` (the inference tools; ``afa.inference.ImageSet`` is this mode): only the images
+  are required. An id's ``mask`` is there when its mask file exists, its ``label`` when the label
+  file lists it or the mask exists (the VOC ``test`` split has neither). The tools mostly use the
+  per-id readers :meth:`~VOCStyleDataset.image`, :meth:`~VOCStyleDataset.mask`,
+  :meth:`~VOCStyleDataset.has_mask` and :meth:`~VOCStyleDataset.classes`, which every mode shares.
 
 ``box = (y0, y1, x0, x1)``: ``image[:, y0:y1, x0:x1]`` is image content, the rest is zero padding
 added by the random crop (the whole image when there is no crop). Pseudo labels are set to ignore
@@ -202,16 +207,19 @@ def write_label_file(path: str | os.PathLike, labels: dict[str, list[int]]) -> N
 
 
 class VOCStyleDataset(Dataset):
-    """Images + image-level labels (``mode="cls"``) or images + masks (``mode="seg"``).
+    """Images + image-level labels (``mode="cls"``), images + masks (``mode="seg"``), or images
+    with whatever masks and labels exist (``mode="infer"``).
 
     Args:
         root: dataset root holding ``JPEGImages`` and ``mask_dir``.
         name_list: file with one id per line.
-        label_file: JSON ``{id: [classes]}``; required for ``mode="cls"``.
+        label_file: JSON ``{id: [classes]}``; required for ``mode="cls"``. In ``"cls"`` mode (and
+            ``"seg"`` mode when given) every id must be listed; in ``"infer"`` mode an id it does
+            not list takes its labels from its mask.
         num_classes: classes including background (VOC 21, COCO 81).
         split: sub-folder of ``JPEGImages`` and ``mask_dir`` (COCO layout); None for VOC.
         mask_dir: folder of the class-index PNGs.
-        mode: ``"cls"`` or ``"seg"``.
+        mode: ``"cls"``, ``"seg"`` or ``"infer"``.
         crop_size, scale_range, hflip, jitter: augmentation, see
             :class:`afa.data.transforms.Augment` (all off by default; the paper's training uses
             ``crop_size=512, scale_range=(0.5, 2.0), hflip=True``).
@@ -219,7 +227,7 @@ class VOCStyleDataset(Dataset):
         ignore_index: mask value that is ignored (padding fill of the mask).
     """
 
-    MODES = ("cls", "seg")
+    MODES = ("cls", "seg", "infer")
 
     def __init__(
         self,
@@ -266,6 +274,7 @@ class VOCStyleDataset(Dataset):
         duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
         if duplicates:
             raise DataError(f"{name_list}: duplicate ids {duplicates[:5]}")
+        self.label_file = label_file
         self.labels = None if label_file is None else read_label_file(label_file, num_classes)
 
         self.skipped: list[tuple[str, str]] = []  # (id, reason) left out at construction
@@ -288,7 +297,7 @@ class VOCStyleDataset(Dataset):
 
     def _check_files(self, name: str, label_file) -> str | None:
         """The problem with ``name`` that can be seen without decoding, or None."""
-        if self.labels is not None and name not in self.labels:
+        if self.mode != "infer" and self.labels is not None and name not in self.labels:
             return f"{label_file}: no labels for id {name!r}"
         if not self.image_path(name).is_file():
             return f"{self.image_path(name)}: image file not found"
@@ -301,6 +310,38 @@ class VOCStyleDataset(Dataset):
 
     def mask_path(self, name: str) -> Path:
         return self.mask_dir / f"{name}.png"
+
+    def has_mask(self, name: str) -> bool:
+        return self.mask_path(name).is_file()
+
+    def image(self, name: str) -> np.ndarray:
+        """(H, W, 3) uint8 RGB of ``name``; :class:`DataError` naming the file when it is missing
+        or corrupt."""
+        return read_image(self.image_path(name))
+
+    def mask(self, name: str, shape: tuple[int, int] | None = None) -> np.ndarray:
+        """(H, W) uint8 class indices of ``name``; with ``shape`` (the image's (H, W)), a mask of
+        another size is a :class:`DataError`."""
+        mask = read_mask(self.mask_path(name), self.num_classes, self.ignore_index)
+        if shape is not None and mask.shape != tuple(shape):
+            raise DataError(f"{self.mask_path(name)}: mask size {mask.shape[::-1]} differs "
+                            f"from image size {tuple(shape)[::-1]} ({self.image_path(name)})")
+        return mask
+
+    def classes(self, name: str, mask: np.ndarray | None = None) -> list[int]:
+        """Image-level labels (1..C-1) of ``name``: the label file's entry, else the classes of
+        its mask (``mask`` when the caller has read it already); :class:`DataError` when neither
+        exists."""
+        if self.labels is not None and name in self.labels:
+            return list(self.labels[name])
+        if mask is None and self.has_mask(name):
+            mask = self.mask(name)
+        if mask is not None:
+            return labels_from_mask(mask, self.num_classes)
+        where = (f"the label file {self.label_file}" if self.labels is not None
+                 else "a label file")
+        raise DataError(f"no image-level labels for {name!r}: neither {where} nor a mask "
+                        f"{self.mask_path(name)} has them")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -343,18 +384,18 @@ class VOCStyleDataset(Dataset):
     def _load_one(self, index: int, rng: np.random.Generator) -> dict:
         """Decode, check and augment one sample."""
         name = self.names[index]
-        image = read_image(self.image_path(name))
+        image = self.image(name)
         mask = None
-        if self.mode == "seg":
-            mask = read_mask(self.mask_path(name), self.num_classes, self.ignore_index)
-            if mask.shape != image.shape[:2]:
-                raise DataError(f"{self.mask_path(name)}: mask size {mask.shape[::-1]} differs "
-                                f"from image size {image.shape[1::-1]} ({self.image_path(name)})")
-        classes = self.labels[name] if self.labels is not None else labels_from_mask(
-            mask, self.num_classes)
+        if self.mode == "seg" or (self.mode == "infer" and self.has_mask(name)):
+            mask = self.mask(name, image.shape[:2])
+        classes = None
+        if self.mode != "infer" or mask is not None or name in (self.labels or {}):
+            classes = self.classes(name, mask)
         image, mask, box = self.augment(image, mask, rng)
-        sample = {"name": name, "image": normalize(image), "label": self.multi_hot(classes),
-                  "box": torch.from_numpy(box)}
+        sample = {"name": name, "image": normalize(image)}
+        if classes is not None:
+            sample["label"] = self.multi_hot(classes)
+        sample["box"] = torch.from_numpy(box)
         if mask is not None:
             sample["mask"] = torch.from_numpy(mask.astype(np.int64))
         return sample

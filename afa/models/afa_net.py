@@ -116,6 +116,12 @@ class AFANet(nn.Module):
         return AFAOutput(cls_logits, seg_logits, attn_logits, self._affinity(attn_logits),
                          cam_logits, grid)
 
+    def forward_seg(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H/4, W/4) segmentation logits alone, for inference: the encoder on the fused
+        attention kernel (no attention maps, no affinity), no classifier."""
+        features, _ = self.encoder(x, return_attn=False)
+        return self.decoder(features)
+
     def idle_params(self) -> list[nn.Parameter]:
         """The parameters a ``cls_only`` forward does not use (decoder and affinity head)."""
         return list(self.decoder.parameters()) + list(self.attn_proj.parameters())
