@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="our checkpoint or the authors'")
     parser.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
                                         "(default: the config's data.train_split)")
-    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--out-dir", required=True, type=Path,
+                        help="where cam_label/, refined/, affinity/ (and cam/) go, with scores.json")
     parser.add_argument("--save-npy", action="store_true", help="also write cam/<id>.npy")
     parser.add_argument("--npy-scale", type=float, default=0.25,
                         help="size of the saved CAMs relative to the image (default 0.25)")

@@ -154,7 +154,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="our checkpoint or the authors'")
     parser.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
                                         "(default: the config's data.val_split)")
-    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--out-dir", required=True, type=Path,
+                        help="where pred/, overlay/ (and logits/) go, with scores.json and run.json")
     parser.add_argument("--scales", type=_float_list, metavar="S1,S2,...",
                         help="comma-separated, e.g. 1.0,0.5,0.75: shorthand for the override "
                              "infer.scales=[...]")

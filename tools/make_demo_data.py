@@ -31,9 +31,12 @@ from afa.data.synthetic import DEMO_CLASSES, make_demo_dataset  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/demo", help="output root (default: data/demo)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-train", type=int, default=3000)
-    parser.add_argument("--num-val", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the generator's seed: another seed, another set (default 0)")
+    parser.add_argument("--num-train", type=int, default=3000,
+                        help="training images (default 3000; make demo uses 12000)")
+    parser.add_argument("--num-val", type=int, default=300,
+                        help="validation images with masks (default 300)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     args = parser.parse_args(argv)
 

@@ -124,10 +124,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--coco-root", required=True,
                         help="holds annotations/, train2014/, val2014/")
-    parser.add_argument("--out", default="MSCOCO")
-    parser.add_argument("--splits", nargs="+", choices=("train", "val"), default=["train", "val"])
-    parser.add_argument("--images", choices=("symlink", "hardlink", "copy"), default="symlink")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default="MSCOCO",
+                        help="the VOC-style root to write (default MSCOCO)")
+    parser.add_argument("--splits", nargs="+", choices=("train", "val"), default=["train", "val"],
+                        help="which COCO 2014 splits to convert (default both)")
+    parser.add_argument("--images", choices=("symlink", "hardlink", "copy"), default="symlink",
+                        help="how JPEGImages/<split>/ gets the images (default symlink)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes that draw the masks (default: all cores)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="leave bad images out with a warning instead of failing")
     args = parser.parse_args(argv)

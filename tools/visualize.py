@@ -100,13 +100,16 @@ def render(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--list", required=True, help="name list, one image id per line")
-    parser.add_argument("--image-dir", required=True, type=Path)
-    parser.add_argument("--out-dir", required=True, type=Path)
+    parser.add_argument("--image-dir", required=True, type=Path,
+                        help="folder of the <id>.jpg images")
+    parser.add_argument("--out-dir", required=True, type=Path,
+                        help="where the <id>.png grids go")
     parser.add_argument("--cam-dir", type=Path, help="<id>.npy CAMs (C, h, w)")
     parser.add_argument("--pseudo-dir", type=Path, help="<id>.png pseudo labels")
     parser.add_argument("--pred-dir", type=Path, help="<id>.png predictions")
     parser.add_argument("--gt-dir", type=Path, help="<id>.png ground truth")
-    parser.add_argument("--class-names", choices=sorted(CLASS_NAME_SETS), default="voc")
+    parser.add_argument("--class-names", choices=sorted(CLASS_NAME_SETS), default="voc",
+                        help="class names of the legend (default voc)")
     parser.add_argument("--max-cams", type=int, default=3, help="CAMs shown per image")
     parser.add_argument("--limit", type=int, help="only the first LIMIT ids")
     args = parser.parse_args(argv)
