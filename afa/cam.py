@@ -30,15 +30,15 @@ __all__ = [
 
 class MultiScaleCAM(NamedTuple):
     cam: torch.Tensor  # (B, C-1, H, W) normalised to [0, 1] per image and class
-    aff: torch.Tensor  # (B, N, N) affinity of the ``aff_scale`` forward, N = h * w
-    aff_grid: tuple[int, int]  # (h, w) stage-4 grid of that forward, from the encoder
+    aff: torch.Tensor | None  # (B, N, N) affinity of the ``aff_scale`` forward, N = h * w
+    aff_grid: tuple[int, int] | None  # (h, w) stage-4 grid of that forward, from the encoder
 
 
 @torch.no_grad()
 def multi_scale_cam(model: nn.Module, images: torch.Tensor,
                     scales: Sequence[float] = (1.0, 0.5, 1.5), *,
                     aff_scale: float | None = None, scale1=None,
-                    update_decoder_bn: bool = False) -> MultiScaleCAM:
+                    update_decoder_bn: bool = False, with_aff: bool = True) -> MultiScaleCAM:
     """Multi-scale + flip CAM (DESIGN step 2), and the affinity of one of its scales.
 
     Args:
@@ -56,6 +56,8 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
             authors' CAM forwards run the whole network. In train mode this updates the decoder's
             BatchNorm running statistics (once per scale and iteration) exactly as theirs do;
             its outputs are discarded. Not with ``scale1``, whose decoder saw no flip.
+        with_aff: False: no affinity at all (``aff`` and ``aff_grid`` None), every forward on
+            the fused attention kernel; for CAM forwards run only for ``update_decoder_bn``.
 
     The model is called in whatever mode it is in; the caller decides train/eval.
     """
@@ -73,7 +75,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
         size = (int(scale * height), int(scale * width))
         x = images if size == (height, width) else F.interpolate(
             images, size=size, mode="bilinear", align_corners=False)
-        want_aff = scale == aff_scale and aff is None
+        want_aff = with_aff and scale == aff_scale and aff is None
         if scale1 is not None and scale == 1.0:
             flipped = model.cam_forward(x.flip(-1), return_aff=False)
             cam = torch.cat([scale1.cam_logits.detach().to(flipped.cam.dtype), flipped.cam])

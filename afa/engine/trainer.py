@@ -92,7 +92,7 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
         out = model(images, cls_only=cls_only)
         cams = (multi_scale_cam(unwrap_model(model), images, cam_scales,
                                 scale1=out if reuse_train_forward else None,
-                                update_decoder_bn=update_decoder_bn)
+                                update_decoder_bn=update_decoder_bn, with_aff=need_cams)
                 if run_cams else None)
     cam = cams.cam.float() if need_cams else None
     seg_logits = None if cls_only else out.seg_logits.float()
@@ -491,8 +491,8 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
             before = [b.detach().clone() for b in buffers]  # restored if the step is dropped
             finite = torch.ones((), dtype=torch.bool, device=info.device)
             for micro, batch in enumerate(micro_batches):
-                for problem in batch.get("skipped", ()):  # data.skip_bad replacements
-                    for line in filter(None, problem.split("\n")):
+                for replaced in batch.get("skipped", ()):  # data.skip_bad replacements
+                    for line in filter(None, replaced.split("\n")):
                         bad_files += 1
                         log.warning("skipped a bad training sample (data.skip_bad): %s", line)
                 chunk = (iteration * accum + micro) * world + info.rank
