@@ -55,9 +55,7 @@ def affinity_label(label: torch.Tensor, grid: tuple[int, int], radius: int = 8,
     same = small[:, :, None] == small[:, None, :]  # (B, N, N)
     valid = (small != ignore_index)[:, :, None] & (small != ignore_index)[:, None, :]
     valid &= radius_mask(grid[0], grid[1], radius, small.device)
-    target = same.long()
-    target[~valid] = ignore_index
-    return target
+    return same.long().masked_fill(~valid, ignore_index)
 
 
 def random_walk(scores: torch.Tensor, aff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -137,34 +137,36 @@ def cam_to_label(cam: torch.Tensor, labels: torch.Tensor, bkg_score: float = 0.4
     if (high is None) != (low is None):
         raise ValueError("give both `high` and `low` (the training variant) or neither")
     score, index = (cam * labels[:, :, None, None]).max(dim=1)  # (B, H, W)
-    label = index + 1
-    label[score <= bkg_score] = 0
+    # masked_fill rather than boolean indexing: no device sync.
+    label = (index + 1).masked_fill(score <= bkg_score, 0)
     if high is not None:
-        label[score <= high] = ignore_index
-        label[score <= low] = 0
+        label = label.masked_fill(score <= high, ignore_index).masked_fill(score <= low, 0)
     if boxes is not None:
-        label[~box_mask(boxes, *label.shape[-2:], device=label.device)] = ignore_index
+        outside = ~box_mask(boxes, *label.shape[-2:], device=label.device)
+        label = label.masked_fill(outside, ignore_index)
     return label
 
 
 def _combine_high_low(label_high: torch.Tensor, label_low: torch.Tensor,
                       ignore_index: int) -> torch.Tensor:
     """Foreground where the high-background label has it; background only where both agree."""
-    label = label_high.clone()
-    label[label_high == 0] = ignore_index
-    label[(label_high == 0) & (label_low == 0)] = 0
-    return label
+    background = label_high == 0
+    return label_high.masked_fill(background, ignore_index).masked_fill(
+        background & (label_low == 0), 0)
 
 
-def _present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _present_classes(labels: torch.Tensor,
+                     count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel ids of background + present classes per image, padded to the batch maximum.
 
     Returns ``index`` (B, 1 + P) long into the (B, C) background-first channel axis (padding
     points at 0) and ``valid`` (B, 1 + P) bool. Refining only these channels keeps PAR's cost
-    proportional to the few classes an image has, not to C.
+    proportional to the few classes an image has, not to C. ``count``: P, the largest number of
+    classes of an image, if the caller knows it (otherwise read from ``labels``: a device sync).
     """
     present = labels.bool()  # (B, C-1)
-    count = int(present.sum(dim=1).max()) if present.numel() else 0
+    if count is None:
+        count = int(present.sum(dim=1).max()) if present.numel() else 0
     # A stable sort puts the present classes first, in increasing class order.
     order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :count]
     valid = torch.gather(present, 1, order)  # (B, P)
@@ -178,7 +180,7 @@ def _present_classes(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
                          labels: torch.Tensor, boxes: torch.Tensor, high: float = 0.55,
                          low: float = 0.35, ignore_index: int = IGNORE_INDEX,
-                         down_scale: int = 2) -> torch.Tensor:
+                         down_scale: int = 2, *, max_present: int | None = None) -> torch.Tensor:
     """PAR-refined pseudo label from CAMs (DESIGN step 4), all images of the batch at once.
 
     Args:
@@ -189,6 +191,8 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
         boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``.
         high, low: constant background scores of the two stacks.
         down_scale: PAR runs at (H // down_scale, W // down_scale).
+        max_present: the largest number of classes of an image, if known on the host (see
+            ``refine_propagated_cams``).
 
     Returns:
         (B, H, W) long pseudo label with ``ignore_index``.
@@ -197,7 +201,7 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
     small = (height // down_scale, width // down_scale)
     small_rgb = F.interpolate(rgb, size=small, mode="bilinear", align_corners=False)
     small_cams = F.interpolate(cams, size=small, mode="bilinear", align_corners=False)
-    index, valid = _present_classes(labels)  # (B, 1 + P)
+    index, valid = _present_classes(labels, max_present)  # (B, 1 + P)
     # Background-first scores; the background row is replaced by the constant of each stack.
     scores = F.pad(small_cams, (0, 0, 0, 0, 1, 0))  # (B, C, h, w)
     scores = torch.gather(scores, 1, index[:, :, None, None].expand(-1, -1, *small))
@@ -213,14 +217,15 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
         torch.gather(index, 1, part.max(dim=1).indices.flatten(1)).view(batch, height, width)
         for part in refined.chunk(2, dim=1))
     label = _combine_high_low(label_high, label_low, ignore_index)
-    label[~box_mask(boxes, height, width, device=label.device)] = ignore_index
-    return label
+    return label.masked_fill(~box_mask(boxes, height, width, device=label.device), ignore_index)
 
 
 @torch.no_grad()
 def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch.Tensor,
                            walked_low: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
-                           ignore_index: int = IGNORE_INDEX, down_scale: int = 2) -> torch.Tensor:
+                           ignore_index: int = IGNORE_INDEX, down_scale: int = 2, *,
+                           box_list: Sequence[Sequence[int]] | None = None,
+                           max_present: int | None = None) -> torch.Tensor:
     """Affinity pseudo label: PAR on random-walk-propagated maps (DESIGN step 9).
 
     Args:
@@ -231,29 +236,50 @@ def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch
         labels: (B, C-1) multi-hot image labels.
         boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``.
         down_scale: PAR runs on the box crop at 1 / ``down_scale`` of its size.
+        box_list, max_present: ``boxes.tolist()`` and the largest number of classes of an
+            image, when the caller has them on the host (the trainer reads them from the CPU
+            batch): on a GPU, computing them here would wait for the device.
 
     Each image is refined on its own box crop, so padding never enters PAR's neighbourhoods; the
-    propagated maps are not re-normalised.
+    propagated maps are not re-normalised. The crops of all images go through one PAR call
+    (``PAR(..., bounds=...)``, equal to one call per crop).
 
     Returns:
         (B, H, W) long pseudo label with ``ignore_index``.
     """
     batch, _, height, width = walked_high.shape
-    index, valid = _present_classes(labels)
+    index, valid = _present_classes(labels, max_present)  # (B, 1 + P)
+    if box_list is None:
+        box_list = boxes.tolist()
     label = torch.full((batch, height, width), ignore_index, dtype=torch.long, device=rgb.device)
-    for b, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
-        if y1 <= y0 or x1 <= x0:
-            continue  # a crop of padding only: nothing to label
-        keys = index[b][valid[b]]  # (1 + P_b,) background + present classes
-        crop_rgb = rgb[b:b + 1, :, y0:y1, x0:x1]
-        small = (max(1, (y1 - y0) // down_scale), max(1, (x1 - x0) // down_scale))
-        small_rgb = F.interpolate(crop_rgb, size=small, mode="bilinear", align_corners=False)
+    crops = [(b, (y0, y1, x0, x1)) for b, (y0, y1, x0, x1) in enumerate(box_list)
+             if y1 > y0 and x1 > x0]  # a crop of padding only has nothing to label
+    if not crops:
+        return label
+    smalls = [(max(1, (y1 - y0) // down_scale), max(1, (x1 - x0) // down_scale))
+              for _, (y0, y1, x0, x1) in crops]
+    canvas = (max(h for h, _ in smalls), max(w for _, w in smalls))
+    small_rgb, stacks = [], []
+    for (b, (y0, y1, x0, x1)), small in zip(crops, smalls):
+        keys = index[b]  # background + present classes, padded with 0 (masked below)
         stack = torch.cat([walked_high[b:b + 1, keys, y0:y1, x0:x1],
                            walked_low[b:b + 1, keys, y0:y1, x0:x1]], dim=1)
-        refined = par(small_rgb, stack)  # (1, 2 (1 + P_b), h, w)
-        refined = F.interpolate(refined, size=(y1 - y0, x1 - x0), mode="bilinear",
-                                align_corners=False)
-        label_high, label_low = (keys[part.max(dim=1).indices]
-                                 for part in refined.chunk(2, dim=1))
+        # What PAR does to its input, done per crop so that all crops fit one canvas.
+        stack = F.interpolate(stack, size=small, mode="bilinear", align_corners=True)
+        crop_rgb = F.interpolate(rgb[b:b + 1, :, y0:y1, x0:x1], size=small, mode="bilinear",
+                                 align_corners=False)
+        pad = (0, canvas[1] - small[1], 0, canvas[0] - small[0])
+        small_rgb.append(F.pad(crop_rgb, pad))
+        stacks.append(F.pad(stack, pad))
+    bounds = torch.tensor(smalls, device=rgb.device)
+    refined = par(torch.cat(small_rgb), torch.cat(stacks), bounds=bounds)  # (n, 2 (1 + P), ...)
+    for i, (b, (y0, y1, x0, x1)) in enumerate(crops):
+        small_h, small_w = smalls[i]
+        out = F.interpolate(refined[i:i + 1, :, :small_h, :small_w], size=(y1 - y0, x1 - x0),
+                            mode="bilinear", align_corners=False)
+        invalid = ~valid[b, None, :, None, None]
+        label_high, label_low = (
+            index[b][part.masked_fill(invalid, float("-inf")).max(dim=1).indices]
+            for part in out.chunk(2, dim=1))
         label[b:b + 1, y0:y1, x0:x1] = _combine_high_low(label_high, label_low, ignore_index)
     return label

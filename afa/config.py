@@ -96,9 +96,16 @@ class TrainConfig:
     log_iters: int = 50
     ckpt_iters: int = 2000
     keep_last: int = 3
-    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
-    # What a non-finite loss or gradient does: stop (after a checkpoint of the last finished
-    # iteration) | skip (the step is dropped, BatchNorm statistics restored; counted in the log).
+    # Mixed precision of the network's forwards: none | bf16 (CUDA, and CPUs with bfloat16
+    # support) | fp16 (CUDA only, with a gradient scaler). Pseudo labels and losses stay fp32.
+    amp: str = "none"
+    # CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (about 3x faster on
+    # A100/H100; 10-bit mantissa products). false: strict fp32. No effect on CPU.
+    tf32: bool = True
+    # What a non-finite loss or gradient does. Either way the step is dropped on the device
+    # (no weight, optimizer state or BatchNorm statistic changes) and found at the next log
+    # interval (train.log_iters; the one host-device sync of the loop): stop (then, after a
+    # checkpoint) | skip (go on; counted in the log).
     nonfinite: str = "stop"
     image_log_iters: int = 2000  # TensorBoard image grids
 
@@ -141,6 +148,11 @@ class LossConfig:
     reg_rgb_sigma: float = 15.0
     reg_xy_sigma: float = 100.0
     reg_scale: float = 0.5  # the loss works on images downsampled by this factor
+    # Processes that run the regularized loss's bilateral filter (CPU) while the multi-scale CAM
+    # and pseudo labels are computed. null: one per image of the micro-batch (at most the CPUs
+    # this process may use, less one) on CUDA, none on CPU (whose cores are busy anyway); 0: in
+    # the training process. The numbers are the same either way.
+    reg_workers: Optional[int] = None
 
 
 @dataclass

@@ -9,6 +9,10 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -30,6 +34,7 @@ __all__ = [
     "balanced_seg_loss",
     "bilateral_filter",
     "DenseCRFLoss",
+    "PendingCRFLoss",
 ]
 
 
@@ -116,30 +121,52 @@ def bilateral_filter(values: np.ndarray, image: np.ndarray, sigma_rgb: float,
 
 
 class _DenseEnergy(torch.autograd.Function):
-    """``E = -sum(S * gate * W S) / B``; backward ``dE/dS = -2 gate * W S / B`` (the authors' form).
+    """``E = -sum(S * G) / B`` with ``G = gate * W S`` given; backward ``dE/dS = -2 G / B``.
 
     The backward treats ``gate`` as a constant and uses the symmetric-W shortcut of the authors'
     implementation; it equals the exact gradient where ``gate`` is locally constant.
     """
 
     @staticmethod
-    def forward(ctx, probs, gate, image, sigma_rgb, sigma_xy):
-        # probs (B, K, h, w); gate (B, h, w); image (B, 3, h, w) in 0-255
-        batch, num_labels, height, width = probs.shape
-        probs_np = probs.detach().float().cpu().numpy().reshape(batch, num_labels, -1)
-        images_np = image.detach().float().permute(0, 2, 3, 1).cpu().numpy()
-        filtered = np.stack([bilateral_filter(probs_np[b], images_np[b], sigma_rgb, sigma_xy)
-                             for b in range(batch)])  # (B, K, N)
-        filtered = torch.from_numpy(filtered).to(probs).view_as(probs)
-        gated = gate[:, None] * filtered  # (B, K, h, w)
+    def forward(ctx, probs, gated):
         ctx.save_for_backward(gated)
-        ctx.batch = batch
-        return -(probs * gated).sum() / batch
+        return -(probs * gated).sum() / probs.shape[0]
 
     @staticmethod
     def backward(ctx, grad_output):
         (gated,) = ctx.saved_tensors
-        return -2.0 * grad_output * gated / ctx.batch, None, None, None, None
+        return -2.0 * grad_output * gated / gated.shape[0], None
+
+
+def _ignore_signals() -> None:
+    """Pool initializer: stop signals are the training process's to handle (see the trainer)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class PendingCRFLoss:
+    """A regularized loss whose bilateral filtering has started (:meth:`DenseCRFLoss.start`).
+
+    ``loss(label)`` waits for the filter and returns the scalar loss; the filter does not depend
+    on the pseudo label, so it can run while the pseudo labels are being made.
+    """
+
+    def __init__(self, owner: "DenseCRFLoss", probs: torch.Tensor, work):
+        self.owner, self.probs, self._work = owner, probs, work
+
+    def loss(self, label: torch.Tensor) -> torch.Tensor:
+        """Scalar loss; ``label`` (B, H, W) pseudo label: ignore pixels are fully regularized."""
+        probs = self.probs  # (B, K, h, w) at the loss resolution, masked to the boxes
+        filtered = np.stack([w.result() if isinstance(w, Future) else w for w in self._work])
+        filtered = torch.from_numpy(filtered).view(probs.shape)
+        if probs.device.type == "cuda":  # no wait for the device: pinned, asynchronous copy
+            filtered = filtered.pin_memory().to(probs.device, non_blocking=True)
+        label = F.interpolate(label[:, None].float(), size=probs.shape[-2:], mode="nearest")[:, 0]
+        # Confident pixels are left alone (gate 1 - max S); unsupervised pixels get the full term.
+        gate = torch.where(label == self.owner.ignore_index, torch.ones_like(label),
+                           1 - probs.detach().amax(dim=1))  # (B, h, w)
+        energy = _DenseEnergy.apply(probs, gate[:, None] * filtered.to(probs))
+        return self.owner.energy_scale * energy
 
 
 class DenseCRFLoss(nn.Module):
@@ -151,10 +178,17 @@ class DenseCRFLoss(nn.Module):
         scale_factor: the loss is evaluated at this fraction of the crop resolution.
         energy_scale: multiplies the energy (the authors' 1e-7); the caller applies the loss weight.
         ignore_index: pixels with this pseudo label get the full gate of 1.
+        workers: processes that run the bilateral filter (on the CPU, one image each) while the
+            caller goes on (:meth:`start`); 0 filters in this process, at once. The numbers are
+            the same either way.
+
+    The filter runs on the CPU (``pydensecrf2``'s permutohedral lattice). The trainer starts it
+    right after the training forward, so that on a GPU it overlaps with the multi-scale CAM and
+    the pseudo labels instead of adding to the step.
     """
 
     def __init__(self, sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale_factor: float = 0.5,
-                 energy_scale: float = 1e-7, ignore_index: int = IGNORE_INDEX):
+                 energy_scale: float = 1e-7, ignore_index: int = IGNORE_INDEX, workers: int = 0):
         super().__init__()
         if dcrf is None:
             raise ImportError("The regularized (DenseCRF) loss needs pydensecrf2: "
@@ -164,10 +198,52 @@ class DenseCRFLoss(nn.Module):
         self.scale_factor = scale_factor
         self.energy_scale = energy_scale
         self.ignore_index = ignore_index
+        self.workers = workers
+        self._pool = None
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        if self.workers and self._pool is None:
+            # spawn: safe in a process that uses CUDA or threads.
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=_ignore_signals)
+        return self._pool
+
+    def close(self) -> None:
+        """Shut the filter processes down (they are started again when needed)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def start(self, rgb: torch.Tensor, probs: torch.Tensor,
+              boxes: torch.Tensor) -> PendingCRFLoss:
+        """Resize to the loss resolution and start filtering; finish with ``.loss(label)``.
+
+        Args:
+            rgb: (B, 3, H, W) image in [0, 1].
+            probs: (B, K, H, W) softmax of the segmentation logits (carries the gradient).
+            boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``; probabilities outside are zeroed.
+        """
+        _, _, height, width = probs.shape
+        size = (int(height * self.scale_factor), int(width * self.scale_factor))
+        image = F.interpolate(rgb.float() * 255, size=size, mode="bilinear", align_corners=False)
+        probs = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
+        inside = box_mask(boxes, height, width, device=probs.device)[:, None].float()
+        inside = F.interpolate(inside, size=size, mode="nearest")  # (B, 1, h, w)
+        probs = probs * inside
+        batch, num_labels = probs.shape[:2]
+        # The one wait for the device: the filter runs on the CPU.
+        probs_np = probs.detach().cpu().numpy().reshape(batch, num_labels, -1)
+        images_np = image.detach().permute(0, 2, 3, 1).cpu().numpy()
+        sigma_xy = self.sigma_xy * self.scale_factor
+        pool = self._executor()
+        run = pool.submit if pool is not None else (lambda f, *a: f(*a))
+        work = [run(bilateral_filter, probs_np[b], images_np[b], self.sigma_rgb, sigma_xy)
+                for b in range(batch)]
+        return PendingCRFLoss(self, probs, work)
 
     def forward(self, rgb: torch.Tensor, probs: torch.Tensor, label: torch.Tensor,
                 boxes: torch.Tensor) -> torch.Tensor:
-        """Scalar loss.
+        """Scalar loss: :meth:`start` and ``.loss(label)`` in one.
 
         Args:
             rgb: (B, 3, H, W) image in [0, 1].
@@ -175,17 +251,4 @@ class DenseCRFLoss(nn.Module):
             label: (B, H, W) pseudo label; ignore pixels are fully regularized.
             boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``; probabilities outside are zeroed.
         """
-        _, _, height, width = probs.shape
-        size = (int(height * self.scale_factor), int(width * self.scale_factor))
-        image = F.interpolate(rgb.float() * 255, size=size, mode="bilinear", align_corners=False)
-        probs = F.interpolate(probs.float(), size=size, mode="bilinear", align_corners=False)
-        label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0]
-        inside = box_mask(boxes, height, width, device=probs.device)[:, None].float()
-        inside = F.interpolate(inside, size=size, mode="nearest")  # (B, 1, h, w)
-        probs = probs * inside
-        # Confident pixels are left alone (gate 1 - max S); unsupervised pixels get the full term.
-        gate = torch.where(label == self.ignore_index, torch.ones_like(label),
-                           1 - probs.detach().amax(dim=1))  # (B, h, w)
-        energy = _DenseEnergy.apply(probs, gate, image, self.sigma_rgb,
-                                    self.sigma_xy * self.scale_factor)
-        return self.energy_scale * energy
+        return self.start(rgb, probs, boxes).loss(label)

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from afa.affinity import affinity_label, propagate_cams
 from afa.cam import cam_to_label, refine_cams_with_par, refine_propagated_cams
 from afa.constants import IGNORE_INDEX
-from afa.losses import DenseCRFLoss, affinity_loss, balanced_seg_loss, classification_loss
+from afa.losses import (DenseCRFLoss, PendingCRFLoss, affinity_loss, balanced_seg_loss,
+                        classification_loss)
 
-__all__ = ["AFALosses", "PseudoLabels", "compute_afa_losses", "make_pseudo_labels"]
+__all__ = ["AFALosses", "PseudoLabels", "compute_afa_losses", "make_pseudo_labels", "seg_probs"]
 
 
 class PseudoLabels(NamedTuple):
@@ -38,7 +39,8 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
                        refine_bkg: tuple[float, float], aff: torch.Tensor | None = None,
                        aff_grid: tuple[int, int] | None = None,
                        walk_bkg: tuple[float, float] | None = None, radius: int = 8,
-                       ignore_index: int = IGNORE_INDEX) -> PseudoLabels:
+                       ignore_index: int = IGNORE_INDEX, box_list=None,
+                       max_present: int | None = None) -> PseudoLabels:
     """The pseudo labels of a batch of CAMs, all images at once.
 
     Args:
@@ -55,6 +57,8 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
         walk_bkg: ``(high, low)`` background scores of the random walks behind the affinity
             pseudo label, with the same band rule (training: (0.55, 0.35)).
         radius: Chebyshev radius of the random walk on the stage-4 grid.
+        box_list, max_present: ``boxes.tolist()`` and the largest number of classes of an
+            image, when known on the host: without them the labels wait for the device (a sync).
 
     Training, ``tools/infer_cam.py`` (the labels the segmentation learns from) and validation
     (which scores the labels without the band: ``refine_bkg=(bkg, bkg)``, ``walk_bkg=(low, low)``,
@@ -64,7 +68,7 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
                              ignore_index=ignore_index)
     high, low = refine_bkg
     refined = refine_cams_with_par(par, rgb, cam, labels, boxes, high=high, low=low,
-                                   ignore_index=ignore_index)
+                                   ignore_index=ignore_index, max_present=max_present)
     if aff is None:
         return PseudoLabels(cam_label, refined, None, None)
     high, low = walk_bkg
@@ -72,8 +76,15 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
     walked_high = walked_low if high == low else propagate_cams(cam, labels, aff, aff_grid,
                                                                 bkg_score=high, radius=radius)
     aff_pseudo_label = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
-                                              ignore_index=ignore_index)
+                                              ignore_index=ignore_index, box_list=box_list,
+                                              max_present=max_present)
     return PseudoLabels(cam_label, refined, walked_low, aff_pseudo_label)
+
+
+def seg_probs(seg_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The softmax of the segmentation logits upsampled to the crop: the regularized loss's input."""
+    return F.interpolate(seg_logits.float(), size=size, mode="bilinear",
+                         align_corners=False).softmax(dim=1)
 
 
 @dataclass
@@ -104,7 +115,7 @@ def compute_afa_losses(
     iteration: int,
     *,
     par: nn.Module,
-    crf_loss: DenseCRFLoss | None = None,
+    crf_loss: DenseCRFLoss | PendingCRFLoss | None = None,
     bkg_score: float = 0.45,
     high: float = 0.55,
     low: float = 0.35,
@@ -115,6 +126,8 @@ def compute_afa_losses(
     w_seg: float = 0.1,
     w_aff: float = 0.1,
     w_reg: float = 0.01,
+    box_list=None,
+    max_present: int | None = None,
 ) -> AFALosses:
     """Pseudo labels and losses of one iteration.
 
@@ -136,10 +149,14 @@ def compute_afa_losses(
             counts; from ``aff_switch_iter`` on the segmentation target is the affinity pseudo
             label instead of the refined one.
         par: the ``PAR`` module.
-        crf_loss: a ``DenseCRFLoss`` to add the regularized loss, or None.
+        crf_loss: a ``DenseCRFLoss`` to add the regularized loss, or one already started on
+            ``seg_probs(seg_logits, rgb.shape[-2:])`` (``DenseCRFLoss.start``: the trainer
+            starts its filter before the multi-scale CAM), or None.
         bkg_score, high, low: CAM thresholds (DESIGN section 3).
         radius: Chebyshev radius of the affinity on the stride-16 grid.
         w_seg, w_aff, w_reg: loss weights after ``cam_iters``.
+        box_list, max_present: host copies of ``boxes.tolist()`` and of the largest number of
+            classes of an image; with them the pseudo labels never wait for the device.
 
     Before ``cam_iters`` only the classification loss counts. The caller may then pass
     ``cam=None`` (and skip the multi-scale CAM): no pseudo label is computed and the label fields
@@ -163,7 +180,8 @@ def compute_afa_losses(
     aff_grid, cam_aff_grid = grids
     pseudo = make_pseudo_labels(cam, labels, rgb, boxes, par=par, cam_bkg=bkg_score,
                                 refine_bkg=(high, low), aff=cam_aff, aff_grid=cam_aff_grid,
-                                walk_bkg=(high, low), radius=radius, ignore_index=ignore_index)
+                                walk_bkg=(high, low), radius=radius, ignore_index=ignore_index,
+                                box_list=box_list, max_present=max_present)
     cam_label, refined_label, aff_pseudo_label = (pseudo.cam_label, pseudo.refined_label,
                                                   pseudo.aff_pseudo_label)
     with torch.no_grad():
@@ -175,9 +193,9 @@ def compute_afa_losses(
     seg_loss = balanced_seg_loss(seg_logits, seg_target, ignore_index=ignore_index)
     joint = iteration >= cam_iters
     if crf_loss is not None and joint:
-        probs = F.interpolate(seg_logits.float(), size=(height, width), mode="bilinear",
-                              align_corners=False).softmax(dim=1)
-        reg_loss = crf_loss(rgb, probs, seg_target, boxes)
+        if isinstance(crf_loss, DenseCRFLoss):
+            crf_loss = crf_loss.start(rgb, seg_probs(seg_logits, (height, width)), boxes)
+        reg_loss = crf_loss.loss(seg_target)
     else:
         reg_loss = cls_loss.new_zeros(())
 

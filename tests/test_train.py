@@ -238,8 +238,9 @@ def test_unknown_key_wrong_type_and_missing_root_are_named(tiny_data, tmp_path):
     assert str(missing) in proc.stderr
 
 
-def test_mixed_precision_on_cpu_is_rejected_before_training(tiny_data, tmp_path):
-    # Mixed precision is CUDA-only: on a CPU run it must not silently train in fp32.
-    with pytest.raises(ConfigError, match=r"train.amp=bf16 needs a CUDA device.*cpu"):
-        train(tiny_config(tiny_data, tmp_path / "amp", **{"train.amp": "bf16"}))
+def test_fp16_on_cpu_is_rejected_before_training(tiny_data, tmp_path):
+    # fp16 needs the CUDA gradient scaler: on a CPU run it must not silently train in fp32
+    # (bf16 runs on CPU: tests/test_gpu_ready.py).
+    with pytest.raises(ConfigError, match=r"train.amp=fp16 needs a CUDA device.*cpu"):
+        train(tiny_config(tiny_data, tmp_path / "amp", **{"train.amp": "fp16"}))
     assert not (tmp_path / "amp" / "checkpoints").exists()

@@ -18,6 +18,7 @@ __all__ = [
     "DistInfo",
     "all_reduce_mean",
     "all_reduce_sum",
+    "all_ranks_true",
     "any_rank",
     "barrier",
     "broadcast_buffers",
@@ -26,6 +27,7 @@ __all__ = [
     "init_distributed",
     "is_main",
     "rank",
+    "usable_cpus",
     "world_size",
 ]
 
@@ -43,6 +45,13 @@ def _env_int(*names: str, default: int) -> int:
         if name in os.environ:
             return int(os.environ[name])
     return default
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (honours taskset, cgroups' CPU sets and SLURM bindings)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def env_rank() -> int:
@@ -72,12 +81,21 @@ def init_distributed(device: str = "auto") -> DistInfo:
         os.environ.setdefault("WORLD_SIZE", str(world))
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 init_method="env://", world_size=world, rank=rank_)
+    if world > 1 and _HOST["group"] is None:
+        # Host-side decisions (stop, bad data) agree over gloo on CPU tensors: an NCCL all-reduce
+        # of a flag would wait for the device's queued work.
+        _HOST["group"] = (dist.new_group(backend="gloo") if dist.get_backend() != "gloo"
+                          else dist.group.WORLD)
     return DistInfo(rank=rank_, local_rank=local, world_size=world, device=dev)
+
+
+_HOST = {"group": None}  # the process group for host flags (see init_distributed)
 
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST["group"] = None
 
 
 def _active() -> bool:
@@ -108,17 +126,30 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
-    """Each flag is true on every rank if it is true on any rank (one all-reduce; none alone).
+def any_rank(flags: list[bool], device: torch.device | None = None) -> list[bool]:
+    """Each host flag is true on every rank if it is true on any rank (none alone).
 
-    Ranks that must take the same branch (stop, skip a step, give up on bad data) agree through
-    this; it is a host-device sync point under a launcher, so keep it out of inner loops.
+    Ranks that must take the same branch (stop, give up on bad data) agree through this: one
+    all-reduce of a CPU tensor over gloo, which never waits for a GPU. ``device`` is unused
+    (kept for callers of the earlier signature).
     """
     if not _active():
         return [bool(f) for f in flags]
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_HOST["group"] or dist.group.WORLD)
     return [v > 0 for v in t.tolist()]
+
+
+def all_ranks_true(flag: torch.Tensor) -> torch.Tensor:
+    """A device bool scalar that is true on every rank only if it is true on all of them.
+
+    An all-reduce on the device (no host sync): ranks then drop or take a step together.
+    """
+    if not _active():
+        return flag
+    t = flag.to(torch.float32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t > 0
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

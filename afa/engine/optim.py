@@ -13,6 +13,11 @@ def build_optimizer(param_groups: list[dict], lr: float, weight_decay: float,
 
     ``lr_mults`` (``{name: multiplier}``) replaces the groups' own multipliers; a name that is not
     a group is an error.
+
+    The fused implementation (CUDA and CPU): a few kernels per step instead of several per
+    parameter, and a step can be dropped on the device (``optimizer.found_inf``, a float tensor
+    that is non-zero to skip: weights, moments and step count stay) without a host sync. Its
+    updates equal the unfused AdamW's to about one unit in the last place.
     """
     lr_mults = dict(lr_mults or {})
     unknown = set(lr_mults) - {g["name"] for g in param_groups}
@@ -25,7 +30,8 @@ def build_optimizer(param_groups: list[dict], lr: float, weight_decay: float,
         if g["params"]:
             groups.append({"params": g["params"], "name": g["name"], "lr_mult": mult,
                            "lr": lr * mult})
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                             fused=True)
 
 
 def lr_at(iteration: int, base_lr: float, max_iters: int, warmup_iters: int = 1500,

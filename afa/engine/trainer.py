@@ -16,7 +16,6 @@ import shutil
 import signal
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,7 +38,7 @@ from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_log
 from afa.engine.optim import build_optimizer, lr_at, set_lr
 from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
-from afa.pseudo_labels import AFALosses, compute_afa_losses
+from afa.pseudo_labels import AFALosses, compute_afa_losses, seg_probs
 
 __all__ = ["RESUME_FREE_KEYS", "StepOutput", "TrainResult", "TrainingInterrupted", "config_differences",
            "train", "train_step"]
@@ -55,9 +54,20 @@ def _loss_kwargs(cfg: DictConfig) -> dict:
 
 
 def _autocast(device: torch.device, amp: str):
-    if amp == "none" or device.type != "cuda":
+    """Mixed precision for the network's forwards (``train.amp``); bf16 also on CPU."""
+    if amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast needs CUDA; use amp=bf16 or none on CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """``train.tf32``: TF32 tensor cores for fp32 matmuls and convolutions on CUDA."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 class StepOutput(NamedTuple):
@@ -83,6 +93,10 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
     images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W) normalised
     labels = batch["label"].to(device, non_blocking=True)  # (B, C-1) multi-hot
     boxes = batch["box"].to(device, non_blocking=True)  # (B, 4) [y0, y1, x0, x1]
+    # Read on the host from the CPU batch, so that the pseudo labels never wait for the device.
+    host = dict(box_list=batch["box"].tolist(),
+                max_present=int(batch["label"].sum(dim=1).max()) if len(batch["label"]) else 0)
+    rgb = denormalize(images)
     # The CAMs feed only the pseudo labels, which count from cam_iters on: skip them before,
     # unless their forwards must update the decoder's statistics.
     need_cams = iteration >= loss_kwargs["cam_iters"]
@@ -90,17 +104,22 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
     run_cams = need_cams or (update_decoder_bn and not cls_only)
     with _autocast(device, amp):
         out = model(images, cls_only=cls_only)
+    seg_logits = None if cls_only else out.seg_logits.float()
+    pending_reg = None
+    if crf_loss is not None and need_cams:
+        # The regularized loss's CPU filter needs only this softmax: it runs (in crf_loss's
+        # worker processes) while the multi-scale CAM and the pseudo labels are computed.
+        pending_reg = crf_loss.start(rgb, seg_probs(seg_logits, rgb.shape[-2:]), boxes)
+    with _autocast(device, amp):
         cams = (multi_scale_cam(unwrap_model(model), images, cam_scales,
                                 scale1=out if reuse_train_forward else None,
                                 update_decoder_bn=update_decoder_bn, with_aff=need_cams)
                 if run_cams else None)
     cam = cams.cam.float() if need_cams else None
-    seg_logits = None if cls_only else out.seg_logits.float()
     terms = compute_afa_losses(
         out.cls_logits.float(), seg_logits, None if cls_only else out.aff_pred.float(), cam,
         cams.aff.float() if need_cams else None, (out.grid, cams.aff_grid) if need_cams else None,
-        denormalize(images), labels, boxes, iteration, par=par, crf_loss=crf_loss,
-        **loss_kwargs)
+        rgb, labels, boxes, iteration, par=par, crf_loss=pending_reg, **host, **loss_kwargs)
     if cls_only:
         idle = sum(0.0 * p.sum() for p in unwrap_model(model).idle_params())
         terms = dataclasses.replace(terms, total=terms.total + idle)
@@ -273,6 +292,16 @@ def train(cfg: DictConfig, resume: str | None = None, *, overwrite: bool = False
         D.cleanup()
 
 
+def _reg_workers(configured: int | None, info: D.DistInfo, batch_size: int) -> int:
+    """``loss.reg_workers``; null: one per image on CUDA (within this process's CPU share)."""
+    if configured is not None:
+        return int(configured)
+    if info.device.type != "cuda":
+        return 0
+    local = torch.cuda.device_count() or 1  # processes sharing this machine's CPUs
+    return max(0, min(batch_size, D.usable_cpus() // local - 1))
+
+
 def _batch_per_process(t: DictConfig, world: int) -> int:
     """``train.batch_per_gpu``, or the global batch split over the processes when it is null."""
     if t.batch_per_gpu is None:
@@ -291,10 +320,11 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     t = cfg.train
     world = info.world_size
     batch_size = _batch_per_process(t, world)
-    if t.amp != "none" and info.device.type != "cuda":
-        # Autocast is CUDA-only here; running fp32 under an amp setting would be a silent lie.
-        raise C.ConfigError(f"train.amp={t.amp} needs a CUDA device, but this run is on "
-                            f"{info.device.type}; set train.amp=none")
+    if t.amp == "fp16" and info.device.type != "cuda":
+        # fp16 needs the CUDA gradient scaler; running fp32 instead would be a silent lie.
+        raise C.ConfigError(f"train.amp=fp16 needs a CUDA device, but this run is on "
+                            f"{info.device.type}; set train.amp=bf16 or none")
+    set_tf32(info.device, t.tf32)
     accum = t.global_batch // (batch_size * world)
     for line in run_record():
         log.info("%s", line)
@@ -336,7 +366,8 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
 
         crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
                                 scale_factor=cfg.loss.reg_scale,
-                                ignore_index=cfg.cam.ignore_index)
+                                ignore_index=cfg.cam.ignore_index,
+                                workers=_reg_workers(cfg.loss.reg_workers, info, batch_size))
 
     ckpt = CheckpointManager(work_dir / "checkpoints", keep_last=t.keep_last)
     start_iter, best, pending_validation = 0, -1.0, False
@@ -387,7 +418,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
                        reuse_train_forward=cfg.cam.reuse_train_forward,
                        update_decoder_bn=cfg.cam.update_decoder_bn)
     run_log = RunLogger(work_dir, main, start_iter)
-    sums, logged, skipped, bad_files, scores = {}, 0, 0, 0, {}
+    window, sums, logged, skipped, bad_files, scores = [], None, 0, 0, 0, {}
     bar = tqdm(total=t.max_iters, initial=start_iter, disable=not progress_enabled(),
                dynamic_ncols=True, desc="train")
     tic = time.time()
@@ -488,8 +519,9 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
                     f"\nTraining stopped before iteration {iteration + 1}; the checkpoint of "
                     f"iteration {iteration} is saved. Fix or remove the file (or set "
                     "data.skip_bad=true), then continue with --resume auto")
-            before = [b.detach().clone() for b in buffers]  # restored if the step is dropped
+            before = [b.detach().clone() for b in buffers]  # kept if the step is dropped
             finite = torch.ones((), dtype=torch.bool, device=info.device)
+            iter_terms = 0.0  # the loss terms of this iteration, summed on the device
             for micro, batch in enumerate(micro_batches):
                 for replaced in batch.get("skipped", ()):  # data.skip_bad replacements
                     for line in filter(None, replaced.split("\n")):
@@ -503,53 +535,69 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
                     terms = step.terms
                     scaler.scale(terms.total / accum).backward()
                 finite &= torch.isfinite(terms.total)
-                for key in _LOSS_KEYS:
-                    sums[key] = sums.get(key, 0.0) + getattr(terms, key).detach().float() / accum
+                values = torch.stack([getattr(terms, k).detach().float() for k in _LOSS_KEYS])
+                iter_terms = iter_terms + values / accum
             if not scaler.is_enabled():  # fp16's scaler handles overflowing gradients itself
                 grads = [p.grad for p in params if p.grad is not None]
                 finite &= torch.isfinite(_total_norm(grads))
-            logged += 1
-            # The one host-device sync of an iteration: every rank takes the same branch.
-            nonfinite, stop_now = D.any_rank([not bool(finite), stop.requested], info.device)
-            if nonfinite:
-                for b, saved in zip(buffers, before):  # BatchNorm statistics of the bad forward
-                    b.copy_(saved)
-                message = (f"Non-finite loss or gradient at iteration {iteration}: " + ", ".join(
-                    f"{k}={float(getattr(terms, k).detach()):.4g}" for k in _LOSS_KEYS[:-1]))
-                if t.nonfinite == "stop":
-                    checkpoint(iteration)
-                    raise FloatingPointError(
-                        f"{message}. The checkpoint of iteration {iteration} (the last finite "
-                        "state) is saved; train.nonfinite=skip skips such steps")
-                skipped += 1
-                log.warning("%s; step skipped (%d so far)", message, skipped)
-            else:
+            # Everything below stays on the device: a non-finite step is dropped there (no
+            # weight, moment, step count or BatchNorm statistic changes) and only found at the
+            # next report, the loop's one host-device sync.
+            finite = D.all_ranks_true(finite)
+            if scaler.is_enabled():
                 scaler.step(optimizer)
                 scaler.update()
+            else:
+                optimizer.found_inf = (~finite).float()  # fused AdamW skips on the device
+                optimizer.step()
+            for b, saved in zip(buffers, before):  # BatchNorm statistics of a bad forward
+                b.copy_(torch.where(finite, b, saved))
             optimizer.zero_grad(set_to_none=True)
+            window.append((iteration, iter_terms, finite))
+            sums = iter_terms if sums is None else sums + iter_terms
+            logged += 1
             iteration += 1
             bar.update(1)
+            (stop_now,) = D.any_rank([stop.requested])  # host flags only: no device sync
 
-            if iteration % t.log_iters == 0 or iteration == t.max_iters:
-                # Host-device sync point, once per log interval: the summed loss terms.
-                totals = torch.stack([sums[k] for k in _LOSS_KEYS]).double() / logged
-                D.all_reduce_sum(totals)
-                means = dict(zip(_LOSS_KEYS, (totals / world).tolist()))
-                means.update(lr=lr, skipped_steps=skipped, skipped_files=bad_files,
-                             sec_per_iter=(time.time() - tic) / logged)
-                sums.clear()
-                logged, tic = 0, time.time()
-                run_log.scalars(iteration, means, prefix="train/")
-                bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{lr:.2e}")
-                log.info("iter %d/%d lr %.3e loss %.4f (cls %.4f seg %.4f aff %.4f reg %.4f)",
-                         iteration, t.max_iters, lr, means["total"], means["cls_loss"],
-                         means["seg_loss"], means["aff_loss"], means["reg_loss"])
+            validate_now = iteration % t.eval_iters == 0 or iteration == t.max_iters
+            checkpoint_now = validate_now or iteration % t.ckpt_iters == 0 or stop_now
+            if iteration % t.log_iters == 0 or iteration == t.max_iters or checkpoint_now:
+                # The host-device sync: the finiteness (and loss terms) of the iterations since
+                # the last check.
+                good = torch.stack([f for _, _, f in window]).cpu().tolist()
+                rows = torch.stack([v for _, v, _ in window]).cpu().tolist()
+                for (bad_iter, _, _), ok, row in zip(window, good, rows):
+                    if ok:
+                        continue
+                    message = (f"Non-finite loss or gradient at iteration {bad_iter}: " + ", ".join(
+                        f"{k}={v:.4g}" for k, v in zip(_LOSS_KEYS[:-1], row)))
+                    if t.nonfinite == "stop":
+                        checkpoint(iteration)
+                        raise FloatingPointError(
+                            f"{message}. The step was dropped, and the checkpoint of iteration "
+                            f"{iteration} (finite: every such step is dropped) is saved; "
+                            "train.nonfinite=skip goes on instead")
+                    skipped += 1
+                    log.warning("%s; step dropped (%d so far)", message, skipped)
+                window.clear()
+                if iteration % t.log_iters == 0 or iteration == t.max_iters:
+                    totals = sums.double() / logged
+                    D.all_reduce_sum(totals)
+                    means = dict(zip(_LOSS_KEYS, (totals / world).tolist()))
+                    means.update(lr=lr, skipped_steps=skipped, skipped_files=bad_files,
+                                 sec_per_iter=(time.time() - tic) / logged)
+                    sums, logged, tic = None, 0, time.time()
+                    run_log.scalars(iteration, means, prefix="train/")
+                    bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{lr:.2e}")
+                    log.info("iter %d/%d lr %.3e loss %.4f (cls %.4f seg %.4f aff %.4f reg %.4f)",
+                             iteration, t.max_iters, lr, means["total"], means["cls_loss"],
+                             means["seg_loss"], means["aff_loss"], means["reg_loss"])
             if (main and t.image_log_iters and iteration % t.image_log_iters == 0
                     and terms.seg_target is not None):
                 _log_images(run_log, iteration, micro_batches[-1], step)
 
-            validate_now = iteration % t.eval_iters == 0 or iteration == t.max_iters
-            if validate_now or iteration % t.ckpt_iters == 0 or stop_now:
+            if checkpoint_now:
                 # Before validating: a failing validation must not cost the iterations before it.
                 checkpoint(iteration, validated=not validate_now)
             if stop_now:

@@ -12,6 +12,11 @@ the default dilations, with replicate padding at the image border. The weights
 
 (sigma_i: unbiased std of the neighbours' colour, per channel; sigma_pos: unbiased std of the 48
 neighbour distances d or sqrt(2) d) are applied ``num_iter`` times: ``m_i <- sum_j alpha_ij m_j``.
+
+``bounds`` refines several images of different sizes in one call: each is placed at the top left
+of a common canvas and PAR sees only its own region, replicate-padded at the region's border, as
+if it had been refined alone (equal to the per-image call; tested). One call per batch keeps the
+kernel count of a training iteration independent of the batch size.
 """
 
 from __future__ import annotations
@@ -77,25 +82,61 @@ class PAR(nn.Module):
         k_rgb = k_rgb.mean(dim=1)  # (B, n_neighbours, H, W)
         return k_rgb.softmax(dim=1) + self.pos_weight.view(1, -1, 1, 1)
 
-    def forward(self, rgb: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def forward(self, rgb: torch.Tensor, masks: torch.Tensor,
+                bounds: torch.Tensor | None = None) -> torch.Tensor:
         """Refine ``masks`` (B, K, h, w) with the image ``rgb`` (B, 3, H, W) in [0, 1].
 
         The masks are first resized to (H, W) (bilinear, ``align_corners=True``). Returns
         (B, K, H, W) float32. Computed in float32 whatever the input dtype: the 1e-8 guard of the
         colour kernel underflows in half precision.
+
+        ``bounds``: (B, 2) integer ``(height, width)`` of each image's region at the top left of
+        the canvas, already at its own size (``masks`` then has the canvas size too, and is not
+        resized). Each region is refined as ``PAR(rgb[b, :, :h, :w], masks[b, :, :h, :w])``
+        would; the values outside it are unspecified.
         """
         rgb = rgb.float()
-        masks = F.interpolate(masks.float(), size=rgb.shape[-2:], mode="bilinear",
-                              align_corners=True)
+        masks = masks.float()
+        if bounds is None:
+            masks = F.interpolate(masks, size=rgb.shape[-2:], mode="bilinear", align_corners=True)
+            extend = None
+        else:
+            if masks.shape[-2:] != rgb.shape[-2:]:
+                raise ValueError(f"with bounds, masks {tuple(masks.shape)} and rgb "
+                                 f"{tuple(rgb.shape)} must share the canvas size")
+            extend = self._replicate_index(bounds, *rgb.shape[-2:])
+            rgb, masks = self._extend(rgb, extend), self._extend(masks, extend)
         alpha = self.affinity(rgb).unsqueeze(1)  # (B, 1, n_neighbours, H, W)
         for _ in range(self.num_iter):
             refined = torch.zeros_like(masks)
             # Accumulating shifted views keeps memory at O(B K H W) instead of stacking all
-            # neighbours of every channel.
+            # neighbours of every channel (and is 10x faster on CPU than one gather of them).
             for j, shifted in enumerate(self._neighbours(masks)):
                 refined.addcmul_(shifted, alpha[:, :, j])
-            masks = refined
+            masks = refined if extend is None else self._extend(refined, extend)
         return masks
+
+    @staticmethod
+    def _replicate_index(bounds: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, 1, H * W) flat index of the in-region pixel nearest to every canvas pixel."""
+        bounds = bounds.to(dtype=torch.long)
+        ys = torch.arange(height, device=bounds.device)
+        xs = torch.arange(width, device=bounds.device)
+        ys = torch.minimum(ys[None, :], bounds[:, 0:1] - 1).clamp(min=0)  # (B, H)
+        xs = torch.minimum(xs[None, :], bounds[:, 1:2] - 1).clamp(min=0)  # (B, W)
+        return (ys[:, :, None] * width + xs[:, None, :]).flatten(1)[:, None]
+
+    @staticmethod
+    def _extend(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Replace everything outside each region by its nearest in-region value.
+
+        Replicate padding of the canvas then gives every in-region pixel exactly the neighbours
+        replicate padding of the region alone would: clamping to the canvas and then to the
+        region is clamping to the region.
+        """
+        batch, channels, height, width = x.shape
+        flat = x.reshape(batch, channels, height * width)
+        return torch.gather(flat, 2, index.expand(-1, channels, -1)).view_as(x)
 
     def extra_repr(self) -> str:
         return (f"dilations={self.dilations}, num_iter={self.num_iter}, w1={self.w1}, "
