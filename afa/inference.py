@@ -19,7 +19,9 @@ Only the segmentation logits are computed (:func:`seg_logits`): no attention map
 
 The rest serves ``tools/infer_seg.py`` and ``tools/infer_cam.py``: :class:`ImageSet` (the
 ``"infer"`` mode of :class:`afa.data.VOCStyleDataset`) reads the ids of a split with their images,
-optional masks and image-level labels; :class:`OutputFiles` names the per-image outputs and tells
+optional masks and image-level labels (:class:`afa.data.folder.ImageFolder` reads a folder of
+images through the same methods, and :func:`classes_from_logits` stands in for its missing
+labels); :class:`OutputFiles` names the per-image outputs and tells
 which images are done (resuming); :func:`check_run_settings` refuses to resume into a directory
 written with other settings; :func:`run_sharded` runs a tool's job on this process's share of the
 images and sums the results over processes; :func:`save_npy_atomic` and
@@ -31,6 +33,7 @@ would take for finished work.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -52,7 +55,9 @@ __all__ = [
     "resize_long_side",
     "seg_logits",
     "predict_seg_logits",
+    "seg_input_sizes",
     "likely_classes",
+    "classes_from_logits",
     "ImageSet",
     "OutputFiles",
     "check_run_settings",
@@ -136,6 +141,21 @@ def predict_seg_logits(model: nn.Module, images: torch.Tensor,
     return F.interpolate(fused, size=(height, width), mode="bilinear", align_corners=False)
 
 
+def seg_input_sizes(height: int, width: int, scales: Sequence[float] = (1.0, 0.5, 0.75),
+                    long_side: int | None = 512) -> list[tuple[int, int]]:
+    """The (h, w) of every input :func:`predict_seg_logits` gives the model for an image of
+    ``height`` x ``width``, in its arithmetic: the long-side size, then ``floor(s * side)``.
+
+    A tool checks the smallest against the encoder's ``min_input_side`` to name an image too
+    narrow for the network before running it.
+    """
+    if long_side and max(height, width) != long_side:
+        ratio = long_side / max(height, width)
+        height, width = max(1, int(height * ratio)), max(1, int(width * ratio))
+    return [(height, width) if s == 1.0 else (math.floor(height * s), math.floor(width * s))
+            for s in scales]
+
+
 def likely_classes(probs: np.ndarray, min_prob: float) -> np.ndarray:
     """Indices of the channels of (C, H, W) ``probs`` whose maximum exceeds ``min_prob``.
 
@@ -147,6 +167,28 @@ def likely_classes(probs: np.ndarray, min_prob: float) -> np.ndarray:
     keep = flat.max(axis=1) > min_prob
     keep[np.unique(flat.argmax(axis=0))] = True
     return np.flatnonzero(keep)
+
+
+def classes_from_logits(cls_logits: torch.Tensor, top_k: int | None = None) -> list[int]:
+    """Image-level classes for an image without labels, from its classifier.
+
+    Args:
+        cls_logits: (C-1,) classification logits (no background).
+        top_k: take the ``top_k`` largest logits; None: every class whose logit is positive
+            (the classifier's own decision, as validation's F1 counts it), or the single largest
+            when none is.
+
+    Returns:
+        Class indices in 1..C-1, largest logit first.
+    """
+    order = torch.argsort(cls_logits.float(), descending=True, stable=True).tolist()
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        chosen = order[:top_k]
+    else:
+        chosen = [c for c in order if cls_logits[c] > 0] or order[:1]
+    return [c + 1 for c in chosen]
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from afa.atomic import write_atomic
@@ -91,16 +91,20 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, exif_transpose: bool = False) -> np.ndarray:
     """Read an image as (H, W, 3) uint8 RGB, whatever its mode (grey, RGBA, palette, CMYK).
 
-    EXIF orientation is deliberately not applied: masks are aligned with the stored pixels.
+    EXIF orientation is not applied by default: dataset masks are aligned with the stored pixels.
+    ``exif_transpose=True`` turns the image upright as viewers show it (photos without masks,
+    :class:`afa.data.folder.ImageFolder`). An alpha channel is dropped.
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: image file not found")
     try:
         with Image.open(path) as img:
             img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for corrupt/truncated data
         raise DataError(f"{path}: cannot decode image ({exc})") from exc

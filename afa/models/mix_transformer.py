@@ -261,6 +261,27 @@ class MixVisionTransformer(nn.Module):
             out *= s
         return out
 
+    @property
+    def min_input_side(self) -> int:
+        """The shortest image side the encoder accepts (29 for AFA's strides).
+
+        Each stage's key/value reduction is a convolution with kernel and stride ``sr_ratio``,
+        so the stage's grid must be at least ``sr_ratio`` wide; the grid of a stage is that of
+        its overlapping patch embedding, ``(n + 2 pad - kernel) // stride + 1``.
+        """
+        def fits(side: int) -> bool:
+            for i in range(1, 5):
+                proj = getattr(self, f"patch_embed{i}").proj
+                side = (side + 2 * proj.padding[0] - proj.kernel_size[0]) // proj.stride[0] + 1
+                if side < getattr(self, f"block{i}")[0].attn.sr_ratio:
+                    return False
+            return True
+
+        side = 1
+        while not fits(side):
+            side += 1
+        return side
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
