@@ -1,4 +1,5 @@
-"""Write CAMs and pseudo labels of a split (for training a separate segmenter); score them.
+"""Write CAMs and pseudo labels of a split (for training a separate segmenter) or of any folder of
+images; score them when masks exist.
 
 Single process (CPU or one GPU):
 
@@ -11,9 +12,24 @@ Several processes (images sharded by rank, confusion matrices summed; gloo on CP
     torchrun --nproc_per_node=2 tools/infer_cam.py --config configs/voc.yaml --checkpoint ... \\
         --split train_aug --out-dir work_dirs/voc/pseudo_train_aug
 
+Any folder of photos or frames, one image or a glob pattern (``--images``, instead of
+``--split``; the same sources as ``tools/infer_seg.py --images``, see ``afa/data/folder.py``):
+
+    python tools/infer_cam.py --config configs/voc.yaml --checkpoint CKPT \\
+        --images my_photos/ --out-dir out/my_photos_cam [--classes auto | --top-k K |
+        --classes cat,dog] [--max-side 512]
+
+Such images have no image-level labels, so the classes whose CAMs are taken come from:
+
+    --classes auto      (default) the classifier: every class whose logit is positive (the rule
+                        validation's F1 uses), or the class with the largest logit when none is
+    --top-k K           the K classes with the largest logits
+    --classes a,b       these classes (names of the config's class list, data.name), whatever
+                        the classifier says
+
 Per image, at its own size, with its image-level labels (from ``<data.list_dir>/cls_labels.json``
-when it lists the id, else from the ground-truth mask), exactly as one training iteration makes
-them (DESIGN.md section 3):
+when it lists the id, else from the ground-truth mask; with ``--images`` the classes chosen as
+above), exactly as one training iteration makes them (DESIGN.md section 3):
 
     cam_label/<id>.png  the multi-scale CAM (``cam.scales``) thresholded at ``cam.bkg_score``
                         (step 3)
@@ -29,8 +45,20 @@ them (DESIGN.md section 3):
                         --npy-scale (default 0.25: the CAM comes from a stride-16 grid, so a
                         quarter of the image size loses nothing; 1 gives the image size) -- the
                         format tools/visualize.py --cam-dir reads
+    heat/<id>_<class>.png   the CAM of each of the image's classes as a colour map (JET:
+                        blue low, red high) over the image, image size (always with --images;
+                        with --split when --heatmaps is given; spaces in class names become _)
+    classes/<id>.json   with --images: the chosen classes, largest logit first, the rule that
+                        chose them and the classifier's logit of every class
+    classes.json        with --images: {id: [class names]} of all images, largest logit first
     scores.json         mIoU of each kind over the images that have a ground-truth mask
     config.yaml, run.json   the merged config and the settings the outputs were made with
+
+With ``--images`` an image whose long side exceeds ``--max-side`` (default 512) is shrunk to it
+for the CAMs, PAR and the random walk (the affinity of a 12-megapixel photo would not fit in
+memory), and the outputs are resized back to the image (labels nearest, CAMs bilinear); with
+``--split`` there is no limit unless ``--max-side`` is given (training makes its labels at the
+image's size).
 
 Labels are VOC-palette PNGs of class indices, 255 = ignore. Scoring a pseudo label with ignore
 pixels: the mIoU is taken over the pixels the label commits to (the ground truth is set to ignore
@@ -45,7 +73,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -59,18 +90,23 @@ from afa.atomic import write_atomic
 from afa.cam import multi_scale_cam
 from afa.config import ConfigError, load_config
 from afa.data import DataError, class_names, denormalize, normalize, write_mask
+from afa.data.folder import ImageFolder
 from afa.engine import distributed as D
 from afa.engine.run_config import model_config_from_checkpoint
-from afa.inference import (ImageSet, OutputFiles, check_run_settings, mask_ignored,
-                           run_sharded, save_npy_atomic)
+from afa.inference import (ImageSet, OutputFiles, check_run_settings, classes_from_logits,
+                           mask_ignored, run_sharded, save_npy_atomic,
+                           write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_table
 from afa.models import PAR, AFANet
 from afa.pseudo_labels import make_pseudo_labels
+from afa.viz import overlay_heatmap
 
-__all__ = ["KINDS", "main", "parse_args", "pseudo_labels"]
+__all__ = ["KINDS", "class_rule", "given_classes", "heat_name", "main", "parse_args",
+           "pseudo_labels"]
 
 KINDS = ("cam_label", "refined", "affinity")
+DEFAULT_MAX_SIDE = 512  # --max-side of --images (module docstring)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,10 +114,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/voc.yaml")
     parser.add_argument("--checkpoint", required=True, help="our checkpoint or the authors'")
-    parser.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
                                         "(default: the config's data.train_split)")
+    source.add_argument("--images", metavar="DIR_OR_GLOB",
+                        help="these images instead of a split: a folder (its .jpg/.jpeg/.png "
+                             "files), one image, or a quoted glob pattern ('frames/*.png', "
+                             "'trip/**/*.jpg'); their classes come from --classes / --top-k")
     parser.add_argument("--out-dir", required=True, type=Path,
-                        help="where cam_label/, refined/, affinity/ (and cam/) go, with scores.json")
+                        help="where cam_label/, refined/, affinity/ (and cam/, heat/, classes/) "
+                             "go, with scores.json")
+    parser.add_argument("--classes", metavar="auto|NAME,NAME,...",
+                        help="with --images: 'auto' (default) takes the classes whose classifier "
+                             "logit is positive (the largest one when none is); names given "
+                             "(comma-separated, from the config's class list) are taken for every "
+                             "image")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="with --images: take the K classes with the largest logits instead "
+                             "of the positive ones")
+    parser.add_argument("--heatmaps", action="store_true",
+                        help="with --split: also write heat/<id>_<class>.png (always written "
+                             "with --images)")
+    parser.add_argument("--max-side", type=int, metavar="PIXELS",
+                        help="shrink images whose long side is longer to this for the CAMs; "
+                             "outputs keep the image size (default: 512 with --images, no "
+                             "limit with --split; 0: no limit)")
     parser.add_argument("--save-npy", action="store_true", help="also write cam/<id>.npy")
     parser.add_argument("--npy-scale", type=float, default=0.25,
                         help="size of the saved CAMs relative to the image (default 0.25)")
@@ -91,7 +148,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.npy_scale <= 1:
         parser.error(f"--npy-scale must lie in (0, 1], got {args.npy_scale}")
+    if not args.images and (args.classes is not None or args.top_k is not None):
+        parser.error("--classes and --top-k choose the classes of --images, whose images have "
+                     "no labels; a split's ids take their own labels")
+    if args.top_k is not None:
+        if args.top_k < 1:
+            parser.error(f"--top-k must be at least 1, got {args.top_k}")
+        if args.classes not in (None, "auto"):
+            parser.error("--top-k and named --classes exclude each other")
+    if args.max_side is not None and args.max_side < 0:
+        parser.error(f"--max-side must be 0 (no limit) or positive, got {args.max_side}")
+    if args.max_side is None:
+        args.max_side = DEFAULT_MAX_SIDE if args.images else 0
     return args
+
+
+def given_classes(text: str | None, names: list[str]) -> list[int] | None:
+    """The class indices of ``--classes a,b`` (None for ``auto`` or nothing); ValueError naming
+    an unknown name and listing the known ones."""
+    if text is None or text == "auto":
+        return None
+    wanted = [part.strip() for part in text.split(",") if part.strip()]
+    if not wanted:
+        raise ValueError("--classes: give 'auto' or class names separated by commas")
+    unknown = [name for name in wanted if name not in names[1:]]
+    if unknown:
+        raise ValueError(f"--classes: unknown class {', '.join(map(repr, unknown))}; the "
+                         f"classes of this config are {', '.join(names[1:])}")
+    return sorted({names.index(name) for name in wanted})
+
+
+def class_rule(args: argparse.Namespace) -> str | list[str]:
+    """How --images chose its classes, as recorded in run.json and classes/<id>.json."""
+    if args.top_k is not None:
+        return f"top-{args.top_k}"
+    if args.classes in (None, "auto"):
+        return "logit > 0 (else the largest)"
+    return sorted({part.strip() for part in args.classes.split(",") if part.strip()})
+
+
+def heat_name(name: str, class_name: str) -> str:
+    """``<id>_<class>``, spaces of the class name as underscores (COCO's 'traffic light')."""
+    return f"{name}_{class_name.replace(' ', '_')}"
 
 
 
@@ -115,17 +213,28 @@ def pseudo_labels(model, par, image: torch.Tensor, label: torch.Tensor, *, scale
 
 
 class CamInference:
-    """One rank's share of the split: pseudo labels, files, scores."""
+    """One rank's share of the images: pseudo labels, heat maps, files, scores.
 
-    def __init__(self, model, par, images: ImageSet, files: OutputFiles, cfg: DictConfig,
-                 args: argparse.Namespace, device: torch.device):
+    ``images`` is an :class:`ImageSet` (a split: each id's own labels) or an
+    :class:`ImageFolder` (``--images``: the classes ``given``, else chosen from the classifier's
+    logits by :func:`classes_from_logits` with ``args.top_k``).
+    """
+
+    def __init__(self, model, par, images: ImageSet | ImageFolder, files: OutputFiles,
+                 cfg: DictConfig, args: argparse.Namespace, device: torch.device,
+                 given: list[int] | None = None):
         self.model, self.par, self.images, self.files, self.args, self.device = (
             model, par, images, files, args, device)
+        self.given = given
+        self.from_classifier = isinstance(images, ImageFolder)
+        self.heatmaps = self.from_classifier or args.heatmaps
+        self.class_names = class_names(cfg)
+        self.min_side = model.encoder.min_input_side
         c = cfg.cam
         self.label_kwargs = dict(scales=tuple(c.scales), bkg_score=c.bkg_score, high=c.high,
                                  low=c.low, radius=c.radius, ignore_index=c.ignore_index)
         self.ignore_index = c.ignore_index
-        num_classes = cfg.data.num_classes
+        self.num_classes = num_classes = cfg.data.num_classes
         self.matrices = {k: ConfusionMatrix(num_classes, device=device) for k in KINDS}
         # Per kind: valid ground-truth pixels the label leaves ignored, valid ground-truth pixels.
         self.ignored = torch.zeros(len(KINDS), 2, dtype=torch.int64, device=device)
@@ -142,21 +251,67 @@ class CamInference:
             self.ignored[index, 1] += valid
         self.scored += 1
 
+    def _work_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the CAMs are made at: the image's, its long side shrunk to --max-side, and
+        enlarged where the smallest CAM scale would leave a side too short for the encoder."""
+        if self.args.max_side and max(height, width) > self.args.max_side:
+            ratio = self.args.max_side / max(height, width)  # as resize_long_side
+            height, width = max(1, int(height * ratio)), max(1, int(width * ratio))
+        smallest = min(self.label_kwargs["scales"])
+        need = math.ceil(self.min_side / smallest)  # multi_scale_cam takes int(scale * side)
+        while int(smallest * need) < self.min_side:
+            need += 1
+        if min(height, width) < need:
+            ratio = need / min(height, width)
+            height, width = (max(need, math.ceil(side * ratio)) for side in (height, width))
+        return height, width
+
+    @torch.no_grad()
+    def _classes(self, name: str, x: torch.Tensor) -> tuple[list[int], dict | None]:
+        """The image's classes (1..C-1) and, for --images, its classes/<id>.json record."""
+        if not self.from_classifier:
+            return self.images.classes(name), None
+        logits = self.model(x, cls_only=True).cls_logits[0].float().cpu()  # (C-1,)
+        if self.given is not None:  # the given classes, largest logit first
+            classes = sorted(self.given, key=lambda c: -float(logits[c - 1]))
+        else:
+            classes = classes_from_logits(logits, self.args.top_k)
+        record = {"classes": [self.class_names[c] for c in classes], "class_indices": classes,
+                  "rule": class_rule(self.args),
+                  "logits": {self.class_names[c + 1]: round(float(v), 4)
+                             for c, v in enumerate(logits)}}
+        return classes, record
+
     def _process(self, name: str) -> None:
         image = self.images.image(name)
+        height, width = image.shape[:2]
         x = normalize(image)[None].to(self.device)
-        label = self.images.multi_hot(self.images.classes(name))[None].to(self.device)
+        size = self._work_size(height, width)
+        if size != (height, width):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        classes, record = self._classes(name, x)
+        label = torch.zeros(1, self.num_classes - 1, device=self.device)
+        label[0, [c - 1 for c in classes]] = 1.0
         labels, cam = pseudo_labels(self.model, self.par, x, label, **self.label_kwargs)
         if self.args.save_npy:
-            height, width = image.shape[:2]
-            size = (max(1, round(height * self.args.npy_scale)),
-                    max(1, round(width * self.args.npy_scale)))
-            small = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+            npy_size = (max(1, round(height * self.args.npy_scale)),
+                        max(1, round(width * self.args.npy_scale)))
+            small = F.interpolate(cam, size=npy_size, mode="bilinear", align_corners=False)
             save_npy_atomic(self.files.path("cam", name),
                             small[0].clamp(0, 1).half().cpu().numpy())
+        if self.heatmaps:
+            for c in classes:  # overlay_heatmap resizes the CAM to the image (bilinear)
+                path = self.files.out_dir / "heat" / f"{heat_name(name, self.class_names[c])}.png"
+                write_rgb_png_atomic(path, overlay_heatmap(image, cam[0, c - 1].clamp(0, 1)))
+        if size != (height, width):  # labels back to the image
+            labels = {k: F.interpolate(v[:, None].float(), size=(height, width),
+                                       mode="nearest")[:, 0] for k, v in labels.items()}
         labels = {k: v[0].to(torch.uint8).cpu().numpy() for k, v in labels.items()}
-        for kind in KINDS:  # the last kind is written last: it marks the image done
+        for kind in KINDS:
             write_mask(self.files.path(kind, name), labels[kind])
+        if record is not None:  # last: with it every output of the image exists
+            write_atomic(self.files.path("classes", name),
+                         lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
         self._score(name, labels)
 
     def run(self, names: list[str]) -> int:
@@ -184,28 +339,52 @@ class CamInference:
         return out
 
 
+def _write_class_summary(files: OutputFiles, names: list[str]) -> None:
+    """``classes.json`` ({id: [class names]}) from every image's classes/<id>.json; prints how
+    often each class was chosen."""
+    chosen = {name: json.loads(files.path("classes", name).read_text())["classes"]
+              for name in names}
+    write_atomic(files.out_dir / "classes.json",
+                 lambda tmp: tmp.write_text(json.dumps(chosen, indent=1) + "\n"))
+    counts = Counter(c for classes in chosen.values() for c in classes)
+    print("classes chosen (images): "
+          + ", ".join(f"{name} {count}" for name, count in counts.most_common()))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     kinds = {kind: ".png" for kind in KINDS}
     if args.save_npy:
         kinds = {"cam": ".npy", **kinds}
+    if args.images:
+        kinds["classes"] = ".json"
     try:
         cfg = load_config(args.config, args.overrides)
         # Our checkpoints bring their network settings (backbone, decoder width): say which.
         cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
         if taken and D.env_rank() == 0:
             print(taken, flush=True)
-        split = args.split or cfg.data.train_split
-        images = ImageSet(**C.image_set_kwargs(cfg, split))
+        given = given_classes(args.classes, class_names(cfg))
+        if args.images:
+            images = ImageFolder(args.images)
+            label = args.images
+            source = {"images": os.path.abspath(args.images), "classes": class_rule(args)}
+        else:
+            label = args.split or cfg.data.train_split
+            images = ImageSet(**C.image_set_kwargs(cfg, label))
+            source = {"split": label}
         model = AFANet(**C.model_kwargs(cfg))
         model.load_weights(args.checkpoint)
         c = cfg.cam
         settings = {"tool": "infer_cam", "checkpoint": str(Path(args.checkpoint).resolve()),
-                    "split": split, "cam_scales": list(c.scales), "bkg_score": c.bkg_score,
+                    **source, "cam_scales": list(c.scales), "bkg_score": c.bkg_score,
                     "high": c.high, "low": c.low, "radius": c.radius,
                     "par": {k: list(v) if isinstance(v, tuple) else v
                             for k, v in C.par_kwargs(cfg).items()},
-                    "npy_scale": args.npy_scale if args.save_npy else None}
+                    "npy_scale": args.npy_scale if args.save_npy else None,
+                    # None when off, so that directories of older runs still resume.
+                    "max_side": args.max_side or None,
+                    "heatmaps": True if args.images or args.heatmaps else None}
         check_run_settings(args.out_dir, settings, args.overwrite)
     except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -215,7 +394,7 @@ def main(argv=None) -> int:
         model.to(info.device).eval()
         par = PAR(**C.par_kwargs(cfg)).to(info.device)
         files = OutputFiles(args.out_dir, kinds)
-        job = CamInference(model, par, images, files, cfg, args, info.device)
+        job = CamInference(model, par, images, files, cfg, args, info.device, given)
         counts = run_sharded(job, images.names, files, OmegaConf.to_yaml(cfg), settings)
     finally:
         D.cleanup()
@@ -224,18 +403,20 @@ def main(argv=None) -> int:
     if info.rank == 0:
         ran, scored = counts
         total = len(images.names)
-        print(f"{split}: {ran} of {total} images processed, {total - ran} reused from "
+        print(f"{label}: {ran} of {total} images processed, {total - ran} reused from "
               f"{args.out_dir}")
+        if args.images:
+            _write_class_summary(files, images.names)
         if scored:
             names = class_names(cfg)
             scores = job.scores(names)
             print(format_table({k: scores[k]["iou"] for k in KINDS}, names, {
                 "mIoU": [scores[k]["miou"] for k in KINDS],
                 "ignored": [scores[k]["ignored_fraction"] for k in KINDS]}))
-            result = {"split": split, "num_images": total, "num_scored": scored, **scores}
+            result = {**source, "num_images": total, "num_scored": scored, **scores}
             write_atomic(args.out_dir / "scores.json",
                          lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-        else:
+        elif not args.images:  # a folder has no masks: nothing to say
             print("no ground-truth masks: labels only, no scores")
     return 0
 

@@ -1,4 +1,5 @@
-"""Segment a split with multi-scale + flip inference and an optional dense CRF; score it.
+"""Segment a split, or any folder of images, with multi-scale + flip inference and an optional
+dense CRF; score it when masks exist.
 
 Single process (CPU or one GPU):
 
@@ -6,6 +7,19 @@ Single process (CPU or one GPU):
         --checkpoint work_dirs/voc/checkpoints/best.pth --split val \\
         --out-dir work_dirs/voc/seg_val --protocol paper --crf \\
         [--scales 1.0,0.5,0.75] [--save-logits] [--overwrite] [key=value ...]
+
+A folder of photos or video frames, a glob pattern or one image instead of a split (``--images``;
+no name list, no masks, nothing scored; ``--split`` and ``--images`` exclude each other):
+
+    python tools/infer_seg.py --config configs/voc.yaml --checkpoint CKPT \\
+        --images my_photos/ --out-dir out/my_photos [--crf]
+    python tools/infer_seg.py ... --images 'frames/**/*.jpg' --out-dir out/frames
+
+JPEG and PNG files of any size and mode (greyscale, RGBA and palette images are read as RGB,
+EXIF-rotated photos upright); an image's id is its file stem, or its path below the pattern's
+fixed folder for ``dir/**/*.jpg`` (``afa/data/folder.py``). The config still gives the class names
+(``data.name``) and, with our checkpoints, the network settings; the outputs are those of a split
+run, at each image's own size.
 
 Several processes (images sharded by rank, confusion matrices summed; gloo on CPU, NCCL on GPU):
 
@@ -78,11 +92,12 @@ from afa.atomic import write_atomic
 from afa.config import ConfigError, load_config
 from afa.crf import dense_crf_many, import_densecrf
 from afa.data import DataError, class_names, normalize, write_mask
+from afa.data.folder import ImageFolder
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
-                           predict_seg_logits, run_sharded, save_npy_atomic,
+                           predict_seg_logits, run_sharded, save_npy_atomic, seg_input_sizes,
                            write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_scores
@@ -152,8 +167,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file, e.g. configs/voc.yaml")
     parser.add_argument("--checkpoint", required=True, help="our checkpoint or the authors'")
-    parser.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--split", help="name list <data.list_dir>/<split>.txt "
                                         "(default: the config's data.val_split)")
+    source.add_argument("--images", metavar="DIR_OR_GLOB",
+                        help="segment these images instead of a split: a folder (its "
+                             ".jpg/.jpeg/.png files), one image, or a quoted glob pattern "
+                             "('frames/*.png', 'trip/**/*.jpg'); ids are file stems (paths "
+                             "below the fixed folder for **); nothing is scored")
     parser.add_argument("--out-dir", required=True, type=Path,
                         help="where pred/, overlay/ (and logits/) go, with scores.json and run.json")
     parser.add_argument("--scales", type=_float_list, metavar="S1,S2,...",
@@ -210,6 +231,7 @@ class SegInference:
         self.scales, self.flip, self.long_side = (
             tuple(cfg.infer.scales), cfg.infer.flip, cfg.infer.long_side)
         self.crf_kwargs = C.crf_kwargs(cfg)
+        self.min_side = model.encoder.min_input_side
         self.matrix = ConfusionMatrix(cfg.data.num_classes, device=device)
         self.scored = 0
 
@@ -218,10 +240,23 @@ class SegInference:
             self.matrix.update(pred, self.images.mask(name, pred.shape))
             self.scored += 1
 
+    def _check_size(self, name: str, height: int, width: int) -> None:
+        """DataError naming an image whose smallest scaled input is too narrow for the encoder
+        (a very long and thin image: the long side is fixed, the short one shrinks with it)."""
+        sizes = seg_input_sizes(height, width, self.scales, self.long_side)
+        smallest = min(min(size) for size in sizes)
+        if smallest < self.min_side:
+            raise DataError(
+                f"{self.images.image_path(name)}: a {width}x{height} image is too narrow for the "
+                f"network: with infer.long_side={self.long_side} and scales {list(self.scales)} "
+                f"its short side becomes {smallest} px, below the {self.min_side} px the encoder "
+                "needs; crop it, or leave it out")
+
     def _predict(self, names: list[str]) -> Iterator[tuple[str, np.ndarray, torch.Tensor]]:
         """(id, RGB image, fused logits (C, H, W)) per image; saves the logits if asked."""
         for name in names:
             image = self.images.image(name)
+            self._check_size(name, *image.shape[:2])
             x = normalize(image)[None].to(self.device)
             logits = predict_seg_logits(self.model, x, self.scales, self.flip, self.long_side)[0]
             if self.args.save_logits:
@@ -293,10 +328,17 @@ def main(argv=None) -> int:
         main_process = D.env_rank() == 0
         if taken and main_process:
             print(taken, flush=True)
-        split = args.split or cfg.data.val_split
-        image_set_kwargs = C.image_set_kwargs(cfg, split)
-        images = ImageSet(**image_set_kwargs)
-        note = subset_note(image_set_kwargs["name_list"])
+        note = None
+        if args.images:
+            images = ImageFolder(args.images)
+            label = args.images
+            source = {"images": os.path.abspath(args.images)}
+        else:
+            label = args.split or cfg.data.val_split
+            image_set_kwargs = C.image_set_kwargs(cfg, label)
+            images = ImageSet(**image_set_kwargs)
+            source = {"split": label}
+            note = subset_note(image_set_kwargs["name_list"])
         if note and main_process:
             print(note, flush=True)
         model = AFANet(**C.model_kwargs(cfg))
@@ -311,7 +353,7 @@ def main(argv=None) -> int:
                 print(f"note: overrides change {', '.join(changed)} of --protocol "
                       f"{args.protocol}: recorded as protocol {protocol!r}", flush=True)
         settings = {"tool": "infer_seg", "checkpoint": str(Path(args.checkpoint).resolve()),
-                    "split": split, "protocol": protocol, "long_side": cfg.infer.long_side,
+                    **source, "protocol": protocol, "long_side": cfg.infer.long_side,
                     "scales": list(cfg.infer.scales), "flip": cfg.infer.flip,
                     "crf": C.crf_kwargs(cfg) if args.crf else None,
                     "crf_min_prob": args.crf_min_prob if args.crf else None}
@@ -333,12 +375,12 @@ def main(argv=None) -> int:
     if info.rank == 0:
         ran, scored = counts
         total = len(images.names)
-        print(f"{split}: {ran} of {total} images predicted, {total - ran} reused from "
-              f"{args.out_dir}")
+        print(f"{label}: {ran} of {total} images predicted, {total - ran} "
+              f"reused from {args.out_dir}")
         if scored:
             scores = job.matrix.compute(class_names(cfg))
             print(format_scores(scores))
-            result = {"split": split, "num_images": total, "num_scored": scored,
+            result = {**source, "num_images": total, "num_scored": scored,
                       **{k: settings[k] for k in ("protocol", "long_side", "scales", "flip",
                                                   "crf")},
                       "seg": scores.to_dict()}
@@ -346,7 +388,7 @@ def main(argv=None) -> int:
                 result["subset_note"] = note
             write_atomic(args.out_dir / "scores.json",
                          lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-        else:
+        elif not args.images:  # a folder has no masks: nothing to say
             print("no ground-truth masks: predictions only, no scores")
     return 0
 
