@@ -19,6 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["afa", "afa.*"]),
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"dev": read_requirements("requirements-dev.txt")},
+    # video: MP4 output of tools/make_video.py (the GIF needs nothing beyond requirements.txt)
+    extras_require={"dev": read_requirements("requirements-dev.txt"),
+                    "video": ["imageio-ffmpeg>=0.4"]},
     license="MIT",
 )

@@ -25,6 +25,8 @@ __all__ = [
     "affinity_of_pixel",
     "affinity_overlay",
     "add_title",
+    "legend",
+    "label_legend",
     "make_grid",
     "visualize_sample",
     "to_chw",
@@ -155,13 +157,56 @@ def affinity_overlay(
 
 
 def add_title(panel, title: str, height: int = _TITLE_HEIGHT) -> np.ndarray:
-    """``panel`` with a white strip of ``height`` pixels on top holding ``title`` in black."""
+    """``panel`` with a white strip of ``height`` pixels on top holding ``title`` in black (in
+    smaller type where it would not fit the panel's width)."""
     panel = _rgb_image(panel)
     strip = np.full((height, panel.shape[1], 3), 255, dtype=np.uint8)
     scale = height / 40.0
+    text_width = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+    if text_width > panel.shape[1] - 6:
+        scale *= max(0.5, (panel.shape[1] - 6) / text_width)
     cv2.putText(strip, title, (3, height - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
                 cv2.LINE_AA)
     return np.concatenate([strip, panel], axis=0)
+
+
+def legend(entries: Sequence[tuple[str, Sequence[int]]], width: int,
+           row_height: int = _TITLE_HEIGHT) -> np.ndarray:
+    """A white strip ``width`` pixels wide naming each ``(name, rgb)`` entry beside a swatch of
+    its colour, left to right; entries that do not fit start another row of ``row_height``."""
+    scale = row_height / 40.0
+    swatch, gap = row_height - 8, 10
+    rows: list[list[tuple[int, str, Sequence[int]]]] = [[]]
+    x = 3
+    for name, colour in entries:
+        text_w = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+        item_w = swatch + 4 + text_w
+        if rows[-1] and x + item_w > width:
+            rows.append([])
+            x = 3
+        rows[-1].append((x, name, colour))
+        x += item_w + gap
+    strip = np.full((row_height * len(rows), width, 3), 255, dtype=np.uint8)
+    for index, row in enumerate(rows):
+        top = index * row_height
+        for left, name, colour in row:
+            cv2.rectangle(strip, (left, top + 4), (left + swatch - 1, top + 3 + swatch),
+                          tuple(int(c) for c in colour), -1)
+            cv2.rectangle(strip, (left, top + 4), (left + swatch - 1, top + 3 + swatch),
+                          (0, 0, 0), 1)
+            cv2.putText(strip, name, (left + swatch + 4, top + row_height - 6),
+                        cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return strip
+
+
+def label_legend(label, class_names: Sequence[str], width: int,
+                 skip: Sequence[int] = (0, IGNORE_INDEX)) -> np.ndarray:
+    """:func:`legend` of the classes present in ``label`` (not those in ``skip``: background and
+    ignore by default, which :func:`overlay_label` leaves bare), in palette colours."""
+    present = [int(c) for c in np.unique(_numpy(label)) if int(c) not in skip]
+    entries = [(class_names[c] if c < len(class_names) else f"class {c}", _PALETTE[c])
+               for c in present]
+    return legend(entries or [("no object", (255, 255, 255))], width)
 
 
 def make_grid(

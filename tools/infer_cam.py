@@ -58,7 +58,8 @@ With ``--images`` an image whose long side exceeds ``--max-side`` (default 512) 
 for the CAMs, PAR and the random walk (the affinity of a 12-megapixel photo would not fit in
 memory), and the outputs are resized back to the image (labels nearest, CAMs bilinear); with
 ``--split`` there is no limit unless ``--max-side`` is given (training makes its labels at the
-image's size).
+image's size). In both modes an image whose short side would fall below the encoder's minimum
+(29 px for AFA's strides) at the smallest CAM scale is enlarged for the CAMs in the same way.
 
 Labels are VOC-palette PNGs of class indices, 255 = ignore. Scoring a pseudo label with ignore
 pixels: the mIoU is taken over the pixels the label commits to (the ground truth is set to ignore

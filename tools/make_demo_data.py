@@ -12,6 +12,12 @@ Output (the same loader arguments as VOC, with root = list dir = ``--out``)::
     OUT/ImageSets/Segmentation/{train_aug,val}.txt   (so prepare_voc.py can read it too)
     OUT/meta.json                                    generator version, class names, parameters
 
+A short frame sequence instead (``--frames N``: 1-2 demo objects gliding over a still
+background, ``--size`` high and ``--width`` wide, as ``OUT/frame_NNN.png``; the input of
+``tools/make_video.py``, see README "Segment a folder of images or frames")::
+
+    python tools/make_demo_data.py --frames 24 --width 160 --out data/demo_frames
+
 Deterministic: the same ``--seed`` and sizes give byte-identical files. The data design (why it is
 hard for WSSS yet learnable quickly) is described in ``afa/data/synthetic.py``. The defaults take
 about 8 s on one CPU core.
@@ -25,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from afa.data.synthetic import DEMO_CLASSES, make_demo_dataset  # noqa: E402
+from afa.data.synthetic import DEMO_CLASSES, make_demo_dataset, make_demo_frames  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -38,7 +44,20 @@ def main(argv=None) -> int:
     parser.add_argument("--num-val", type=int, default=300,
                         help="validation images with masks (default 300)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--frames", type=int, metavar="N",
+                        help="write N frames of a moving-object sequence instead of the set")
+    parser.add_argument("--width", type=int,
+                        help="with --frames: frame width (default: --size; the height is --size)")
+    parser.add_argument("--frame-noise", type=float, default=0.0,
+                        help="with --frames: per-frame pixel noise (standard deviation, default 0)")
     args = parser.parse_args(argv)
+    if args.frames is not None:
+        start = time.time()
+        paths = make_demo_frames(args.out, args.frames, args.size, args.width or args.size,
+                                 seed=args.seed, noise=args.frame_noise)
+        print(f"wrote {len(paths)} frames of {args.width or args.size}x{args.size} px to "
+              f"{args.out} in {time.time() - start:.1f} s")
+        return 0
 
     start = time.time()
     labels = make_demo_dataset(args.out, seed=args.seed, num_train=args.num_train,

@@ -62,6 +62,8 @@ __all__ = [
     "CLASS_TEXTURES",
     "CO_OCCURRING",
     "render_sample",
+    "render_frames",
+    "make_demo_frames",
     "generate_split",
     "make_demo_dataset",
 ]
@@ -277,6 +279,82 @@ def render_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray
     image += rng.normal(0, rng.uniform(2, 8), size=image.shape).astype(np.float32)
     mask[_boundary_band(mask)] = IGNORE_INDEX
     return np.clip(image + 0.5, 0, 255).astype(np.uint8), mask
+
+
+# --------------------------------------------------------------------------------------------
+# A frame sequence (a short "video" for tools/make_video.py)
+# --------------------------------------------------------------------------------------------
+
+
+def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
+                  width: int = 160, noise: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Frames of 1-2 demo objects gliding and turning over one still background.
+
+    The objects (classes drawn as for a training image, at most two objects) keep their texture,
+    colours and size; each moves in a straight line from one side of the frame to the other
+    while it turns, the later one in front. ``noise`` > 0 adds fresh pixel noise of that
+    standard deviation to every frame, as a camera would (the training images have 2-8); by
+    default the background stays the same to the bit, which keeps a GIF of the frames small.
+
+    Returns ``num_frames`` pairs ``(image (H, W, 3) uint8 RGB, mask (H, W) uint8)``, masks as
+    :func:`render_sample`'s (0, 1..8, 255 on boundaries).
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+    side = min(height, width)
+    if side < 32:
+        raise ValueError(f"frames must be at least 32 pixels on each side, got {height}x{width}")
+    background = _background(rng, max(height, width))[:height, :width]
+    classes = _pick_classes(rng)[:2]
+    objects = []
+    for index, cls in enumerate(classes):
+        radius = rng.uniform(0.2, 0.28) * side
+        start, end = rng.uniform(0.2, 0.8, size=2), rng.uniform(0.2, 0.8, size=2)
+        start[index % 2], end[index % 2] = 0.15, 0.85  # one across, one down: they cross
+        if rng.random() < 0.5:
+            start, end = end, start
+        period = rng.uniform(0.07, 0.1) * side
+        objects.append(dict(cls=cls, radius=radius, start=start, end=end, period=period,
+                            phase=rng.uniform(0, period, size=2), colours=_colour_pair(rng),
+                            angle=rng.uniform(0, 2 * np.pi), turn=rng.uniform(-1.5, 1.5)))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    frames = []
+    for t in np.linspace(0.0, 1.0, num_frames):
+        image = background.copy()
+        mask = np.zeros((height, width), dtype=np.uint8)
+        for obj in objects:
+            fy, fx = (1 - t) * obj["start"] + t * obj["end"]  # fractions of the frame
+            cy, cx = fy * height, fx * width
+            angle = obj["angle"] + t * obj["turn"]
+            cos, sin = np.cos(angle), np.sin(angle)
+            a = (xx - cx) * cos + (yy - cy) * sin  # object frame, pixels
+            b = -(xx - cx) * sin + (yy - cy) * cos
+            inside = _SHAPES[obj["cls"]](a / obj["radius"], b / obj["radius"])
+            weight = _texture(CLASS_TEXTURES[obj["cls"]], a[inside] + obj["phase"][0],
+                              b[inside] + obj["phase"][1], obj["period"])[:, None]
+            first, second = obj["colours"]
+            image[inside] = (1 - weight) * first + weight * second
+            mask[inside] = obj["cls"]
+        if noise:
+            image = image + rng.normal(0, noise, size=image.shape).astype(np.float32)
+        mask[_boundary_band(mask)] = IGNORE_INDEX
+        frames.append((np.clip(image + 0.5, 0, 255).astype(np.uint8), mask))
+    return frames
+
+
+def make_demo_frames(out: str | os.PathLike, num_frames: int = 24, height: int = 128,
+                     width: int = 160, seed: int = 0, noise: float = 0.0) -> list[Path]:
+    """Write :func:`render_frames` as ``out/frame_NNN.png`` (lossless, so a still background
+    stays still); returns the paths. The same arguments give the same files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([seed, 2])  # 2: neither the train (0) nor the val (1) stream
+    paths = []
+    for index, (image, _) in enumerate(render_frames(rng, num_frames, height, width, noise)):
+        path = out / f"frame_{index:03d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths
 
 
 # --------------------------------------------------------------------------------------------
