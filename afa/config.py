@@ -52,6 +52,7 @@ class DataConfig:
     # fails to decode is replaced by the next one, a validation image is left out of the scores.
     skip_bad: bool = False
     val_max_images: Optional[int] = None  # validate on the first N val images (quick checks)
+    val_batch: int = 4  # validation runs up to this many images of equal size together
 
 
 @dataclass
@@ -228,6 +229,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
     if cfg.cam.update_decoder_bn and cfg.cam.reuse_train_forward:
         raise ConfigError("'cam.update_decoder_bn' and 'cam.reuse_train_forward' exclude each "
                           "other: the reused forward's decoder saw no flipped copy; set one false")
+    for key in ("data.val_batch", "loss.reg_workers"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < (1 if key == "data.val_batch" else 0):
+            raise ConfigError(f"'{key}' must be {'>= 1' if key == 'data.val_batch' else '>= 0'}, "
+                              f"got {value}")
     batch = cfg.train.batch_per_gpu
     if batch is not None and (batch < 1 or cfg.train.global_batch % batch):
         raise ConfigError(f"'train.global_batch' ({cfg.train.global_batch}) must be a multiple of "

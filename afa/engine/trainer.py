@@ -456,7 +456,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
                               cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
                               low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
                               amp=t.amp, should_stop=lambda: stop.requested,
-                              skip_bad=cfg.data.skip_bad)
+                              skip_bad=cfg.data.skip_bad, batch_size=cfg.data.val_batch)
         except ValidationStopped:
             raise TrainingInterrupted(stop.signum, (
                 f"stopped by {signal.Signals(stop.signum).name} during the validation of "
