@@ -2,7 +2,8 @@
 
     python benchmarks/train_step.py --backbone mit_b1 --crop 320 --batch 2 --device cpu --threads 2
     python benchmarks/train_step.py --crop 512 --batch 2 --iters 3 --warmup 1   # larger ones
-    python benchmarks/train_step.py --device cuda --amp bf16
+    python benchmarks/train_step.py --device cuda --amp bf16 --crop 512 --batch 4 --reg-loss
+    python benchmarks/train_step.py --device cuda --tf32 --crop 512 --batch 4
     python benchmarks/train_step.py --config configs/demo.yaml --crop 128 --batch 16 --phase cls
 
 ``--config`` (default: the built-in defaults, i.e. the paper's VOC setting) and ``key=value``
@@ -34,7 +35,6 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
 from afa import config as C
 from afa.affinity import affinity_label, propagate_cams
@@ -42,13 +42,15 @@ from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_
 from afa.config import load_config
 from afa.data import denormalize
 from afa.engine.optim import build_optimizer
-from afa.engine.trainer import _autocast, _loss_kwargs, train_step
+from afa.engine import distributed as D
+from afa.engine.trainer import _autocast, _loss_kwargs, _reg_workers, set_tf32, train_step
 from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
 from afa.models import PAR, AFANet
+from afa.pseudo_labels import seg_probs
 
-STAGES = ("forward", "multi_scale_cam", "par", "random_walk", "affinity_labels", "losses",
-          "backward", "optimizer")
+STAGES = ("forward", "reg_start", "multi_scale_cam", "par", "random_walk", "affinity_labels",
+          "losses", "backward", "optimizer")
 
 
 def random_batch(batch: int, crop: int, num_fg: int = 20) -> dict:
@@ -94,21 +96,26 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
     images = batch["image"].to(device)
     labels = batch["label"].to(device)
     boxes = batch["box"].to(device)
+    host = dict(box_list=batch["box"].tolist(), max_present=int(batch["label"].sum(dim=1).max()))
     with t("forward"), _autocast(device, amp):
         out = model(images)
+    rgb = denormalize(images)
+    pending = None
+    if crf_loss is not None:  # as train_step: the filter starts before the CAMs
+        with t("reg_start"):
+            pending = crf_loss.start(rgb, seg_probs(out.seg_logits, rgb.shape[-2:]), boxes)
     with t("multi_scale_cam"), _autocast(device, amp):
         cams = multi_scale_cam(model, images, cam_scales,
                                scale1=out if reuse_train_forward else None,
                                update_decoder_bn=update_decoder_bn)
     cam, cam_aff = cams.cam.float(), cams.aff.float()
-    rgb = denormalize(images)
-    height, width = rgb.shape[-2:]
     with torch.no_grad():
         with t("par"):  # includes the cheap CAM label, which the trainer only logs
             cam_to_label(cam, labels, bkg_score=kw["bkg_score"], boxes=boxes,
                          ignore_index=kw["ignore_index"])
             refined = refine_cams_with_par(par, rgb, cam, labels, boxes, high=kw["high"],
-                                           low=kw["low"], ignore_index=kw["ignore_index"])
+                                           low=kw["low"], ignore_index=kw["ignore_index"],
+                                           max_present=host["max_present"])
         with t("affinity_labels"):
             aff_label = affinity_label(refined, out.grid, radius=kw["radius"],
                                        ignore_index=kw["ignore_index"])
@@ -119,7 +126,7 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
                                         radius=kw["radius"])
         with t("par"):
             aff_pseudo = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
-                                                ignore_index=kw["ignore_index"])
+                                                ignore_index=kw["ignore_index"], **host)
     target = refined if iteration < kw["aff_switch_iter"] else aff_pseudo
     with t("losses"):
         seg_logits = out.seg_logits.float()
@@ -127,10 +134,8 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
                  + kw["w_seg"] * balanced_seg_loss(seg_logits, target,
                                                    ignore_index=kw["ignore_index"])
                  + kw["w_aff"] * affinity_loss(out.aff_pred.float(), aff_label))
-        if crf_loss is not None:
-            probs = F.interpolate(seg_logits, size=(height, width), mode="bilinear",
-                                  align_corners=False).softmax(dim=1)
-            total = total + kw["w_reg"] * crf_loss(rgb, probs, target, boxes)
+        if pending is not None:  # waits for the filter
+            total = total + kw["w_reg"] * pending.loss(target)
     with t("backward"):
         total.backward()
     with t("optimizer"):
@@ -153,15 +158,21 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="timed iterations (each measurement)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first (at least 1)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
+    p.add_argument("--tf32", action="store_true",
+                   help="CUDA: TF32 tensor cores for fp32 matmuls/convolutions (train.tf32)")
     p.add_argument("--reg-loss", action="store_true", help="add the DenseCRF regularized loss")
+    p.add_argument("--reg-workers", type=int, default=None,
+                   help="processes for its filter (loss.reg_workers; default: the trainer's rule, "
+                        "one per image on CUDA, none on CPU)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage iterations")
     args = p.parse_args()
-    if args.amp != "none" and args.device != "cuda":
-        p.error(f"--amp {args.amp} needs --device cuda (autocast is CUDA-only here)")
+    if args.amp == "fp16" and args.device != "cuda":
+        p.error("--amp fp16 needs --device cuda (bf16 runs on CPU too)")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    set_tf32(device, args.tf32)
     overrides = list(args.overrides) + [f"train.amp={args.amp}", "model.pretrained=null"]
     if args.backbone:
         overrides.append(f"model.backbone={args.backbone}")
@@ -174,9 +185,13 @@ def main() -> None:
     par = PAR(**C.par_kwargs(cfg)).to(device)
     crf_loss = None
     if args.reg_loss:
+        workers = args.reg_workers
+        if workers is None:
+            info = D.DistInfo(rank=0, local_rank=0, world_size=1, device=device)
+            workers = _reg_workers(None, info, args.batch)
         crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
                                 scale_factor=cfg.loss.reg_scale,
-                                ignore_index=cfg.cam.ignore_index)
+                                ignore_index=cfg.cam.ignore_index, workers=workers)
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
                                 lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
@@ -226,7 +241,7 @@ def main() -> None:
     stages = {}
     if not args.no_breakdown and args.phase == "joint":
         runs = [restore() or staged_iteration(model, optimizer, batch, iteration, par=par, crf_loss=crf_loss,
-                                 amp=args.amp if device.type == "cuda" else "none",
+                                 amp=args.amp,
                                  device=device, loss_kwargs=loss_kwargs, cam_scales=cam_scales,
                                  reuse_train_forward=cfg.cam.reuse_train_forward,
                                  update_decoder_bn=cfg.cam.update_decoder_bn)
@@ -236,14 +251,15 @@ def main() -> None:
     median = statistics.median(times)
     print(f"{args.backbone} crop {args.crop} batch {args.batch} {args.device} amp={args.amp} "
           f"phase={args.phase} config={args.config or 'defaults'} "
-          f"threads={args.threads} reg_loss={args.reg_loss}: median {median:.3f} s/iter "
+          f"threads={args.threads} tf32={args.tf32} reg_loss={args.reg_loss}: median {median:.3f} s/iter "
           f"(min {min(times):.3f}, {args.iters} iters after {args.warmup} warm-up), "
           f"peak {'RSS' if device.type == 'cpu' else 'CUDA allocated'} {peak_mb:.0f} MB")
     for s, v in stages.items():
         print(f"  {s:16s} {v:7.3f} s  {100 * v / max(sum(stages.values()), 1e-9):5.1f} %")
     print(json.dumps({"backbone": args.backbone, "crop": args.crop, "batch": args.batch,
                       "device": args.device, "amp": args.amp, "threads": args.threads,
-                      "reg_loss": args.reg_loss, "config": args.config, "overrides": args.overrides,
+                      "tf32": args.tf32, "reg_loss": args.reg_loss,
+                      "reg_workers": crf_loss.workers if crf_loss else None, "config": args.config, "overrides": args.overrides,
                       "phase": args.phase, "iteration": iteration, "iters": args.iters,
                       "warmup": args.warmup, "median_s": round(median, 4),
                       "min_s": round(min(times), 4), "peak_mb": round(peak_mb, 1),
