@@ -89,12 +89,13 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
             cam = torch.cat([plain.cam, flipped.cam], dim=0)
             aff, grid = plain.aff, plain.grid
             if update_decoder_bn:  # one (image, flip) batch, as one forward of both would be
-                model.decoder([torch.cat(pair) for pair in zip(plain.features, flipped.features)])
+                model.decoder.update_statistics(
+                    [torch.cat(pair) for pair in zip(plain.features, flipped.features)])
         else:
             both = model.cam_forward(torch.cat([x, x.flip(-1)], dim=0), return_aff=False)
             cam = both.cam
             if update_decoder_bn:
-                model.decoder(both.features)
+                model.decoder.update_statistics(both.features)
         cam = F.interpolate(cam.float(), size=(height, width), mode="bilinear", align_corners=False)
         cam = torch.maximum(cam[:batch], cam[batch:].flip(-1))  # (B, C-1, H, W)
         cam_sum = cam_sum + F.relu(cam)
