@@ -1,6 +1,24 @@
-"""Shared test helpers: tiny inputs, fixed seeds, tool loading, and the optional ../shared data."""
+"""Shared test helpers: the device, tiny inputs, fixed seeds, tool loading, and the optional
+../shared data.
+
+The device. Tests of the network, the pseudo labels, the losses and the trainer run on the device
+that ``TORCH_DEVICE`` names (default ``cpu``, what CI runs), as timm's tests do::
+
+    TORCH_DEVICE=cuda make test                              # the suite, GPU where it matters
+    TORCH_DEVICE=cuda .venv/bin/pytest -q -m device tests    # only the tests on the device
+
+(``CUDA_VISIBLE_DEVICES`` picks the GPU.) Such a test takes the ``device`` fixture, which marks
+it ``device``. On CUDA, TF32 is off, so float32 means float32 as on the CPU; tolerances measured
+on the CPU are widened by ``device_tol`` where a GPU kernel sums in another order (cuDNN
+convolutions, fused attention). Tests marked ``cpu_only`` (gloo DDP through torchrun, the
+pydensecrf CRF, signals and bit-exact resume) run on the CPU whatever ``TORCH_DEVICE`` says.
+``TORCH_DEVICE=cuda`` without a usable GPU stops pytest before any test runs (exit status 4),
+rather than testing the CPU in its place. ``benchmarks/gpu_check.sh`` runs the device tests and
+the GPU benchmarks in one go.
+"""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +32,90 @@ VOC_MINI = SHARED / "data" / "voc_mini" / "VOC2012"
 # checkpoint, copied from ../shared/reference so that the layout tests run in any clone.
 REFERENCE = REPO / "tests" / "reference"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
+
+
+def _requested_device() -> tuple[torch.device, str | None]:
+    """The device of ``TORCH_DEVICE``, and why it cannot be used (None when it can)."""
+    name = os.environ.get("TORCH_DEVICE", "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return torch.device("cpu"), (f"TORCH_DEVICE={name!r} is not a torch device (cpu, "
+                                     "cuda, cuda:1)")
+    if device.type not in ("cpu", "cuda"):
+        return device, f"TORCH_DEVICE={name!r}: the tests support cpu and cuda only"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return device, (
+                f"TORCH_DEVICE={name} but CUDA is not available here (torch {torch.__version__}, "
+                f"built for CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPUs visible). "
+                "Not falling back to the CPU; unset TORCH_DEVICE to test on the CPU")
+        if (device.index or 0) >= torch.cuda.device_count():
+            return device, (f"TORCH_DEVICE={name} but only {torch.cuda.device_count()} GPUs "
+                            "are visible")
+    return device, None
+
+
+DEVICE, _DEVICE_ERROR = _requested_device()
+
+
+def pytest_configure(config):
+    if _DEVICE_ERROR is not None:
+        raise pytest.UsageError(_DEVICE_ERROR)
+    config.addinivalue_line("markers", "device: takes the device fixture (runs on TORCH_DEVICE)")
+    config.addinivalue_line("markers", "cpu_only: runs on the CPU whatever TORCH_DEVICE says "
+                                       "(gloo DDP, pydensecrf, signals and bit-exact resume)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """TF32 off before every test and its fixtures (module-scoped ones included): tolerances are
+    float32 ones, TF32 keeps 10 mantissa bits, and a trainer run switches it on (train.tf32)."""
+    if DEVICE.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def pytest_report_header(config):
+    if DEVICE.type == "cuda":
+        return (f"TORCH_DEVICE: {DEVICE} ({torch.cuda.get_device_name(DEVICE)}, torch "
+                f"{torch.__version__}, TF32 off)")
+    return f"TORCH_DEVICE: {DEVICE}"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device under test: ``TORCH_DEVICE`` (default cpu)."""
+    return DEVICE
+
+
+def device_tol(device: torch.device, rtol: float, atol: float, factor: float = 10.0) -> dict:
+    """``assert_close`` tolerances measured on the CPU, times ``factor`` on another device.
+
+    GPU kernels (cuDNN convolutions, fused attention, atomics in reductions) add float32 numbers
+    in another order than the CPU's; with TF32 off the differences stay at float32 rounding.
+    """
+    scale = 1.0 if device.type == "cpu" else factor
+    return {"rtol": rtol * scale, "atol": atol * scale}
+
+
+def assert_same_labels(actual: torch.Tensor, expected: torch.Tensor, device: torch.device,
+                       name: str = "label", fraction: float = 1e-3) -> None:
+    """Label maps equal entry for entry on the CPU; on another device up to ``fraction`` of the
+    entries may differ, where float32 rounding in another order moves a score across a threshold
+    or an argmax tie (the pseudo labels threshold CAMs and PAR outputs)."""
+    assert actual.shape == expected.shape, (f"{name}: shape {tuple(actual.shape)}, expected "
+                                            f"{tuple(expected.shape)}")
+    differ = int((actual.cpu() != expected.cpu()).sum())
+    allowed = 0 if device.type == "cpu" else int(fraction * expected.numel())
+    assert differ <= allowed, (f"{name}: {differ} of {expected.numel()} entries differ "
+                               f"({allowed} allowed on {device})")
 
 
 def load_tool(name: str):
@@ -37,7 +139,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # seeds CUDA too
     yield
 
 
@@ -65,9 +167,13 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_overrides(data: Path, work_dir: Path, **extra) -> list[str]:
-    """Overrides of configs/demo.yaml for a seconds-long training run on ``tiny_data``."""
+    """Overrides of configs/demo.yaml for a seconds-long training run on ``tiny_data``.
+
+    The run's device is ``TORCH_DEVICE``'s type (a trainer picks ``cuda:LOCAL_RANK`` itself);
+    ``device="cpu"`` pins a run to the CPU. TF32 is off, as in every test.
+    """
     values = {
-        "work_dir": work_dir, "device": "cpu", "seed": 3,
+        "work_dir": work_dir, "device": DEVICE.type, "train.tf32": "false", "seed": 3,
         "data.root": data, "data.list_dir": data, "data.crop_size": 64, "data.num_workers": 0,
         "model.backbone": "mit_b0", "model.embedding_dim": 32,
         "train.max_iters": 4, "train.global_batch": 2, "train.batch_per_gpu": "null",

@@ -12,6 +12,9 @@ from afa.crf import dense_crf, dense_crf_many, import_densecrf
 from afa.io import read_image, read_label_png
 from afa.metrics import ConfusionMatrix
 
+# pydensecrf works on NumPy arrays on the CPU: no device to parametrise.
+pytestmark = pytest.mark.cpu_only
+
 needs_crf = pytest.mark.skipif(
     importlib.util.find_spec("pydensecrf") is None, reason="pydensecrf2 is not installed"
 )
