@@ -1,9 +1,14 @@
-"""Multi-scale CAM, CAM labels and the two PAR-refined pseudo labels."""
+"""Multi-scale CAM, CAM labels and the two PAR-refined pseudo labels, on ``TORCH_DEVICE``.
+
+Label maps are compared with references computed the same way on the same device; the
+thresholds sit on values exact in binary, so labels are equal on any device.
+"""
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import device_tol
 
 from afa.cam import (box_mask, cam_to_label, multi_scale_cam, refine_cams_with_par,
                      refine_propagated_cams)
@@ -29,10 +34,10 @@ class TinyCAMModel(nn.Module):
         return out.cam, out.aff
 
 
-def test_multi_scale_cam_matches_per_copy_reference():
+def test_multi_scale_cam_matches_per_copy_reference(device):
     torch.manual_seed(0)
-    model = TinyCAMModel()
-    images = torch.randn(2, 3, 32, 40)
+    model = TinyCAMModel().to(device)
+    images = torch.randn(2, 3, 32, 40, device=device)
     scales = (1.0, 0.5, 1.5)
     out = multi_scale_cam(model, images, scales=scales)
 
@@ -47,28 +52,30 @@ def test_multi_scale_cam_matches_per_copy_reference():
         expected = expected + F.relu(torch.maximum(plain, flipped.flip(-1)))
     expected = expected - expected.amin(dim=(2, 3), keepdim=True)
     expected = expected / (expected.amax(dim=(2, 3), keepdim=True) + 1e-5)
-    torch.testing.assert_close(out.cam, expected.detach())
+    torch.testing.assert_close(out.cam, expected.detach(), **device_tol(device, 1.3e-6, 1e-5))
     assert out.cam.amin() >= 0 and out.cam.amax() <= 1
 
     x_large = F.interpolate(images, size=(48, 60), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out.aff, model.forward_cam(x_large)[1].detach())  # un-flipped
+    torch.testing.assert_close(out.aff, model.forward_cam(x_large)[1].detach(),  # un-flipped
+                               **device_tol(device, 1.3e-6, 1e-5))
     assert out.aff.shape == (2, 12 * 15, 12 * 15) and out.aff_grid == (12, 15)
 
 
-def test_cam_to_label_boundaries_are_inclusive():
+def test_cam_to_label_boundaries_are_inclusive(device):
     values = torch.tensor([0.2, 0.25, 0.3, 0.5, 0.6, 0.75, 0.8])  # exact in binary
     cam = torch.zeros(1, 2, 1, 7)
     cam[0, 1, 0] = values  # class 2 holds the scores
-    labels = torch.tensor([[1.0, 1.0]])
+    cam = cam.to(device)
+    labels = torch.tensor([[1.0, 1.0]], device=device)
     plain = cam_to_label(cam, labels, bkg_score=0.5)
     assert plain[0, 0].tolist() == [0, 0, 0, 0, 2, 2, 2]
     train = cam_to_label(cam, labels, bkg_score=0.5, high=0.75, low=0.25)
     assert train[0, 0].tolist() == [0, 0, 255, 255, 255, 255, 2]
 
 
-def test_cam_to_label_default_thresholds_in_float32():
-    cam = torch.tensor([0.35, 0.45, 0.55, 0.5501]).view(1, 1, 1, 4)
-    labels = torch.ones(1, 1)
+def test_cam_to_label_default_thresholds_in_float32(device):
+    cam = torch.tensor([0.35, 0.45, 0.55, 0.5501], device=device).view(1, 1, 1, 4)
+    labels = torch.ones(1, 1, device=device)
     assert cam_to_label(cam, labels)[0, 0].tolist() == [0, 0, 1, 1]
     train = cam_to_label(cam, labels, high=0.55, low=0.35)
     assert train[0, 0].tolist() == [0, 255, 255, 1]
@@ -76,12 +83,13 @@ def test_cam_to_label_default_thresholds_in_float32():
         cam_to_label(cam, labels, high=0.55)
 
 
-def test_cam_to_label_masks_absent_classes_and_box():
-    cam = torch.zeros(2, 3, 4, 5)
+def test_cam_to_label_masks_absent_classes_and_box(device):
+    cam = torch.zeros(2, 3, 4, 5, device=device)
     cam[:, 0] = 0.9  # class 1 is strongest everywhere ...
     cam[:, 2] = 0.7
-    labels = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]])  # ... but absent from image 0
-    boxes = torch.tensor([[0, 4, 0, 5], [1, 3, 2, 4]])
+    # ... but absent from image 0
+    labels = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 1.0]], device=device)
+    boxes = torch.tensor([[0, 4, 0, 5], [1, 3, 2, 4]], device=device)
     label = cam_to_label(cam, labels, boxes=boxes)
     assert (label[0] == 3).all()
     inside = box_mask(boxes, 4, 5)
@@ -89,7 +97,7 @@ def test_cam_to_label_masks_absent_classes_and_box():
     assert (label[1][inside[1]] == 1).all() and (label[1][~inside[1]] == 255).all()
 
 
-def _block_cams():
+def _block_cams(device):
     """CAMs constant on 8x8 blocks of a 32x32 crop, scores chosen in each threshold band."""
     torch.manual_seed(3)
     blocks = torch.rand(2, 20, 4, 4)
@@ -97,17 +105,18 @@ def _block_cams():
     labels = torch.zeros(2, 20)
     labels[0, [3, 16]] = 1
     labels[1, 11] = 1
-    return cams, labels
+    return cams.to(device), labels.to(device)
 
 
-def test_refined_label_without_propagation_follows_the_thresholds():
-    cams, labels = _block_cams()
-    rgb = torch.rand(2, 3, 32, 32)
-    boxes = torch.tensor([[0, 32, 0, 32], [0, 24, 8, 32]])
-    label = refine_cams_with_par(PAR(num_iter=0), rgb, cams, labels, boxes, high=0.55, low=0.35)
+def test_refined_label_without_propagation_follows_the_thresholds(device):
+    cams, labels = _block_cams(device)
+    rgb = torch.rand(2, 3, 32, 32, device=device)
+    boxes = torch.tensor([[0, 32, 0, 32], [0, 24, 8, 32]], device=device)
+    label = refine_cams_with_par(PAR(num_iter=0).to(device), rgb, cams, labels, boxes,
+                                 high=0.55, low=0.35)
     expected = cam_to_label(cams, labels, high=0.55, low=0.35, boxes=boxes)
     # Compare away from block borders, where the down/up-sampling blends neighbouring blocks.
-    interior = torch.zeros(32, 32, dtype=torch.bool)
+    interior = torch.zeros(32, 32, dtype=torch.bool, device=device)
     for k in range(4):
         interior[8 * k + 2:8 * k + 6, :] = True
     interior &= interior.clone().T
@@ -116,12 +125,12 @@ def test_refined_label_without_propagation_follows_the_thresholds():
     assert (label[1, 24:] == 255).all() and (label[1, :, :8] == 255).all()
 
 
-def test_refined_label_batch_equals_per_image_reference():
-    cams, labels = _block_cams()
+def test_refined_label_batch_equals_per_image_reference(device):
+    cams, labels = _block_cams(device)
     cams = cams + 0.1 * torch.rand_like(cams)
-    rgb = torch.rand(2, 3, 32, 32)
-    boxes = torch.tensor([[0, 32, 0, 32], [4, 32, 0, 28]])
-    par = PAR(dilations=(1, 2, 4), num_iter=3)
+    rgb = torch.rand(2, 3, 32, 32, device=device)
+    boxes = torch.tensor([[0, 32, 0, 32], [4, 32, 0, 28]], device=device)
+    par = PAR(dilations=(1, 2, 4), num_iter=3).to(device)
     label = refine_cams_with_par(par, rgb, cams, labels, boxes, high=0.55, low=0.35)
     for b in range(2):
         keys = labels[b].nonzero()[:, 0].tolist()
@@ -129,11 +138,13 @@ def test_refined_label_batch_equals_per_image_reference():
                               align_corners=False)
         per_bkg = []
         for bkg in (0.55, 0.35):
-            stack = torch.cat([torch.full((1, 1, 16, 16), bkg), small], dim=1).softmax(dim=1)
+            stack = torch.cat([torch.full((1, 1, 16, 16), bkg, device=device), small],
+                              dim=1).softmax(dim=1)
             refined = par(F.interpolate(rgb[b:b + 1], size=(16, 16), mode="bilinear",
                                         align_corners=False), stack)
             refined = F.interpolate(refined, size=(32, 32), mode="bilinear", align_corners=False)
-            per_bkg.append(torch.tensor([0] + [k + 1 for k in keys])[refined.argmax(dim=1)[0]])
+            keys_of = torch.tensor([0] + [k + 1 for k in keys], device=device)
+            per_bkg.append(keys_of[refined.argmax(dim=1)[0]])
         high, low = per_bkg
         expected = high.clone()
         expected[high == 0] = 255
@@ -142,7 +153,7 @@ def test_refined_label_batch_equals_per_image_reference():
         assert torch.equal(label[b], expected)
 
 
-def test_affinity_pseudo_label_uses_only_the_box_crop():
+def test_affinity_pseudo_label_uses_only_the_box_crop(device):
     torch.manual_seed(4)
     labels = torch.zeros(2, 20)
     labels[0, [2, 9]] = 1
@@ -150,12 +161,18 @@ def test_affinity_pseudo_label_uses_only_the_box_crop():
     walked_high = torch.rand(2, 21, 32, 32) * F.pad(labels, (1, 0), value=1)[:, :, None, None]
     walked_low = torch.rand(2, 21, 32, 32) * F.pad(labels, (1, 0), value=1)[:, :, None, None]
     rgb = torch.rand(2, 3, 32, 32)
-    boxes = torch.tensor([[0, 32, 0, 32], [2, 30, 4, 24]])
-    par = PAR(dilations=(1, 2), num_iter=3)
+    labels, walked_high, walked_low, rgb = (t.to(device) for t in
+                                            (labels, walked_high, walked_low, rgb))
+    boxes = torch.tensor([[0, 32, 0, 32], [2, 30, 4, 24]], device=device)
+    par = PAR(dilations=(1, 2), num_iter=3).to(device)
     label = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes)
+    # The trainer passes the boxes and the class count from the host: the same label.
+    assert torch.equal(label, refine_propagated_cams(
+        par, rgb, walked_high, walked_low, labels, boxes, box_list=boxes.tolist(),
+        max_present=2))
 
     noisy = rgb.clone()
-    noisy[1, :, :2] = torch.rand(3, 2, 32)  # padding content must not matter
+    noisy[1, :, :2] = torch.rand(3, 2, 32, device=device)  # padding content must not matter
     assert torch.equal(label, refine_propagated_cams(par, noisy, walked_high, walked_low, labels,
                                                      boxes))
     inside = box_mask(boxes, 32, 32)
@@ -163,7 +180,7 @@ def test_affinity_pseudo_label_uses_only_the_box_crop():
     assert set(label[0].unique().tolist()) <= {0, 3, 10, 255}
     assert set(label[1][inside[1]].unique().tolist()) <= {0, 1, 255}
     # Image 1 by hand: crop, half resolution, PAR, upsample, argmax, high/low combination.
-    keys = torch.tensor([0, 1])
+    keys = torch.tensor([0, 1], device=device)
     crop_rgb = F.interpolate(rgb[1:2, :, 2:30, 4:24], size=(14, 10), mode="bilinear",
                              align_corners=False)
     stack = torch.cat([walked_high[1:2, [0, 1], 2:30, 4:24], walked_low[1:2, [0, 1], 2:30, 4:24]],

@@ -1,4 +1,5 @@
-"""Engine pieces on their own: the schedule, optimiser groups, checkpoints, the data order."""
+"""Engine pieces on their own: the schedule, optimiser groups (on ``TORCH_DEVICE``), checkpoints,
+the data order."""
 
 import pytest
 import torch
@@ -21,17 +22,21 @@ def test_lr_warmup_then_poly():
     assert lr_at(15000, base, max_iters, 0, power=2.0) == pytest.approx(base * 0.25 ** 2)
 
 
-def test_optimizer_groups_follow_the_multipliers():
-    model = AFANet("mit_b0", num_classes=4)
+def test_optimizer_groups_follow_the_multipliers(device):
+    """On the device: the fused AdamW kernels of that device keep the frozen norms frozen."""
+    model = AFANet("mit_b0", num_classes=4).to(device)
     opt = build_optimizer(model.param_groups(), lr=1e-3, weight_decay=0.01)
     set_lr(opt, 2e-3)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
     assert lrs == {"backbone": 2e-3, "backbone_norm": 0.0, "heads": 2e-2, "decoder": 2e-2}
     norm = next(g for g in opt.param_groups if g["name"] == "backbone_norm")["params"][0]
     before = norm.detach().clone()
-    model(torch.randn(1, 3, 32, 32)).cls_logits.sum().backward()
+    model(torch.randn(1, 3, 32, 32, device=device)).cls_logits.sum().backward()
+    heads = next(g for g in opt.param_groups if g["name"] == "heads")["params"][0]
+    heads_before = heads.detach().clone()
     opt.step()
     assert torch.equal(norm, before)  # AFA freezes the backbone norms (lr 0)
+    assert not torch.equal(heads, heads_before)
 
 
 def test_config_lr_mults_override_the_groups():

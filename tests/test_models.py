@@ -1,4 +1,8 @@
-"""The AFA network: MiT variants, shapes, attention logits, gradients, checkpoints."""
+"""The AFA network: MiT variants, shapes, attention logits, gradients, checkpoints.
+
+Tests that take ``device`` run on ``TORCH_DEVICE`` (see conftest); layout and weight-file tests
+need no device (``meta`` tensors, CPU files).
+"""
 
 import hashlib
 import json
@@ -8,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import device_tol
 
 from afa.models import (AFANet, WeightsError, convert_sync_batchnorm, load_pretrained,
                         load_state_dict_flexible)
@@ -54,9 +59,9 @@ def _expected_sizes(size, strides=(4, 2, 2, 1)):
 
 
 @pytest.mark.parametrize("hw", [(64, 64), (50, 77), (97, 33)])
-def test_output_shapes_and_strides(hw):
-    model = AFANet("mit_b0", num_classes=6).eval()
-    x = torch.randn(2, 3, *hw)
+def test_output_shapes_and_strides(hw, device):
+    model = AFANet("mit_b0", num_classes=6).to(device).eval()
+    x = torch.randn(2, 3, *hw, device=device)
     with torch.no_grad():
         features, attn = model.encoder(x)
         out = model(x)
@@ -72,25 +77,26 @@ def test_output_shapes_and_strides(hw):
     assert out.aff_pred.shape == (2, n, n)
     cam, aff = model.forward_cam(x)
     assert cam.shape == (2, 5, hs[3], ws[3])
-    torch.testing.assert_close(aff, out.aff_pred)
-    torch.testing.assert_close(cam, out.cam_logits)
+    assert out.grid == (hs[3], ws[3]) and aff.device == out.seg_logits.device == x.device
+    torch.testing.assert_close(aff, out.aff_pred, **device_tol(device, 1.3e-6, 1e-5))
+    torch.testing.assert_close(cam, out.cam_logits, **device_tol(device, 1.3e-6, 1e-5))
     assert model(x, cls_only=True).cam_logits is None
 
 
-def test_configurable_strides():
-    encoder = mit.mit_b0(strides=(4, 2, 2, 2)).eval()
-    features, _ = encoder(torch.randn(1, 3, 64, 64))
+def test_configurable_strides(device):
+    encoder = mit.mit_b0(strides=(4, 2, 2, 2)).to(device).eval()
+    features, _ = encoder(torch.randn(1, 3, 64, 64, device=device))
     assert [f.shape[-1] for f in features] == [16, 8, 4, 2]
     assert encoder.stride == 32
 
 
-def test_attention_logits_equal_hand_computation():
-    model = AFANet("mit_b0", num_classes=4).eval()
+def test_attention_logits_equal_hand_computation(device):
+    model = AFANet("mit_b0", num_classes=4).to(device).eval()
     captured = {}
     block = model.encoder.block4[1]
     block.attn.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
     with torch.no_grad():
-        out = model(torch.randn(2, 3, 48, 64))
+        out = model(torch.randn(2, 3, 48, 64, device=device))
         x = captured["x"]  # (B, N, C) input of the attention, after norm1
         b, n, c = x.shape
         heads = block.attn.num_heads
@@ -99,26 +105,26 @@ def test_attention_logits_equal_hand_computation():
         q = q.view(b, n, heads, c // heads).permute(0, 2, 1, 3)
         k = k.view(b, n, heads, c // heads).permute(0, 2, 1, 3)
         expected = torch.einsum("bhid,bhjd->bhij", q, k)  # unscaled, before softmax
-    torch.testing.assert_close(out.attn_logits[1], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.attn_logits[1], expected, **device_tol(device, 1e-5, 1e-5))
 
 
 @pytest.mark.parametrize("stage", [1, 2, 4])
-def test_fused_attention_equals_explicit(stage):
-    encoder = mit.mit_b0().eval()
+def test_fused_attention_equals_explicit(stage, device):
+    encoder = mit.mit_b0().to(device).eval()
     block = getattr(encoder, f"block{stage}")[0]
     dim = encoder.embed_dims[stage - 1]
     h, w = 12, 10
-    x = torch.randn(2, h * w, dim)
+    x = torch.randn(2, h * w, dim, device=device)
     with torch.no_grad():
         fused, none = block.attn(x, h, w, return_attn=False)
         explicit, logits = block.attn(x, h, w, return_attn=True)
     assert none is None and logits is not None
-    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, explicit, **device_tol(device, 1e-5, 1e-5))
 
 
-def test_encoder_with_all_explicit_blocks_equals_default():
-    encoder = mit.mit_b0().eval()
-    x = torch.randn(1, 3, 64, 80)
+def test_encoder_with_all_explicit_blocks_equals_default(device):
+    encoder = mit.mit_b0().to(device).eval()
+    x = torch.randn(1, 3, 64, 80, device=device)
     with torch.no_grad():
         default, _ = encoder(x)
         for i in range(1, 4):
@@ -127,55 +133,57 @@ def test_encoder_with_all_explicit_blocks_equals_default():
         explicit, attn = encoder(x)
     assert len(attn) == sum(encoder.depths)
     for a, b in zip(default, explicit):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, **device_tol(device, 1e-5, 1e-5))
 
 
-def test_affinity_is_symmetric_probability():
-    model = AFANet("mit_b0", num_classes=3).eval()
+def test_affinity_is_symmetric_probability(device):
+    model = AFANet("mit_b0", num_classes=3).to(device).eval()
     with torch.no_grad():
-        aff = model(torch.randn(2, 3, 64, 64)).aff_pred
+        aff = model(torch.randn(2, 3, 64, 64, device=device)).aff_pred
     torch.testing.assert_close(aff, aff.transpose(1, 2))
     assert aff.min() > 0 and aff.max() < 1
 
 
-def test_affinity_projection_equals_stacked_symmetric_conv():
+def test_affinity_projection_equals_stacked_symmetric_conv(device):
     """The projected-then-symmetrised affinity equals the literal sigmoid(conv(A + A^T)), and so
     do the gradients reaching the attention logits and the projection."""
     torch.manual_seed(0)
     model = AFANet("mit_b0", num_classes=3)
     nn.init.normal_(model.attn_proj.weight)
     nn.init.normal_(model.attn_proj.bias)
-    logits = [torch.randn(2, 8, 12, 12, requires_grad=True) for _ in range(2)]
+    model.to(device)
+    logits = [torch.randn(2, 8, 12, 12, device=device, requires_grad=True) for _ in range(2)]
     fast = model._affinity(logits)
     stacked = torch.cat(logits, dim=1)
     literal = torch.sigmoid(model.attn_proj(stacked + stacked.transpose(-1, -2))).squeeze(1)
-    torch.testing.assert_close(fast, literal, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast, literal, **device_tol(device, 1e-5, 1e-6))
     weights = torch.rand_like(literal)
     grads_fast = torch.autograd.grad((fast * weights).sum(), logits + [model.attn_proj.weight])
     grads_literal = torch.autograd.grad((literal * weights).sum(),
                                         logits + [model.attn_proj.weight])
     for a, b in zip(grads_fast, grads_literal):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, **device_tol(device, 1e-5, 1e-6))
 
 
-def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+def test_drop_path_drops_whole_samples_and_keeps_the_mean(device):
     drop = mit.DropPath(0.25).train()
     torch.manual_seed(0)
-    out = drop(torch.ones(4000, 3, 5))
+    out = drop(torch.ones(4000, 3, 5, device=device))
     per_sample = out.flatten(1)
     # Each sample is either dropped entirely or kept and scaled by 1 / 0.75.
-    assert torch.equal(per_sample.unique(), torch.tensor([0.0, 1.0 / 0.75]))
+    assert torch.equal(per_sample.unique().cpu(), torch.tensor([0.0, 1.0 / 0.75]))
     assert (per_sample == per_sample[:, :1]).all()
     assert abs(out.mean().item() - 1.0) < 0.05
     assert torch.equal(drop.eval()(out), out)
 
 
-def test_every_parameter_gets_a_gradient():
-    model = AFANet("mit_b0", num_classes=4).train()
-    x = torch.randn(2, 3, 64, 64)
+def test_every_parameter_gets_a_gradient(device):
+    model = AFANet("mit_b0", num_classes=4).to(device).train()
+    x = torch.randn(2, 3, 64, 64, device=device)
     out = model(x)
-    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    seg_target = torch.randint(0, 4, out.seg_logits.shape[:1] + out.seg_logits.shape[2:])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], device=device)
+    seg_target = torch.randint(0, 4, out.seg_logits.shape[:1] + out.seg_logits.shape[2:],
+                               device=device)
     aff_target = (torch.rand_like(out.aff_pred) > 0.5).float()
     loss = (F.multilabel_soft_margin_loss(out.cls_logits, labels)
             + F.cross_entropy(out.seg_logits, seg_target)
@@ -199,14 +207,15 @@ def test_param_groups_are_named_and_cover_every_parameter():
 
 
 @pytest.mark.parametrize("prefix", ["", "module."])
-def test_checkpoint_round_trip(tmp_path, prefix):
-    model = AFANet("mit_b0", num_classes=4)
+def test_checkpoint_round_trip(tmp_path, prefix, device):
+    """A checkpoint written on the device loads into a CPU model (tools load onto the CPU)."""
+    model = AFANet("mit_b0", num_classes=4).to(device)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": {prefix + k: v for k, v in model.state_dict().items()}}, path)
     other = AFANet("mit_b0", num_classes=4)
     other.load_weights(path)
     for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
-        assert torch.equal(a, b), k
+        assert b.device.type == "cpu" and torch.equal(a.cpu(), b), k
 
 
 def test_checkpoint_of_other_shape_is_refused_with_the_key_named():
@@ -314,22 +323,22 @@ def test_sync_batchnorm_only_for_multi_process_cuda():
     assert isinstance(gpu.decoder.linear_fuse.bn, nn.SyncBatchNorm)
 
 
-def test_forward_cam_without_affinity_runs_fused_and_matches():
-    model = AFANet("mit_b0", num_classes=4).eval()
-    x = torch.randn(2, 3, 64, 48)
+def test_forward_cam_without_affinity_runs_fused_and_matches(device):
+    model = AFANet("mit_b0", num_classes=4).to(device).eval()
+    x = torch.randn(2, 3, 64, 48, device=device)
     with torch.no_grad():
         cam, aff = model.forward_cam(x)
         fused_cam, none = model.forward_cam(x, return_aff=False)
         features, attn = model.encoder(x, return_attn=False)
     assert none is None and attn == [] and aff.shape == (2, 12, 12)
-    torch.testing.assert_close(fused_cam, cam, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_cam, cam, **device_tol(device, 1e-5, 1e-5))
 
 
-def test_multi_scale_cam_of_afanet_equals_all_explicit_computation():
+def test_multi_scale_cam_of_afanet_equals_all_explicit_computation(device):
     from afa.cam import multi_scale_cam
 
-    model = AFANet("mit_b0", num_classes=4).eval()
-    x = torch.randn(1, 3, 64, 64)
+    model = AFANet("mit_b0", num_classes=4).to(device).eval()
+    x = torch.randn(1, 3, 64, 64, device=device)
     with torch.no_grad():
         out = multi_scale_cam(model, x, (1.0, 0.5, 1.5))
         total = 0
@@ -342,5 +351,41 @@ def test_multi_scale_cam_of_afanet_equals_all_explicit_computation():
                 expected_aff = aff[:1]
         total = total - total.amin(dim=(2, 3), keepdim=True)
         total = total / (total.amax(dim=(2, 3), keepdim=True) + 1e-5)
-    torch.testing.assert_close(out.cam, total, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.aff, expected_aff)
+    torch.testing.assert_close(out.cam, total, **device_tol(device, 1e-4, 1e-5))
+    torch.testing.assert_close(out.aff, expected_aff, **device_tol(device, 1.3e-6, 1e-5))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_forward_and_gradients_on_the_device_match_the_cpu(device, mode):
+    """The same weights and input give the CPU's outputs and gradients on TORCH_DEVICE (exactly
+    the same on the CPU). Train mode uses batch statistics; the decoder's dropout and drop-path,
+    whose random draws differ between devices, are off."""
+    torch.manual_seed(0)
+    cpu_model = AFANet("mit_b0", num_classes=4, drop_path_rate=0.0).train(mode == "train")
+    model = AFANet("mit_b0", num_classes=4, drop_path_rate=0.0).train(mode == "train")
+    model.load_state_dict(cpu_model.state_dict())
+    model.to(device)
+    x = torch.randn(2, 3, 64, 80)
+    outputs = []
+    for net, inp in ((cpu_model, x), (model, x.to(device))):
+        net.decoder.dropout.eval()
+        out = net(inp)
+        (out.cls_logits.sum() + out.seg_logits.square().mean() + out.aff_pred.mean()).backward()
+        outputs.append((out, {n: p.grad for n, p in net.named_parameters()}))
+    (ref, ref_grads), (out, grads) = outputs
+
+    def close(actual, expected, name, rtol, atol):
+        torch.testing.assert_close(actual.cpu(), expected, **device_tol(device, rtol, atol),
+                                   msg=lambda message: f"{name}: {message}")
+
+    assert out.grid == ref.grid == (4, 5)
+    for name in ("cls_logits", "seg_logits", "aff_pred", "cam_logits"):
+        close(getattr(out, name), getattr(ref, name), name, 1e-5, 1e-5)
+    for i, (a, b) in enumerate(zip(out.attn_logits, ref.attn_logits)):
+        close(a, b, f"attn_logits[{i}]", 1e-5, 1e-4)
+    for name, grad in ref_grads.items():
+        if name.startswith("decoder.linear_c") and name.endswith(".bias"):
+            continue  # cancelled by the BatchNorm after them: the exact gradient is 0 (noise)
+        close(grads[name], grad, f"{name}.grad", 1e-4, 1e-6)
+    for name, buf in cpu_model.state_dict().items():  # BatchNorm running statistics included
+        close(model.state_dict()[name], buf, name, 1e-5, 1e-6)
