@@ -200,10 +200,14 @@ def legend(entries: Sequence[tuple[str, Sequence[int]]], width: int,
 
 
 def label_legend(label, class_names: Sequence[str], width: int,
-                 skip: Sequence[int] = (0, IGNORE_INDEX)) -> np.ndarray:
+                 skip: Sequence[int] = (0, IGNORE_INDEX), min_fraction: float = 0.0) -> np.ndarray:
     """:func:`legend` of the classes present in ``label`` (not those in ``skip``: background and
-    ignore by default, which :func:`overlay_label` leaves bare), in palette colours."""
-    present = [int(c) for c in np.unique(_numpy(label)) if int(c) not in skip]
+    ignore by default, which :func:`overlay_label` leaves bare), in palette colours; classes on
+    no more than ``min_fraction`` of the pixels are left out."""
+    label = _numpy(label)
+    counts = np.bincount(label.ravel().astype(np.int64), minlength=256)
+    present = [c for c in np.flatnonzero(counts)
+               if c not in skip and counts[c] > min_fraction * label.size]
     entries = [(class_names[c] if c < len(class_names) else f"class {c}", _PALETTE[c])
                for c in present]
     return legend(entries or [("no object", (255, 255, 255))], width)

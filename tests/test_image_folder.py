@@ -188,6 +188,8 @@ def test_legend_names_the_classes_present_in_their_colours():
     assert tuple(palette[2]) not in colours and tuple(palette[255]) not in colours
     narrow = label_legend(label, DEMO_CLASSES, 60)  # one entry per row
     assert narrow.shape == (44, 60, 3)
+    # 25 of 600 pixels are class 1: left out above a fraction of 1/24 (make_video's option).
+    assert label_legend(label, DEMO_CLASSES, 60, min_fraction=0.05).shape == (22, 60, 3)
 
 
 def test_classes_from_logits():

@@ -18,9 +18,10 @@ as numbers: ``frame2`` before ``frame10``). Each frame shows, side by side:
                    chose the classes)
     segmentation   ``<seg-dir>/pred/<id>.png`` in VOC-palette colours over the image
 
-with, below, a legend of the classes present in the segmentation. ``--seg-dir`` or ``--cam-dir``
-alone gives two panels. The class names come from the ``config.yaml`` that the tools wrote into
-those folders.
+with, below, a legend of the classes present in the segmentation (those on more than
+``--legend-min-area`` of the frame, default 0.005, so that a few stray pixels do not crowd it; 0
+lists every class present). ``--seg-dir`` or ``--cam-dir`` alone gives two panels. The class
+names come from the ``config.yaml`` that the tools wrote into those folders.
 
 Every panel is shrunk so that a frame is at most ``--max-width`` pixels wide (default 640; small
 frames are not enlarged); frames of different sizes are padded (white) to the largest. All frames
@@ -83,6 +84,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--colors", type=int, default=255,
                         help="colours of the GIF's one palette, 2-255 (default 255; fewer give "
                              "smaller files)")
+    parser.add_argument("--legend-min-area", type=float, default=0.005, metavar="FRACTION",
+                        help="leave classes on no more than this fraction of a frame out of its "
+                             "legend (default 0.005; 0: every class present)")
     parser.add_argument("--limit", type=int, help="only the first LIMIT frames")
     args = parser.parse_args(argv)
     if args.seg_dir is None and args.cam_dir is None:
@@ -91,6 +95,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--fps must be positive, got {args.fps}")
     if args.max_width < 3 * 16:
         parser.error(f"--max-width must be at least 48 pixels, got {args.max_width}")
+    if not 0 <= args.legend_min_area < 1:
+        parser.error(f"--legend-min-area must lie in [0, 1), got {args.legend_min_area}")
     if not 2 <= args.colors <= 255:
         parser.error(f"--colors must lie in 2..255, got {args.colors}")
     if args.limit is not None and args.limit < 1:
@@ -141,9 +147,10 @@ def _resize(array: np.ndarray, width: int, nearest: bool = False) -> np.ndarray:
 
 def compose_frame(image: np.ndarray, *, names: Sequence[str], max_width: int,
                   heat: np.ndarray | None = None, cam_class: str | None = None,
-                  pred: np.ndarray | None = None) -> np.ndarray:
+                  pred: np.ndarray | None = None, legend_min_area: float = 0.0) -> np.ndarray:
     """One frame: image | CAM heat map | segmentation overlay (those given), titled, with the
-    legend of the classes in ``pred`` below; panels shrunk to fit ``max_width``."""
+    legend of the classes in ``pred`` (on more than ``legend_min_area`` of it) below; panels
+    shrunk to fit ``max_width``."""
     count = 1 + (heat is not None) + (pred is not None)
     width = min(image.shape[1], (max_width - (count - 1) * PAD) // count)
     small = _resize(image, width)
@@ -157,11 +164,13 @@ def compose_frame(image: np.ndarray, *, names: Sequence[str], max_width: int,
     grid = make_grid(panels, titles=titles, pad=PAD)
     if pred is None:
         return grid
-    return np.concatenate([grid, label_legend(pred, names, grid.shape[1])], axis=0)
+    strip = label_legend(pred, names, grid.shape[1], min_fraction=legend_min_area)
+    return np.concatenate([grid, strip], axis=0)
 
 
 def render_frames(folder: ImageFolder, *, seg_dir: Path | None, cam_dir: Path | None,
-                  max_width: int, limit: int | None = None) -> list[np.ndarray]:
+                  max_width: int, legend_min_area: float = 0.0,
+                  limit: int | None = None) -> list[np.ndarray]:
     """The composed frames of ``folder``, padded (white) to one size with even sides."""
     names = _class_names([d for d in (seg_dir, cam_dir) if d is not None])
     frames = []
@@ -180,7 +189,8 @@ def render_frames(folder: ImageFolder, *, seg_dir: Path | None, cam_dir: Path | 
                                 f"{array.shape[1]}x{array.shape[0]}, the image "
                                 f"{image.shape[1]}x{image.shape[0]}: outputs of other images?")
         frames.append(compose_frame(image, names=names, max_width=max_width, heat=heat,
-                                    cam_class=cam_class, pred=pred))
+                                    cam_class=cam_class, pred=pred,
+                                    legend_min_area=legend_min_area))
     height = max(f.shape[0] for f in frames)
     width = max(f.shape[1] for f in frames)
     height, width = height + height % 2, width + width % 2  # H.264's 4:2:0 wants even sides
@@ -243,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folder = ImageFolder(args.images)
         frames = render_frames(folder, seg_dir=args.seg_dir, cam_dir=args.cam_dir,
-                               max_width=args.max_width, limit=args.limit)
+                               max_width=args.max_width,
+                               legend_min_area=args.legend_min_area, limit=args.limit)
     except DataError as err:
         print(f"make_video: error: {err}", file=sys.stderr)
         return 2
