@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import signal
+import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 
 import numpy as np
@@ -206,6 +207,8 @@ class DenseCRFLoss(nn.Module):
             # spawn: safe in a process that uses CUDA or threads.
             self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
                                              initializer=_ignore_signals)
+            # Without an explicit close(), the processes end with this module object.
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
 
     def close(self) -> None:
