@@ -21,13 +21,14 @@ The rest serves ``tools/infer_seg.py`` and ``tools/infer_cam.py``: :class:`Image
 ``"infer"`` mode of :class:`afa.data.VOCStyleDataset`) reads the ids of a split with their images,
 optional masks and image-level labels (:class:`afa.data.folder.ImageFolder` reads a folder of
 images through the same methods, and :func:`classes_from_logits` stands in for its missing
-labels); :class:`OutputFiles` names the per-image outputs and tells
-which images are done (resuming); :func:`check_run_settings` refuses to resume into a directory
-written with other settings; :func:`run_sharded` runs a tool's job on this process's share of the
-images and sums the results over processes; :func:`save_npy_atomic` and
-:func:`write_rgb_png_atomic` (through :func:`afa.atomic.write_atomic`) write each file under a
-temporary name first, so that an interrupted run never leaves a truncated file that a resumed run
-would take for finished work.
+labels); :class:`OutputFiles` names the per-image outputs and tells which images are done
+(resuming); :func:`check_run_settings` refuses to resume into a directory written with other
+settings; :func:`run_sharded` runs a tool's job on this process's share of the images and sums the
+results over processes; :func:`save_npy_atomic` and :func:`write_rgb_png_atomic` (through
+:func:`afa.atomic.write_atomic`) write each file under a temporary name first, so that an
+interrupted run never leaves a truncated file that a resumed run would take for finished work;
+:func:`seg_input_sizes` gives the input sizes of :func:`predict_seg_logits`, for checking them
+against the encoder's ``min_input_side``.
 """
 
 from __future__ import annotations
