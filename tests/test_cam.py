@@ -1,14 +1,16 @@
 """Multi-scale CAM, CAM labels and the two PAR-refined pseudo labels, on ``TORCH_DEVICE``.
 
-Label maps are compared with references computed the same way on the same device; the
-thresholds sit on values exact in binary, so labels are equal on any device.
+Thresholds tested on their boundaries sit on values exact in binary, so those labels are equal on
+any device. Labels from a batched computation and a per-image reference are equal on the CPU; on
+another device up to 0.1 % may differ (``assert_same_labels``): kernels picked by shape round
+differently.
 """
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import device_tol
+from conftest import assert_same_labels, device_tol
 
 from afa.cam import (box_mask, cam_to_label, multi_scale_cam, refine_cams_with_par,
                      refine_propagated_cams)
@@ -120,7 +122,7 @@ def test_refined_label_without_propagation_follows_the_thresholds(device):
     for k in range(4):
         interior[8 * k + 2:8 * k + 6, :] = True
     interior &= interior.clone().T
-    assert torch.equal(label[:, interior], expected[:, interior])
+    assert_same_labels(label[:, interior], expected[:, interior], device)
     assert set(label.unique().tolist()) >= {0, 255}
     assert (label[1, 24:] == 255).all() and (label[1, :, :8] == 255).all()
 
@@ -150,7 +152,7 @@ def test_refined_label_batch_equals_per_image_reference(device):
         expected[high == 0] = 255
         expected[(high == 0) & (low == 0)] = 0
         expected[~box_mask(boxes[b:b + 1], 32, 32)[0]] = 255
-        assert torch.equal(label[b], expected)
+        assert_same_labels(label[b], expected, device, f"image {b}")
 
 
 def test_affinity_pseudo_label_uses_only_the_box_crop(device):
@@ -190,4 +192,4 @@ def test_affinity_pseudo_label_uses_only_the_box_crop(device):
     high = keys[refined[:, :2].argmax(dim=1)[0]]
     low = keys[refined[:, 2:].argmax(dim=1)[0]]
     expected = torch.where(high == 0, torch.where(low == 0, 0, 255), high)
-    assert torch.equal(label[1, 2:30, 4:24], expected)
+    assert_same_labels(label[1, 2:30, 4:24], expected, device, "image 1")
