@@ -20,6 +20,12 @@ from afa.constants import IGNORE_INDEX
 
 __all__ = [
     "MultiScaleCAM",
+    "ParJob",
+    "cam_par_job",
+    "cam_par_label",
+    "run_par",
+    "walk_par_job",
+    "walk_par_label",
     "multi_scale_cam",
     "box_mask",
     "cam_to_label",
@@ -177,6 +183,70 @@ def _present_classes(labels: torch.Tensor,
     return index, valid
 
 
+class ParJob(NamedTuple):
+    """Inputs of one PAR call, at the PAR resolution; several jobs can share one call."""
+
+    rgb: torch.Tensor  # (n, 3, h, w) images in [0, 1], each at the top left of the canvas
+    stack: torch.Tensor  # (n, K, h, w) score maps to refine
+    bounds: list[tuple[int, int]]  # (height, width) of each image's region on the canvas
+
+
+def run_par(par: nn.Module, jobs: Sequence[ParJob]) -> list[torch.Tensor]:
+    """Refine several jobs in one PAR call (``PAR(..., bounds=...)``); one output per job.
+
+    Each job's rows are padded to the largest canvas and channel count among the jobs; every
+    region is refined as if alone (the padding never enters a neighbourhood), so this equals one
+    call per job. Returns each job's (n, K, h, w) refined maps on its own canvas.
+    """
+    height = max(j.rgb.shape[-2] for j in jobs)
+    width = max(j.rgb.shape[-1] for j in jobs)
+    channels = max(j.stack.shape[1] for j in jobs)
+
+    def pad(x: torch.Tensor, extra_channels: int = 0) -> torch.Tensor:
+        return F.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2], 0, extra_channels))
+
+    rgb = torch.cat([pad(j.rgb) for j in jobs])
+    stack = torch.cat([pad(j.stack, channels - j.stack.shape[1]) for j in jobs])
+    bounds = torch.tensor([b for j in jobs for b in j.bounds], device=rgb.device)
+    refined = par(rgb, stack, bounds=bounds).split([len(j.bounds) for j in jobs])
+    return [r[:, :j.stack.shape[1], :j.rgb.shape[-2], :j.rgb.shape[-1]]
+            for r, j in zip(refined, jobs)]
+
+
+def cam_par_job(rgb: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, high: float,
+                low: float, down_scale: int = 2,
+                max_present: int | None = None) -> tuple[ParJob, torch.Tensor]:
+    """The PAR input of :func:`refine_cams_with_par`, and the channel index it refines."""
+    height, width = cams.shape[-2:]
+    small = (height // down_scale, width // down_scale)
+    small_rgb = F.interpolate(rgb, size=small, mode="bilinear", align_corners=False)
+    small_cams = F.interpolate(cams, size=small, mode="bilinear", align_corners=False)
+    index, valid = _present_classes(labels, max_present)  # (B, 1 + P)
+    # Background-first scores; the background row is replaced by the constant of each stack.
+    scores = F.pad(small_cams, (0, 0, 0, 0, 1, 0))  # (B, C, h, w)
+    scores = torch.gather(scores, 1, index[:, :, None, None].expand(-1, -1, *small))
+    stacks = []
+    for bkg_score in (high, low):
+        stack = scores.clone()
+        stack[:, 0] = bkg_score
+        stacks.append(stack.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1))
+    job = ParJob(small_rgb, torch.cat(stacks, dim=1), [small] * len(cams))
+    return job, index
+
+
+def cam_par_label(refined: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor,
+                  size: tuple[int, int], ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The label of :func:`refine_cams_with_par` from PAR's output on :func:`cam_par_job`."""
+    batch = refined.shape[0]
+    refined = F.interpolate(refined, size=size, mode="bilinear", align_corners=False)
+    # max(dim).indices picks the first maximum as argmax does, and is 7-40x faster on CPU.
+    label_high, label_low = (
+        torch.gather(index, 1, part.max(dim=1).indices.flatten(1)).view(batch, *size)
+        for part in refined.chunk(2, dim=1))
+    label = _combine_high_low(label_high, label_low, ignore_index)
+    return label.masked_fill(~box_mask(boxes, *size, device=label.device), ignore_index)
+
+
 @torch.no_grad()
 def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
                          labels: torch.Tensor, boxes: torch.Tensor, high: float = 0.55,
@@ -198,27 +268,61 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
     Returns:
         (B, H, W) long pseudo label with ``ignore_index``.
     """
-    batch, _, height, width = cams.shape
-    small = (height // down_scale, width // down_scale)
-    small_rgb = F.interpolate(rgb, size=small, mode="bilinear", align_corners=False)
-    small_cams = F.interpolate(cams, size=small, mode="bilinear", align_corners=False)
-    index, valid = _present_classes(labels, max_present)  # (B, 1 + P)
-    # Background-first scores; the background row is replaced by the constant of each stack.
-    scores = F.pad(small_cams, (0, 0, 0, 0, 1, 0))  # (B, C, h, w)
-    scores = torch.gather(scores, 1, index[:, :, None, None].expand(-1, -1, *small))
-    stacks = []
-    for bkg_score in (high, low):
-        stack = scores.clone()
-        stack[:, 0] = bkg_score
-        stacks.append(stack.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1))
-    refined = par(small_rgb, torch.cat(stacks, dim=1))  # (B, 2 (1 + P), h, w)
-    refined = F.interpolate(refined, size=(height, width), mode="bilinear", align_corners=False)
-    # max(dim).indices picks the first maximum as argmax does, and is 7-40x faster on CPU.
-    label_high, label_low = (
-        torch.gather(index, 1, part.max(dim=1).indices.flatten(1)).view(batch, height, width)
-        for part in refined.chunk(2, dim=1))
-    label = _combine_high_low(label_high, label_low, ignore_index)
-    return label.masked_fill(~box_mask(boxes, height, width, device=label.device), ignore_index)
+    job, index = cam_par_job(rgb, cams, labels, high, low, down_scale, max_present)
+    refined = par(job.rgb, job.stack)  # (B, 2 (1 + P), h, w)
+    return cam_par_label(refined, index, boxes, cams.shape[-2:], ignore_index)
+
+
+class WalkParJob(NamedTuple):
+    job: ParJob | None  # None when every box is empty
+    crops: list[tuple[int, tuple[int, int, int, int]]]  # (image, box) of each row
+    index: torch.Tensor  # (B, 1 + P) channel ids
+    valid: torch.Tensor  # (B, 1 + P)
+
+
+def walk_par_job(rgb: torch.Tensor, walked_high: torch.Tensor, walked_low: torch.Tensor,
+                 labels: torch.Tensor, box_list: Sequence[Sequence[int]], down_scale: int = 2,
+                 max_present: int | None = None) -> WalkParJob:
+    """The PAR input of :func:`refine_propagated_cams`: each box crop at 1 / ``down_scale``."""
+    index, valid = _present_classes(labels, max_present)
+    crops = [(b, (y0, y1, x0, x1)) for b, (y0, y1, x0, x1) in enumerate(box_list)
+             if y1 > y0 and x1 > x0]  # a crop of padding only has nothing to label
+    if not crops:
+        return WalkParJob(None, crops, index, valid)
+    smalls = [(max(1, (y1 - y0) // down_scale), max(1, (x1 - x0) // down_scale))
+              for _, (y0, y1, x0, x1) in crops]
+    canvas = (max(h for h, _ in smalls), max(w for _, w in smalls))
+    small_rgb, stacks = [], []
+    for (b, (y0, y1, x0, x1)), small in zip(crops, smalls):
+        keys = index[b]  # background + present classes, padded with 0 (masked in the label)
+        stack = torch.cat([walked_high[b:b + 1, keys, y0:y1, x0:x1],
+                           walked_low[b:b + 1, keys, y0:y1, x0:x1]], dim=1)
+        # What PAR does to its input, done per crop so that all crops fit one canvas.
+        stack = F.interpolate(stack, size=small, mode="bilinear", align_corners=True)
+        crop_rgb = F.interpolate(rgb[b:b + 1, :, y0:y1, x0:x1], size=small, mode="bilinear",
+                                 align_corners=False)
+        pad = (0, canvas[1] - small[1], 0, canvas[0] - small[0])
+        small_rgb.append(F.pad(crop_rgb, pad))
+        stacks.append(F.pad(stack, pad))
+    return WalkParJob(ParJob(torch.cat(small_rgb), torch.cat(stacks), smalls), crops, index,
+                      valid)
+
+
+def walk_par_label(refined: torch.Tensor | None, work: WalkParJob, size: tuple[int, int],
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The label of :func:`refine_propagated_cams` from PAR's output on :func:`walk_par_job`."""
+    batch = work.index.shape[0]
+    label = torch.full((batch, *size), ignore_index, dtype=torch.long, device=work.index.device)
+    for i, (b, (y0, y1, x0, x1)) in enumerate(work.crops):
+        small_h, small_w = work.job.bounds[i]
+        out = F.interpolate(refined[i:i + 1, :, :small_h, :small_w], size=(y1 - y0, x1 - x0),
+                            mode="bilinear", align_corners=False)
+        invalid = ~work.valid[b, None, :, None, None]
+        label_high, label_low = (
+            work.index[b][part.masked_fill(invalid, float("-inf")).max(dim=1).indices]
+            for part in out.chunk(2, dim=1))
+        label[b:b + 1, y0:y1, x0:x1] = _combine_high_low(label_high, label_low, ignore_index)
+    return label
 
 
 @torch.no_grad()
@@ -248,39 +352,8 @@ def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch
     Returns:
         (B, H, W) long pseudo label with ``ignore_index``.
     """
-    batch, _, height, width = walked_high.shape
-    index, valid = _present_classes(labels, max_present)  # (B, 1 + P)
     if box_list is None:
         box_list = boxes.tolist()
-    label = torch.full((batch, height, width), ignore_index, dtype=torch.long, device=rgb.device)
-    crops = [(b, (y0, y1, x0, x1)) for b, (y0, y1, x0, x1) in enumerate(box_list)
-             if y1 > y0 and x1 > x0]  # a crop of padding only has nothing to label
-    if not crops:
-        return label
-    smalls = [(max(1, (y1 - y0) // down_scale), max(1, (x1 - x0) // down_scale))
-              for _, (y0, y1, x0, x1) in crops]
-    canvas = (max(h for h, _ in smalls), max(w for _, w in smalls))
-    small_rgb, stacks = [], []
-    for (b, (y0, y1, x0, x1)), small in zip(crops, smalls):
-        keys = index[b]  # background + present classes, padded with 0 (masked below)
-        stack = torch.cat([walked_high[b:b + 1, keys, y0:y1, x0:x1],
-                           walked_low[b:b + 1, keys, y0:y1, x0:x1]], dim=1)
-        # What PAR does to its input, done per crop so that all crops fit one canvas.
-        stack = F.interpolate(stack, size=small, mode="bilinear", align_corners=True)
-        crop_rgb = F.interpolate(rgb[b:b + 1, :, y0:y1, x0:x1], size=small, mode="bilinear",
-                                 align_corners=False)
-        pad = (0, canvas[1] - small[1], 0, canvas[0] - small[0])
-        small_rgb.append(F.pad(crop_rgb, pad))
-        stacks.append(F.pad(stack, pad))
-    bounds = torch.tensor(smalls, device=rgb.device)
-    refined = par(torch.cat(small_rgb), torch.cat(stacks), bounds=bounds)  # (n, 2 (1 + P), ...)
-    for i, (b, (y0, y1, x0, x1)) in enumerate(crops):
-        small_h, small_w = smalls[i]
-        out = F.interpolate(refined[i:i + 1, :, :small_h, :small_w], size=(y1 - y0, x1 - x0),
-                            mode="bilinear", align_corners=False)
-        invalid = ~valid[b, None, :, None, None]
-        label_high, label_low = (
-            index[b][part.masked_fill(invalid, float("-inf")).max(dim=1).indices]
-            for part in out.chunk(2, dim=1))
-        label[b:b + 1, y0:y1, x0:x1] = _combine_high_low(label_high, label_low, ignore_index)
-    return label
+    work = walk_par_job(rgb, walked_high, walked_low, labels, box_list, down_scale, max_present)
+    refined = run_par(par, [work.job])[0] if work.job is not None else None
+    return walk_par_label(refined, work, walked_high.shape[-2:], ignore_index)

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afa.affinity import affinity_label, propagate_cams
-from afa.cam import cam_to_label, refine_cams_with_par, refine_propagated_cams
+from afa.cam import (cam_par_job, cam_par_label, cam_to_label, run_par, walk_par_job,
+                     walk_par_label)
 from afa.constants import IGNORE_INDEX
 from afa.losses import (DenseCRFLoss, PendingCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
@@ -67,17 +68,25 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
     cam_label = cam_to_label(cam, labels, bkg_score=cam_bkg, boxes=boxes,
                              ignore_index=ignore_index)
     high, low = refine_bkg
-    refined = refine_cams_with_par(par, rgb, cam, labels, boxes, high=high, low=low,
-                                   ignore_index=ignore_index, max_present=max_present)
+    size = cam.shape[-2:]
+    cam_job, cam_index = cam_par_job(rgb, cam, labels, high, low, max_present=max_present)
     if aff is None:
+        refined = cam_par_label(par(cam_job.rgb, cam_job.stack), cam_index, boxes, size,
+                                ignore_index)
         return PseudoLabels(cam_label, refined, None, None)
     high, low = walk_bkg
     walked_low = propagate_cams(cam, labels, aff, aff_grid, bkg_score=low, radius=radius)
     walked_high = walked_low if high == low else propagate_cams(cam, labels, aff, aff_grid,
                                                                 bkg_score=high, radius=radius)
-    aff_pseudo_label = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
-                                              ignore_index=ignore_index, box_list=box_list,
-                                              max_present=max_present)
+    walk = walk_par_job(rgb, walked_high, walked_low, labels,
+                        boxes.tolist() if box_list is None else box_list,
+                        max_present=max_present)
+    # Both labels' refinements in one PAR call: a few large kernels per PAR iteration.
+    jobs = [cam_job] + ([walk.job] if walk.job is not None else [])
+    refined_maps = run_par(par, jobs)
+    refined = cam_par_label(refined_maps[0], cam_index, boxes, size, ignore_index)
+    aff_pseudo_label = walk_par_label(refined_maps[1] if walk.job is not None else None, walk,
+                                      size, ignore_index)
     return PseudoLabels(cam_label, refined, walked_low, aff_pseudo_label)
 
 
