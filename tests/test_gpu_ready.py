@@ -223,7 +223,7 @@ def test_bf16_step_on_cpu_keeps_the_pseudo_labels_in_fp32(monkeypatch):
 
 def test_a_bf16_training_run_on_cpu(tiny_data, tmp_path):
     cfg = C.load_config(DEMO_CONFIG, tiny_overrides(tiny_data, tmp_path, **{
-        "train.amp": "bf16", "train.max_iters": 2, "train.eval_iters": 2}))
+        "device": "cpu", "train.amp": "bf16", "train.max_iters": 2, "train.eval_iters": 2}))
     result = train(cfg)
     assert set(result.scores) >= {"cam", "seg", "aff_cam"}
     assert all(math.isfinite(result.scores[k]["miou"]) for k in ("cam", "seg"))
