@@ -186,7 +186,8 @@ class AuthorsIteration:
 
 
 class OurIteration:
-    def __init__(self, backbone: str, crop: int, batch: int, device: torch.device, overrides):
+    def __init__(self, backbone: str, crop: int, batch: int, device: torch.device, overrides,
+                 amp: str = "none"):
         cfg = C.load_config(None, ["model.pretrained=null", f"model.backbone={backbone}",
                                    "loss.reg_loss=false", *overrides])
         self.model = AFANet(**C.model_kwargs(cfg)).to(device).train()
@@ -194,7 +195,7 @@ class OurIteration:
                                          cfg.optim.weight_decay, lr_mults=C.lr_mults(cfg))
         self.iteration = max(cfg.train.cam_iters, cfg.train.aff_switch_iter)
         self.kwargs = dict(device=device, par=PAR(**C.par_kwargs(cfg)).to(device), crf_loss=None,
-                           cam_scales=tuple(cfg.cam.scales), amp="none",
+                           cam_scales=tuple(cfg.cam.scales), amp=amp,
                            loss_kwargs=_loss_kwargs(cfg),
                            cls_phase_full_forward=cfg.train.cls_phase_full_forward,
                            reuse_train_forward=cfg.cam.reuse_train_forward,
@@ -229,6 +230,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--rounds", type=int, default=3, help="timed iterations of each, alternating")
+    p.add_argument("--amp", default="none", choices=("none", "bf16"),
+                   help="our forwards' precision (train.amp); theirs stay float32")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of our config (e.g. cam.update_decoder_bn=false)")
     args = p.parse_args(argv)
@@ -240,7 +243,8 @@ def main(argv=None) -> dict:
     stand_ins = _install_stand_ins()
     torch.manual_seed(0)
     batch = random_batch(args.batch, args.crop)
-    runs = {"ours": OurIteration(args.backbone, args.crop, args.batch, device, args.overrides),
+    runs = {"ours": OurIteration(args.backbone, args.crop, args.batch, device, args.overrides,
+                                 args.amp),
             "authors": AuthorsIteration(args.authors_repo, args.backbone, args.crop, args.batch,
                                         device)}
     snapshots = {}
@@ -256,6 +260,7 @@ def main(argv=None) -> dict:
     result["ratio_median"] = round(result["ours"]["median_s"] / result["authors"]["median_s"], 3)
     result["ratio_min"] = round(result["ours"]["min_s"] / result["authors"]["min_s"], 3)
     result.update(backbone=args.backbone, crop=args.crop, batch=args.batch, threads=args.threads,
+                  amp=args.amp,
                   device=args.device, overrides=args.overrides, stand_ins=stand_ins)
     for name in runs:
         print(f"{name:8s} median {result[name]['median_s']:.3f} s  min {result[name]['min_s']:.3f}"
