@@ -2,6 +2,7 @@
 regularized loss's filter started early, steps dropped on the device, bf16 on CPU, batched
 validation. Tests that take ``device`` run on ``TORCH_DEVICE`` (see conftest)."""
 
+import copy
 import math
 
 import pytest
@@ -346,3 +347,39 @@ def test_decoder_equals_the_concatenating_head_values_gradients_and_statistics(d
         reference(features)
     for (name, b), c in zip(stats.named_buffers(), reference.buffers()):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_checkpoint_of_the_unfused_optimizer_resumes_with_the_fused_one(device):
+    """Checkpoints from before the fused AdamW carry fused=None in their groups; loading one must
+    keep the fused implementation (whose found_inf drops steps) and continue the same numbers."""
+    from afa.engine.optim import load_optimizer_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).to(device)
+    groups = lambda m: [{"name": "all", "lr_mult": 1.0, "params": list(m.parameters())}]
+    old = torch.optim.AdamW([{"params": list(model.parameters()), "name": "all",
+                              "lr_mult": 1.0}], lr=0.1, weight_decay=0.01)
+    for _ in range(3):
+        model(torch.ones(2, 4, device=device)).square().sum().backward()
+        old.step()
+        old.zero_grad()
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_state = copy.deepcopy(old.state_dict())  # as from a checkpoint file: no aliasing
+    fused = build_optimizer(groups(model), lr=0.1, weight_decay=0.01)
+    load_optimizer_state(fused, copy.deepcopy(saved_state))
+    assert all(g["fused"] for g in fused.param_groups)
+    model(torch.ones(2, 4, device=device)).square().sum().backward()
+    fused.found_inf = torch.zeros((), device=device)
+    fused.step()  # the unfused path would refuse found_inf
+    step = fused.state[model.weight]["step"]
+    assert float(step) == 4 and step.device == model.weight.device
+    # The same update as the unfused optimizer continuing from the same state.
+    twin = torch.nn.Linear(4, 3).to(device)
+    twin.load_state_dict(saved_weights)
+    reference = torch.optim.AdamW([{"params": list(twin.parameters()), "name": "all",
+                                    "lr_mult": 1.0}], lr=0.1, weight_decay=0.01)
+    reference.load_state_dict(saved_state)
+    twin(torch.ones(2, 4, device=device)).square().sum().backward()
+    reference.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["build_optimizer", "lr_at", "set_lr"]
+__all__ = ["build_optimizer", "load_optimizer_state", "lr_at", "set_lr"]
 
 
 def build_optimizer(param_groups: list[dict], lr: float, weight_decay: float,
@@ -32,6 +32,27 @@ def build_optimizer(param_groups: list[dict], lr: float, weight_decay: float,
                            "lr": lr * mult})
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                              fused=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this optimizer's implementation.
+
+    A state dict carries its optimizer's ``fused``/``foreach`` flags in every group and would put
+    them back: a checkpoint of the unfused AdamW (before 2026-11-30) would turn the fused one
+    unfused, whose step refuses ``found_inf``. The flags stay ours, and the step counts move to
+    the parameters' devices as the fused implementation keeps them.
+    """
+    flags = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g}
+             for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+        if group.get("fused"):
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if step is not None:
+                    optimizer.state[p]["step"] = torch.as_tensor(
+                        step, dtype=torch.float32).to(p.device)
 
 
 def lr_at(iteration: int, base_lr: float, max_iters: int, warmup_iters: int = 1500,

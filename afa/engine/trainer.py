@@ -35,7 +35,7 @@ from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_sc
                                    non_finite_tensors, restore_rng_state, unwrap_model)
 from afa.engine.data_order import ResumableSampler, SeededDataset, stream_seed
 from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_logging
-from afa.engine.optim import build_optimizer, lr_at, set_lr
+from afa.engine.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
 from afa.pseudo_labels import AFALosses, compute_afa_losses, seg_probs
@@ -380,7 +380,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
                                 f"{state['data']['global_batch']}: its data order cannot "
                                 f"continue with train.global_batch={t.global_batch}")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         note = load_scaler_state(scaler, state["scaler"])
         if note:
             log.warning("%s", note)
