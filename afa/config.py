@@ -145,6 +145,11 @@ class LossConfig:
     w_seg: float = 0.1
     w_aff: float = 0.1
     reg_loss: bool = True  # the regularized DenseCRF loss of the paper's 66.0 run
+    # true (not in the paper): the affinity loss averages background-background and
+    # foreground-foreground positive pairs separately. With small objects the background's
+    # pairs outnumber the objects' so far that the head learns "affinity = both background"
+    # (the demo: same-class affinity 0.95 for background, 0.003-0.39 for its shapes).
+    aff_balance: bool = False
     w_reg: float = 0.01
     reg_rgb_sigma: float = 15.0
     reg_xy_sigma: float = 100.0

@@ -44,16 +44,26 @@ def classification_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch
     return F.multilabel_soft_margin_loss(cls_logits.float(), labels.float())
 
 
-def affinity_loss(aff_pred: torch.Tensor, aff_label: torch.Tensor) -> torch.Tensor:
+def affinity_loss(aff_pred: torch.Tensor, aff_label: torch.Tensor,
+                  background_pairs: torch.Tensor | None = None) -> torch.Tensor:
     """Affinity loss (DESIGN step 7): (B, N, N) predictions in (0, 1), labels in {0, 1, ignore}.
 
     Positive and negative pairs are averaged separately (the +1 guards empty sets) so that the many
     same-label pairs of a large object do not drown the few boundary pairs.
+
+    ``background_pairs`` (B, N, N) bool, True where both positions are background (not in the
+    paper; ``loss.aff_balance``): the positive term then averages background-background and
+    foreground-foreground pairs separately, so that small objects, whose few same-class pairs
+    are drowned by the background's, count as much as the background.
     """
     aff_pred = aff_pred.float()
     pos = (aff_label == 1).float()
     neg = (aff_label == 0).float()
-    pos_loss = (pos * (1 - aff_pred)).sum() / (pos.sum() + 1)
+    if background_pairs is None:
+        pos_loss = (pos * (1 - aff_pred)).sum() / (pos.sum() + 1)
+    else:
+        parts = (pos * background_pairs, pos * ~background_pairs)
+        pos_loss = 0.5 * sum((p * (1 - aff_pred)).sum() / (p.sum() + 1) for p in parts)
     neg_loss = (neg * aff_pred).sum() / (neg.sum() + 1)
     return 0.5 * pos_loss + 0.5 * neg_loss
 

@@ -135,6 +135,7 @@ def compute_afa_losses(
     w_seg: float = 0.1,
     w_aff: float = 0.1,
     w_reg: float = 0.01,
+    aff_balance: bool = False,
     box_list=None,
     max_present: int | None = None,
 ) -> AFALosses:
@@ -164,6 +165,8 @@ def compute_afa_losses(
         bkg_score, high, low: CAM thresholds (DESIGN section 3).
         radius: Chebyshev radius of the affinity on the stride-16 grid.
         w_seg, w_aff, w_reg: loss weights after ``cam_iters``.
+        aff_balance: average the affinity loss's background and foreground positive pairs
+            separately (``loss.aff_balance``; not in the paper, see ``affinity_loss``).
         box_list, max_present: host copies of ``boxes.tolist()`` and of the largest number of
             classes of an image; with them the pseudo labels never wait for the device.
 
@@ -198,7 +201,12 @@ def compute_afa_losses(
                                    ignore_index=ignore_index)
     seg_target = refined_label if iteration < aff_switch_iter else aff_pseudo_label
 
-    aff_loss = affinity_loss(aff_pred, aff_label)
+    background_pairs = None
+    if aff_balance:
+        small = F.interpolate(refined_label[:, None].float(), size=aff_grid,
+                              mode="nearest").flatten(1) == 0  # (B, N), as affinity_label reads it
+        background_pairs = small[:, :, None] & small[:, None, :]
+    aff_loss = affinity_loss(aff_pred, aff_label, background_pairs)
     seg_loss = balanced_seg_loss(seg_logits, seg_target, ignore_index=ignore_index)
     joint = iteration >= cam_iters
     if crf_loss is not None and joint:

@@ -225,3 +225,20 @@ def test_compute_afa_losses_labels_respect_box_and_classes():
         assert set(label[0].unique().tolist()) <= {0, 2, 5, 255}, name
         assert set(label[1].unique().tolist()) <= {0, 3, 255}, name
     assert out.reg_loss == 0 and out.aff_label.shape == (2, 4, 4)
+
+
+def test_affinity_loss_balance_weighs_object_pairs_like_background_pairs():
+    """loss.aff_balance: 1 object token among 9 background ones. Predicting affinity 1 only for
+    background pairs costs little in the paper's loss (one object pair of 101 positives), and half
+    the positive term with the balance."""
+    labels = torch.zeros(1, 10, dtype=torch.long)
+    labels[0, 0] = 1
+    target = (labels[:, :, None] == labels[:, None, :]).long()  # (1, 10, 10), no ignore
+    background = (labels == 0)[:, :, None] & (labels == 0)[:, None, :]
+    pred = background.float()  # 1 for background pairs, 0 elsewhere (object pairs included)
+    paper = affinity_loss(pred, target)
+    balanced = affinity_loss(pred, target, background)
+    assert paper == pytest.approx(0.5 * 1 / (82 + 1))  # the self-pair of the object, 82 positives
+    assert balanced == pytest.approx(0.5 * 0.5 * 1 / (1 + 1))
+    perfect = target.float()
+    assert affinity_loss(perfect, target, background) == 0

@@ -50,7 +50,7 @@ def _loss_kwargs(cfg: DictConfig) -> dict:
     c, t, l = cfg.cam, cfg.train, cfg.loss
     return dict(bkg_score=c.bkg_score, high=c.high, low=c.low, ignore_index=c.ignore_index,
                 radius=c.radius, cam_iters=t.cam_iters, aff_switch_iter=t.aff_switch_iter,
-                w_seg=l.w_seg, w_aff=l.w_aff, w_reg=l.w_reg)
+                w_seg=l.w_seg, w_aff=l.w_aff, w_reg=l.w_reg, aff_balance=l.aff_balance)
 
 
 def _autocast(device: torch.device, amp: str):
