@@ -16,7 +16,6 @@ without it.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -24,6 +23,8 @@ from functools import partial
 from types import ModuleType
 
 import numpy as np
+
+from afa.engine.distributed import usable_cpus
 
 __all__ = ["import_densecrf", "dense_crf", "dense_crf_many"]
 
@@ -98,12 +99,6 @@ def dense_crf(
     return q.reshape(num_classes, height, width)
 
 
-def _usable_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):  # Linux: honours taskset and container CPU sets
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def _dense_crf_pair(pair: tuple[np.ndarray, np.ndarray], **crf_kwargs) -> np.ndarray:
     image, probs = pair
     return dense_crf(image, probs, **crf_kwargs)
@@ -129,7 +124,7 @@ def dense_crf_many(
     import_densecrf()  # a missing package fails before any worker starts
     run_one = partial(_dense_crf_pair, **crf_kwargs)
     if workers is None:
-        workers = _usable_cpus()
+        workers = usable_cpus()
     if workers == 0:
         yield from map(run_one, pairs)
         return
