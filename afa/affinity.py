@@ -15,6 +15,7 @@ from afa.constants import IGNORE_INDEX
 
 __all__ = [
     "radius_mask",
+    "token_labels",
     "affinity_label",
     "random_walk",
     "propagate_cams",
@@ -37,6 +38,11 @@ def radius_mask(h: int, w: int, radius: int = 8,
     return near_y & near_x
 
 
+def token_labels(label: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N) long: the (B, H, W) label at the positions of the (h, w) grid (nearest)."""
+    return F.interpolate(label[:, None].float(), size=grid, mode="nearest").long().flatten(1)
+
+
 def affinity_label(label: torch.Tensor, grid: tuple[int, int], radius: int = 8,
                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Pairwise affinity targets from a pseudo label (DESIGN step 6).
@@ -50,8 +56,7 @@ def affinity_label(label: torch.Tensor, grid: tuple[int, int], radius: int = 8,
         (B, N, N) long: 1 for same label, 0 for different labels, ``ignore_index`` where either
         position is ignore or the pair lies outside the radius.
     """
-    small = F.interpolate(label[:, None].float(), size=grid, mode="nearest")
-    small = small.long().flatten(1)  # (B, N)
+    small = token_labels(label, grid)  # (B, N)
     same = small[:, :, None] == small[:, None, :]  # (B, N, N)
     valid = (small != ignore_index)[:, :, None] & (small != ignore_index)[:, None, :]
     valid &= radius_mask(grid[0], grid[1], radius, small.device)

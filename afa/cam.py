@@ -21,6 +21,7 @@ from afa.constants import IGNORE_INDEX
 __all__ = [
     "MultiScaleCAM",
     "ParJob",
+    "present_classes",
     "cam_par_job",
     "cam_par_label",
     "run_par",
@@ -162,7 +163,7 @@ def _combine_high_low(label_high: torch.Tensor, label_low: torch.Tensor,
         background & (label_low == 0), 0)
 
 
-def _present_classes(labels: torch.Tensor,
+def present_classes(labels: torch.Tensor,
                      count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Channel ids of background + present classes per image, padded to the batch maximum.
 
@@ -213,15 +214,15 @@ def run_par(par: nn.Module, jobs: Sequence[ParJob]) -> list[torch.Tensor]:
             for r, j in zip(refined, jobs)]
 
 
-def cam_par_job(rgb: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, high: float,
-                low: float, down_scale: int = 2,
-                max_present: int | None = None) -> tuple[ParJob, torch.Tensor]:
-    """The PAR input of :func:`refine_cams_with_par`, and the channel index it refines."""
+def cam_par_job(rgb: torch.Tensor, cams: torch.Tensor,
+                present: tuple[torch.Tensor, torch.Tensor], high: float, low: float,
+                down_scale: int = 2) -> ParJob:
+    """The PAR input of :func:`refine_cams_with_par`; ``present`` is ``present_classes``'s."""
     height, width = cams.shape[-2:]
     small = (height // down_scale, width // down_scale)
     small_rgb = F.interpolate(rgb, size=small, mode="bilinear", align_corners=False)
     small_cams = F.interpolate(cams, size=small, mode="bilinear", align_corners=False)
-    index, valid = _present_classes(labels, max_present)  # (B, 1 + P)
+    index, valid = present  # (B, 1 + P)
     # Background-first scores; the background row is replaced by the constant of each stack.
     scores = F.pad(small_cams, (0, 0, 0, 0, 1, 0))  # (B, C, h, w)
     scores = torch.gather(scores, 1, index[:, :, None, None].expand(-1, -1, *small))
@@ -230,8 +231,7 @@ def cam_par_job(rgb: torch.Tensor, cams: torch.Tensor, labels: torch.Tensor, hig
         stack = scores.clone()
         stack[:, 0] = bkg_score
         stacks.append(stack.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1))
-    job = ParJob(small_rgb, torch.cat(stacks, dim=1), [small] * len(cams))
-    return job, index
+    return ParJob(small_rgb, torch.cat(stacks, dim=1), [small] * len(cams))
 
 
 def cam_par_label(refined: torch.Tensor, index: torch.Tensor, boxes: torch.Tensor,
@@ -268,9 +268,10 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
     Returns:
         (B, H, W) long pseudo label with ``ignore_index``.
     """
-    job, index = cam_par_job(rgb, cams, labels, high, low, down_scale, max_present)
+    present = present_classes(labels, max_present)
+    job = cam_par_job(rgb, cams, present, high, low, down_scale)
     refined = par(job.rgb, job.stack)  # (B, 2 (1 + P), h, w)
-    return cam_par_label(refined, index, boxes, cams.shape[-2:], ignore_index)
+    return cam_par_label(refined, present[0], boxes, cams.shape[-2:], ignore_index)
 
 
 class WalkParJob(NamedTuple):
@@ -281,10 +282,11 @@ class WalkParJob(NamedTuple):
 
 
 def walk_par_job(rgb: torch.Tensor, walked_high: torch.Tensor, walked_low: torch.Tensor,
-                 labels: torch.Tensor, box_list: Sequence[Sequence[int]], down_scale: int = 2,
-                 max_present: int | None = None) -> WalkParJob:
-    """The PAR input of :func:`refine_propagated_cams`: each box crop at 1 / ``down_scale``."""
-    index, valid = _present_classes(labels, max_present)
+                 present: tuple[torch.Tensor, torch.Tensor], box_list: Sequence[Sequence[int]],
+                 down_scale: int = 2) -> WalkParJob:
+    """The PAR input of :func:`refine_propagated_cams`: each box crop at 1 / ``down_scale``;
+    ``present`` is ``present_classes``'s."""
+    index, valid = present
     crops = [(b, (y0, y1, x0, x1)) for b, (y0, y1, x0, x1) in enumerate(box_list)
              if y1 > y0 and x1 > x0]  # a crop of padding only has nothing to label
     if not crops:
@@ -354,6 +356,7 @@ def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch
     """
     if box_list is None:
         box_list = boxes.tolist()
-    work = walk_par_job(rgb, walked_high, walked_low, labels, box_list, down_scale, max_present)
+    work = walk_par_job(rgb, walked_high, walked_low, present_classes(labels, max_present),
+                        box_list, down_scale)
     refined = run_par(par, [work.job])[0] if work.job is not None else None
     return walk_par_label(refined, work, walked_high.shape[-2:], ignore_index)

@@ -234,11 +234,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
     if cfg.cam.update_decoder_bn and cfg.cam.reuse_train_forward:
         raise ConfigError("'cam.update_decoder_bn' and 'cam.reuse_train_forward' exclude each "
                           "other: the reused forward's decoder saw no flipped copy; set one false")
-    for key in ("data.val_batch", "loss.reg_workers"):
+    for key, least in (("data.val_batch", 1), ("loss.reg_workers", 0)):
         value = OmegaConf.select(cfg, key)
-        if value is not None and value < (1 if key == "data.val_batch" else 0):
-            raise ConfigError(f"'{key}' must be {'>= 1' if key == 'data.val_batch' else '>= 0'}, "
-                              f"got {value}")
+        if value is not None and value < least:
+            raise ConfigError(f"'{key}' must be >= {least}, got {value}")
     batch = cfg.train.batch_per_gpu
     if batch is not None and (batch < 1 or cfg.train.global_batch % batch):
         raise ConfigError(f"'train.global_batch' ({cfg.train.global_batch}) must be a multiple of "

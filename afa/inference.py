@@ -53,6 +53,7 @@ from afa.engine import distributed as D
 
 __all__ = [
     "SETTINGS_FILE",
+    "long_side_size",
     "resize_long_side",
     "seg_logits",
     "predict_seg_logits",
@@ -74,6 +75,15 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+def long_side_size(height: int, width: int, long_side: int | None) -> tuple[int, int]:
+    """(h, w) after :func:`resize_long_side`: ``int(side * (long_side / max))``, the ratio first
+    (``None`` or 0: unchanged)."""
+    if not long_side or max(height, width) == long_side:
+        return height, width
+    ratio = long_side / max(height, width)
+    return max(1, int(height * ratio)), max(1, int(width * ratio))
+
+
 def resize_long_side(images: torch.Tensor, long_side: int | None) -> torch.Tensor:
     """Resize (B, 3, H, W) images (bilinear) so that their long side becomes ``long_side``.
 
@@ -82,11 +92,9 @@ def resize_long_side(images: torch.Tensor, long_side: int | None) -> torch.Tenso
     (a 103 x 103 image goes to 511 x 511). Small images are enlarged too (VOC's 500-pixel images
     go to 512). ``None`` or 0 keeps the size.
     """
-    height, width = images.shape[-2:]
-    if not long_side or max(height, width) == long_side:
+    size = long_side_size(*images.shape[-2:], long_side)
+    if size == tuple(images.shape[-2:]):
         return images
-    ratio = long_side / max(height, width)
-    size = (max(1, int(height * ratio)), max(1, int(width * ratio)))
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
@@ -150,9 +158,7 @@ def seg_input_sizes(height: int, width: int, scales: Sequence[float] = (1.0, 0.5
     A tool checks the smallest against the encoder's ``min_input_side`` to name an image too
     narrow for the network before running it.
     """
-    if long_side and max(height, width) != long_side:
-        ratio = long_side / max(height, width)
-        height, width = max(1, int(height * ratio)), max(1, int(width * ratio))
+    height, width = long_side_size(height, width, long_side)
     return [(height, width) if s == 1.0 else (math.floor(height * s), math.floor(width * s))
             for s in scales]
 

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afa.affinity import affinity_label, propagate_cams
-from afa.cam import (cam_par_job, cam_par_label, cam_to_label, run_par, walk_par_job,
-                     walk_par_label)
+from afa.affinity import affinity_label, propagate_cams, token_labels
+from afa.cam import (cam_par_job, cam_par_label, cam_to_label, present_classes, run_par,
+                     walk_par_job, walk_par_label)
 from afa.constants import IGNORE_INDEX
 from afa.losses import (DenseCRFLoss, PendingCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
@@ -69,22 +69,22 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
                              ignore_index=ignore_index)
     high, low = refine_bkg
     size = cam.shape[-2:]
-    cam_job, cam_index = cam_par_job(rgb, cam, labels, high, low, max_present=max_present)
+    present = present_classes(labels, max_present)  # (index, valid), shared by both labels
+    cam_job = cam_par_job(rgb, cam, present, high, low)
     if aff is None:
-        refined = cam_par_label(par(cam_job.rgb, cam_job.stack), cam_index, boxes, size,
+        refined = cam_par_label(par(cam_job.rgb, cam_job.stack), present[0], boxes, size,
                                 ignore_index)
         return PseudoLabels(cam_label, refined, None, None)
     high, low = walk_bkg
     walked_low = propagate_cams(cam, labels, aff, aff_grid, bkg_score=low, radius=radius)
     walked_high = walked_low if high == low else propagate_cams(cam, labels, aff, aff_grid,
                                                                 bkg_score=high, radius=radius)
-    walk = walk_par_job(rgb, walked_high, walked_low, labels,
-                        boxes.tolist() if box_list is None else box_list,
-                        max_present=max_present)
+    walk = walk_par_job(rgb, walked_high, walked_low, present,
+                        boxes.tolist() if box_list is None else box_list)
     # Both labels' refinements in one PAR call: a few large kernels per PAR iteration.
     jobs = [cam_job] + ([walk.job] if walk.job is not None else [])
     refined_maps = run_par(par, jobs)
-    refined = cam_par_label(refined_maps[0], cam_index, boxes, size, ignore_index)
+    refined = cam_par_label(refined_maps[0], present[0], boxes, size, ignore_index)
     aff_pseudo_label = walk_par_label(refined_maps[1] if walk.job is not None else None, walk,
                                       size, ignore_index)
     return PseudoLabels(cam_label, refined, walked_low, aff_pseudo_label)
@@ -203,9 +203,8 @@ def compute_afa_losses(
 
     background_pairs = None
     if aff_balance:
-        small = F.interpolate(refined_label[:, None].float(), size=aff_grid,
-                              mode="nearest").flatten(1) == 0  # (B, N), as affinity_label reads it
-        background_pairs = small[:, :, None] & small[:, None, :]
+        background = token_labels(refined_label, aff_grid) == 0  # as affinity_label reads it
+        background_pairs = background[:, :, None] & background[:, None, :]
     aff_loss = affinity_loss(aff_pred, aff_label, background_pairs)
     seg_loss = balanced_seg_loss(seg_logits, seg_target, ignore_index=ignore_index)
     joint = iteration >= cam_iters

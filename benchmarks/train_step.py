@@ -43,7 +43,8 @@ from afa.config import load_config
 from afa.data import denormalize
 from afa.engine.optim import build_optimizer
 from afa.engine import distributed as D
-from afa.engine.trainer import _autocast, _loss_kwargs, _reg_workers, set_tf32, train_step
+from afa.engine.precision import autocast, set_tf32
+from afa.engine.trainer import _loss_kwargs, _reg_workers, train_step
 from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
 from afa.models import PAR, AFANet
@@ -97,14 +98,14 @@ def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_los
     labels = batch["label"].to(device)
     boxes = batch["box"].to(device)
     host = dict(box_list=batch["box"].tolist(), max_present=int(batch["label"].sum(dim=1).max()))
-    with t("forward"), _autocast(device, amp):
+    with t("forward"), autocast(device, amp):
         out = model(images)
     rgb = denormalize(images)
     pending = None
     if crf_loss is not None:  # as train_step: the filter starts before the CAMs
         with t("reg_start"):
             pending = crf_loss.start(rgb, seg_probs(out.seg_logits, rgb.shape[-2:]), boxes)
-    with t("multi_scale_cam"), _autocast(device, amp):
+    with t("multi_scale_cam"), autocast(device, amp):
         cams = multi_scale_cam(model, images, cam_scales,
                                scale1=out if reuse_train_forward else None,
                                update_decoder_bn=update_decoder_bn)

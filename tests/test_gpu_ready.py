@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from afa import config as C
-from afa.cam import _combine_high_low, _present_classes, refine_propagated_cams
+from afa.cam import _combine_high_low, present_classes, refine_propagated_cams
 from afa.data import build_datasets, class_names
 from afa.engine import trainer as trainer_module
 from afa.engine.optim import build_optimizer
@@ -52,7 +52,7 @@ def test_par_with_bounds_equals_one_call_per_image(device):
 def _per_crop_reference(par, rgb, walked_high, walked_low, labels, boxes, ignore_index=255):
     """The per-image loop refine_propagated_cams used to be (one PAR call per box crop)."""
     batch, _, height, width = walked_high.shape
-    index, valid = _present_classes(labels)
+    index, valid = present_classes(labels)
     label = torch.full((batch, height, width), ignore_index, dtype=torch.long)
     for b, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
         if y1 <= y0 or x1 <= x0:

@@ -95,7 +95,7 @@ from afa.data.folder import ImageFolder
 from afa.engine import distributed as D
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.inference import (ImageSet, OutputFiles, check_run_settings, classes_from_logits,
-                           mask_ignored, run_sharded, save_npy_atomic,
+                           long_side_size, mask_ignored, run_sharded, save_npy_atomic,
                            write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_table
@@ -256,8 +256,7 @@ class CamInference:
         """The size the CAMs are made at: the image's, its long side shrunk to --max-side, and
         enlarged where the smallest CAM scale would leave a side too short for the encoder."""
         if self.args.max_side and max(height, width) > self.args.max_side:
-            ratio = self.args.max_side / max(height, width)  # as resize_long_side
-            height, width = max(1, int(height * ratio)), max(1, int(width * ratio))
+            height, width = long_side_size(height, width, self.args.max_side)
         smallest = min(self.label_kwargs["scales"])
         need = math.ceil(self.min_side / smallest)  # multi_scale_cam takes int(scale * side)
         while int(smallest * need) < self.min_side:

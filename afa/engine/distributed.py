@@ -126,12 +126,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flags: list[bool], device: torch.device | None = None) -> list[bool]:
+def any_rank(flags: list[bool]) -> list[bool]:
     """Each host flag is true on every rank if it is true on any rank (none alone).
 
     Ranks that must take the same branch (stop, give up on bad data) agree through this: one
-    all-reduce of a CPU tensor over gloo, which never waits for a GPU. ``device`` is unused
-    (kept for callers of the earlier signature).
+    all-reduce of a CPU tensor over gloo, which never waits for a GPU.
     """
     if not _active():
         return [bool(f) for f in flags]

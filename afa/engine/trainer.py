@@ -35,6 +35,7 @@ from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_sc
                                    non_finite_tensors, restore_rng_state, unwrap_model)
 from afa.engine.data_order import ResumableSampler, SeededDataset, stream_seed
 from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_logging
+from afa.engine.precision import autocast, set_tf32
 from afa.engine.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
@@ -51,23 +52,6 @@ def _loss_kwargs(cfg: DictConfig) -> dict:
     return dict(bkg_score=c.bkg_score, high=c.high, low=c.low, ignore_index=c.ignore_index,
                 radius=c.radius, cam_iters=t.cam_iters, aff_switch_iter=t.aff_switch_iter,
                 w_seg=l.w_seg, w_aff=l.w_aff, w_reg=l.w_reg, aff_balance=l.aff_balance)
-
-
-def _autocast(device: torch.device, amp: str):
-    """Mixed precision for the network's forwards (``train.amp``); bf16 also on CPU."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 autocast needs CUDA; use amp=bf16 or none on CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
-def set_tf32(device: torch.device, enabled: bool) -> None:
-    """``train.tf32``: TF32 tensor cores for fp32 matmuls and convolutions on CUDA."""
-    if device.type != "cuda":
-        return
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
 
 
 class StepOutput(NamedTuple):
@@ -102,7 +86,7 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
     need_cams = iteration >= loss_kwargs["cam_iters"]
     cls_only = not (need_cams or cls_phase_full_forward)
     run_cams = need_cams or (update_decoder_bn and not cls_only)
-    with _autocast(device, amp):
+    with autocast(device, amp):
         out = model(images, cls_only=cls_only)
     seg_logits = None if cls_only else out.seg_logits.float()
     pending_reg = None
@@ -110,7 +94,7 @@ def train_step(model, batch: dict, iteration: int, *, device: torch.device, par:
         # The regularized loss's CPU filter needs only this softmax: it runs (in crf_loss's
         # worker processes) while the multi-scale CAM and the pseudo labels are computed.
         pending_reg = crf_loss.start(rgb, seg_probs(seg_logits, rgb.shape[-2:]), boxes)
-    with _autocast(device, amp):
+    with autocast(device, amp):
         cams = (multi_scale_cam(unwrap_model(model), images, cam_scales,
                                 scale1=out if reuse_train_forward else None,
                                 update_decoder_bn=update_decoder_bn, with_aff=need_cams)
@@ -511,7 +495,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
                     micro_batches.append(next(batches))
             except DataError as err:
                 problem = _data_problem(err)
-            (bad_data,) = D.any_rank([problem is not None], info.device)
+            (bad_data,) = D.any_rank([problem is not None])
             if bad_data:
                 checkpoint(iteration)
                 raise DataError(

@@ -17,7 +17,6 @@ whole set. The network runs under the training's precision (``amp``), the pseudo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Callable
 
@@ -29,6 +28,7 @@ from afa.cam import multi_scale_cam
 from afa.data import DataError, denormalize
 from afa.engine import distributed as D
 from afa.engine.logger import progress_enabled
+from afa.engine.precision import autocast
 from afa import metrics
 from afa.metrics import ConfusionMatrix, multilabel_f1
 from afa.pseudo_labels import make_pseudo_labels
@@ -36,12 +36,6 @@ from afa.pseudo_labels import make_pseudo_labels
 __all__ = ["KINDS", "ValidationStopped", "format_table", "predict_labels", "validate"]
 
 KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @torch.no_grad()
@@ -56,7 +50,7 @@ def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_
     under ``amp``; the random walk and PAR always in fp32.
     """
     batch, _, height, width = image.shape
-    with _autocast(image.device, amp):
+    with autocast(image.device, amp):
         out = model(image)
         reuse = 1.0 in cam_scales
         cam = multi_scale_cam(model, image, cam_scales, aff_scale=1.0 if reuse else None,
