@@ -100,8 +100,8 @@ class TrainConfig:
     # Mixed precision of the network's forwards: none | bf16 (CUDA, and CPUs with bfloat16
     # support) | fp16 (CUDA only, with a gradient scaler). Pseudo labels and losses stay fp32.
     amp: str = "none"
-    # CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (about 3x faster on
-    # A100/H100; 10-bit mantissa products). false: strict fp32. No effect on CPU.
+    # CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa
+    # products; not yet measured here). false: strict fp32. No effect on CPU.
     tf32: bool = True
     # What a non-finite loss or gradient does. Either way the step is dropped on the device
     # (no weight, optimizer state or BatchNorm statistic changes) and found at the next log
@@ -148,7 +148,8 @@ class LossConfig:
     # true (not in the paper): the affinity loss averages background-background and
     # foreground-foreground positive pairs separately. With small objects the background's
     # pairs outnumber the objects' so far that the head learns "affinity = both background"
-    # (the demo: same-class affinity 0.95 for background, 0.003-0.39 for its shapes).
+    # (the demo continued at stage-4 stride 8: same-class affinity 0.95 for background,
+    # 0.003-0.39 for its shapes; logs/demo_probes_20261130/e2.log).
     aff_balance: bool = False
     w_reg: float = 0.01
     reg_rgb_sigma: float = 15.0

@@ -120,6 +120,30 @@ def test_signal_to_the_process_group_with_loader_workers(tiny_data, tmp_path, un
     assert [r["iter"] for r in _records(work) if "train/total" in r] == [1, 2, 3, 4, 5, 6]
 
 
+def test_signal_to_the_process_group_with_regularized_loss_workers(tiny_data, tmp_path):
+    """On a GPU the regularized loss's filter runs in worker processes (loss.reg_workers); a
+    SIGTERM to the whole group must not kill them under the trainer before it has saved."""
+    work = tmp_path / "work"
+    extra = {**ROBUST, "data.num_workers": 1, "loss.reg_loss": "true", "loss.reg_workers": 1,
+             "train.cam_iters": 0}
+    proc = subprocess.Popen(TRAIN + tiny_overrides(tiny_data, work, **extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=ENV, start_new_session=True)
+    metrics, deadline = work / "metrics.jsonl", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.is_file() and '"iter": 2,' in metrics.read_text():
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM at iteration" in stderr and "checkpoint saved" in stderr
+    assert "Traceback" not in stderr and "BrokenProcessPool" not in stderr
+    saved = sorted((work / "checkpoints").glob("iter_*.pth"))
+    assert len(saved) == 1 and 2 <= int(saved[0].stem[5:]) < 6
+    assert [r["train/reg_loss"] for r in _records(work) if "train/reg_loss" in r][0] != 0
+
+
 class _SignalOnRead(torch.utils.data.Dataset):
     """Wraps the validation set: sends ``count`` SIGINTs to this process while reading image
     ``at`` of the first validation pass, and counts the images read."""
