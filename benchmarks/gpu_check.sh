@@ -8,8 +8,8 @@
 # Not yet run on a GPU: the run times are estimates (12 training-step runs of 15-25 s, tests 1-2
 # min); BUDGET (below) keeps the whole under 9 minutes whatever they turn out to be.
 #
-# Steps, each under a header (d runs second: checks before timings, so that the time budget cuts
-# timings, never checks):
+# Steps, each under a header, in the order a, d, c, b (checks before timings, so that the time
+# budget cuts timings, never checks; the training-step sweep last, its target setting first):
 #   a. the device tests: TORCH_DEVICE=cuda pytest -m device (every test that takes the `device`
 #      fixture; the gloo DDP, pydensecrf and signal tests are cpu_only and skipped here);
 #   b. benchmarks/train_step.py at crop 512: batch 2 and 4 x fp32 / TF32 / bf16 x without and with
@@ -26,7 +26,7 @@
 # the JSON line of every run, steps.tsv, summary.md.
 #
 # Environment: DEVICE (auto | cuda | cpu; auto: cuda when torch sees a GPU), QUICK=1,
-# PYTHON (default .venv/bin/python if present, else python3), OUT (default
+# PYTHON (default .venv/bin/python if present, else python3), COMMIT (default: git's), OUT (default
 # work_dirs/gpu_check/<date>), TEST_TIMEOUT (seconds for step a, default 300), RUN_TIMEOUT
 # (seconds for any other run, default 150), BUDGET (seconds for all runs, default 540: a run is
 # cut at the budget, and one that would get under 20 s is skipped; the summary follows).
@@ -67,8 +67,8 @@ if [ "$DEVICE" = cuda ]; then
   MODEL=(--backbone mit_b1)                       # the paper's
   CROP=512 THREADS=()
   if [ "$QUICK" = 1 ]; then BATCHES="4"; ITERS=(--iters 1 --warmup 1); IMAGES=4
-  else BATCHES="2 4"; ITERS=(--iters 3 --warmup 2); IMAGES=8; fi
-  PRECISIONS="fp32 tf32 bf16"
+  else BATCHES="4 2"; ITERS=(--iters 3 --warmup 2); IMAGES=8; fi
+  PRECISIONS="bf16 tf32 fp32"  # the target setting (batch 4, bf16) first: the budget cuts the last
   INFER=(--device cuda --backbone mit_b1 --images "$IMAGES" --crf-workers 4)
   AGREE=(--device cuda --other cpu)
   AGREE_INFO="tf32 bf16"
@@ -113,7 +113,8 @@ run() {
   echo "-> $name: $status ($((SECONDS - start)) s)"
 }
 
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# COMMIT may be given: a copy of the tree without .git (a rented GPU machine) cannot tell it.
+COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
   COMMIT="$COMMIT+dirty"  # tracked files differ from the commit
 fi
@@ -145,6 +146,9 @@ for precision in $AGREE_INFO; do
     "$PY" benchmarks/device_agreement.py "${AGREE[@]}" "${flags[@]}"
 done
 
+header "c. inference: multi-scale + flip, with and without the CRF"
+run infer must "$RUN_TIMEOUT" "${INFER[*]}" "$PY" benchmarks/infer.py "${INFER[@]}"
+
 header "b. training step: crop $CROP, batch $BATCHES x $PRECISIONS x regularized loss off/on"
 for batch in $BATCHES; do
   for precision in $PRECISIONS; do
@@ -162,9 +166,6 @@ for batch in $BATCHES; do
     done
   done
 done
-
-header "c. inference: multi-scale + flip, with and without the CRF"
-run infer must "$RUN_TIMEOUT" "${INFER[*]}" "$PY" benchmarks/infer.py "${INFER[@]}"
 
 header "e. summary (Markdown, also in $OUT/summary.md)"
 "$PY" benchmarks/gpu_check_summary.py "$OUT" --gpu "$GPU" --commit "$COMMIT" --quick "$QUICK" \
