@@ -111,6 +111,16 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
     return MultiScaleCAM(cam=cam_sum, aff=aff, aff_grid=grid)
 
 
+def host_to_device(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long
+                   ) -> torch.Tensor:
+    """A tensor of host ``values`` on ``device``. To a GPU through pinned memory, asynchronously:
+    a copy from pageable memory would make the host wait for the GPU's queue to drain."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def box_mask(boxes: torch.Tensor, height: int, width: int,
              device: torch.device | str | None = None) -> torch.Tensor:
     """(B, H, W) bool on ``device`` (default: that of ``boxes``), True inside each box.
@@ -208,7 +218,7 @@ def run_par(par: nn.Module, jobs: Sequence[ParJob]) -> list[torch.Tensor]:
 
     rgb = torch.cat([pad(j.rgb) for j in jobs])
     stack = torch.cat([pad(j.stack, channels - j.stack.shape[1]) for j in jobs])
-    bounds = torch.tensor([b for j in jobs for b in j.bounds], device=rgb.device)
+    bounds = host_to_device([b for j in jobs for b in j.bounds], rgb.device)
     refined = par(rgb, stack, bounds=bounds).split([len(j.bounds) for j in jobs])
     return [r[:, :j.stack.shape[1], :j.rgb.shape[-2], :j.rgb.shape[-1]]
             for r, j in zip(refined, jobs)]
@@ -229,7 +239,7 @@ def cam_par_job(rgb: torch.Tensor, cams: torch.Tensor,
     stacks = []
     for bkg_score in (high, low):
         stack = scores.clone()
-        stack[:, 0] = bkg_score
+        stack[:, 0].fill_(bkg_score)
         stacks.append(stack.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1))
     return ParJob(small_rgb, torch.cat(stacks, dim=1), [small] * len(cams))
 

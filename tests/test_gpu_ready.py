@@ -112,10 +112,12 @@ def _tiny_step_setup(device, **overrides):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a host-device sync exists only on CUDA")
-def test_training_step_never_waits_for_the_gpu(device):
+@pytest.mark.parametrize("overrides", [{}, {"loss.aff_balance": "true"}, {"train.cam_iters": 9}],
+                         ids=["joint", "aff_balance", "classification"])
+def test_training_step_never_waits_for_the_gpu(device, overrides):
     if device.type != "cuda":
         pytest.skip("TORCH_DEVICE is not cuda")
-    _, model, batch, kwargs = _tiny_step_setup(device)
+    _, model, batch, kwargs = _tiny_step_setup(device, **overrides)
     batch = {k: v.pin_memory() for k, v in batch.items()}
     train_step(model, batch, 5, **kwargs).terms.total.backward()  # warm-up: lazy inits may sync
     model.zero_grad()

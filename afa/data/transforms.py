@@ -16,6 +16,8 @@ randomness comes from (the datasets derive one per sample from torch's RNG, see 
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 import torch
@@ -42,6 +44,14 @@ def normalize(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
+@functools.cache
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (3, 1, 1) ImageNet statistics on ``device``, made once: a copy from host memory in
+    every training step would make the host wait for the GPU."""
+    return tuple(torch.as_tensor(v, dtype=dtype, device=device).view(3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def denormalize(image: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
     """Undo :func:`normalize`: (..., 3, H, W) normalised -> RGB in ``[0, max_value]``.
 
@@ -50,9 +60,7 @@ def denormalize(image: torch.Tensor, max_value: float = 1.0) -> torch.Tensor:
     """
     if image.ndim < 3 or image.shape[-3] != 3:
         raise ValueError(f"denormalize expects (..., 3, H, W), got shape {tuple(image.shape)}")
-    shape = (3, 1, 1)
-    mean = torch.as_tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(shape)
-    std = torch.as_tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(shape)
+    mean, std = _mean_std(image.device, image.dtype)
     rgb = image * std + mean  # 0-255
     return (rgb * (max_value / 255.0)).clamp_(0.0, max_value)
 
