@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing as mp
 import signal
+import threading
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -149,10 +153,36 @@ class _DenseEnergy(torch.autograd.Function):
         return -2.0 * grad_output * gated / gated.shape[0], None
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+log = logging.getLogger(__name__)
+
+
 def _ignore_signals() -> None:
     """Pool initializer: stop signals are the training process's to handle (see the trainer)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _children_ignore_stop_signals():
+    """Processes started inside ignore the stop signals from birth.
+
+    A signal to the whole process group (Ctrl-C, SLURM's SIGTERM) during the seconds a spawned
+    filter process takes to start would kill it before its initializer runs, break the pool and
+    lose the step. An ignored disposition survives exec; a handler does not. The signals are
+    blocked meanwhile, so one that arrives is delivered to this process afterwards, not lost.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; the initializer still protects
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class PendingCRFLoss:
@@ -162,13 +192,20 @@ class PendingCRFLoss:
     on the pseudo label, so it can run while the pseudo labels are being made.
     """
 
-    def __init__(self, owner: "DenseCRFLoss", probs: torch.Tensor, work):
-        self.owner, self.probs, self._work = owner, probs, work
+    def __init__(self, owner: "DenseCRFLoss", probs: torch.Tensor, work, inputs):
+        self.owner, self.probs, self._work, self._inputs = owner, probs, work, inputs
+
+    def _filtered(self) -> np.ndarray:
+        try:
+            return np.stack([w.result() if isinstance(w, Future) else w for w in self._work])
+        except BrokenProcessPool:  # a filter process was killed (out of memory, say)
+            self.owner._discard_broken_pool()
+            return np.stack([bilateral_filter(*args) for args in self._inputs])
 
     def loss(self, label: torch.Tensor) -> torch.Tensor:
         """Scalar loss; ``label`` (B, H, W) pseudo label: ignore pixels are fully regularized."""
         probs = self.probs  # (B, K, h, w) at the loss resolution, masked to the boxes
-        filtered = np.stack([w.result() if isinstance(w, Future) else w for w in self._work])
+        filtered = self._filtered()
         filtered = torch.from_numpy(filtered).view(probs.shape)
         if probs.device.type == "cuda":  # no wait for the device: pinned, asynchronous copy
             filtered = filtered.pin_memory().to(probs.device, non_blocking=True)
@@ -227,6 +264,22 @@ class DenseCRFLoss(nn.Module):
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def _discard_broken_pool(self) -> None:
+        """A filter process died: end the others and start a new pool at the next step.
+
+        The pool's own clean-up of a broken pool sends SIGTERM, which its processes ignore
+        (:func:`_ignore_signals`), and would then wait for them forever, as would this
+        process's exit: they are killed instead. The current step filters in this process.
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        log.warning("A filter process of the regularized loss died; this step filters in the "
+                    "training process (the same numbers), and new processes start at the next")
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
     def start(self, rgb: torch.Tensor, probs: torch.Tensor,
               boxes: torch.Tensor) -> PendingCRFLoss:
         """Resize to the loss resolution and start filtering; finish with ``.loss(label)``.
@@ -248,11 +301,18 @@ class DenseCRFLoss(nn.Module):
         probs_np = probs.detach().cpu().numpy().reshape(batch, num_labels, -1)
         images_np = image.detach().permute(0, 2, 3, 1).cpu().numpy()
         sigma_xy = self.sigma_xy * self.scale_factor
+        inputs = [(probs_np[b], images_np[b], self.sigma_rgb, sigma_xy) for b in range(batch)]
         pool = self._executor()
-        run = pool.submit if pool is not None else (lambda f, *a: f(*a))
-        work = [run(bilateral_filter, probs_np[b], images_np[b], self.sigma_rgb, sigma_xy)
-                for b in range(batch)]
-        return PendingCRFLoss(self, probs, work)
+        if pool is None:
+            filtered = [bilateral_filter(*args) for args in inputs]
+            return PendingCRFLoss(self, probs, filtered, inputs)
+        try:
+            with _children_ignore_stop_signals():  # the pool starts its processes on submit
+                work = [pool.submit(bilateral_filter, *args) for args in inputs]
+        except BrokenProcessPool:  # broken since the last step: filter here, renew next step
+            self._discard_broken_pool()
+            work = [bilateral_filter(*args) for args in inputs]
+        return PendingCRFLoss(self, probs, work, inputs)
 
     def forward(self, rgb: torch.Tensor, probs: torch.Tensor, label: torch.Tensor,
                 boxes: torch.Tensor) -> torch.Tensor:

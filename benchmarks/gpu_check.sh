@@ -135,7 +135,7 @@ echo "device $DEVICE, GPU: $GPU, commit $COMMIT, QUICK=$QUICK, output $OUT"
 
 header "a. device tests (TORCH_DEVICE=$DEVICE, -m device)"
 run tests must "$TEST_TIMEOUT" "TORCH_DEVICE=$DEVICE pytest -m device ${TESTS[*]}" \
-  env TORCH_DEVICE="$DEVICE" "$PY" -m pytest -q -x -m device -p no:cacheprovider "${TESTS[@]}"
+  env TORCH_DEVICE="$DEVICE" "$PY" -m pytest -q -m device -p no:cacheprovider "${TESTS[@]}"
 
 header "d. one training step on $DEVICE vs the CPU: pseudo labels and losses"
 run agree_fp32 must "$RUN_TIMEOUT" "fp32, TF32 off, reg loss" \

@@ -3,7 +3,11 @@ regularized loss's filter started early, steps dropped on the device, bf16 on CP
 validation. Tests that take ``device`` run on ``TORCH_DEVICE`` (see conftest)."""
 
 import copy
+import logging
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -176,6 +180,44 @@ def test_regularized_loss_started_early_in_worker_processes_is_the_same():
     assert results[0][0].item() != 0
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1])
+
+
+def test_a_killed_filter_process_costs_neither_the_step_nor_the_exit(caplog):
+    """A filter process killed from outside (the out-of-memory killer, say) breaks the pool. The
+    step is filtered in this process with the same numbers, the pool's other processes, which
+    ignore SIGTERM, are killed (the pool's own clean-up would wait for them forever, and so would
+    the interpreter's exit), and the next step starts new processes."""
+    g = torch.Generator().manual_seed(5)
+    rgb = _smooth((2, 3, 40, 36), g)
+    probs = torch.randn(2, 4, 40, 36, generator=g).softmax(dim=1)
+    label = torch.randint(0, 4, (2, 40, 36), generator=g)
+    boxes = torch.tensor([[0, 40, 0, 36], [2, 38, 4, 30]])
+    expected = DenseCRFLoss(workers=0).start(rgb, probs, boxes).loss(label)
+    crf = DenseCRFLoss(workers=2)
+    try:
+        assert torch.equal(crf.start(rgb, probs, boxes).loss(label), expected)  # pool started
+        first = crf._pool
+        processes = list(first._processes.values())
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+        pending = crf.start(rgb, probs, boxes)
+        os.kill(processes[0].pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while not first._broken and time.time() < deadline:  # the pool notices the death
+            time.sleep(0.01)
+        assert first._broken
+        with caplog.at_level(logging.WARNING, logger="afa.losses"):
+            # The filter may have finished before the kill; then the break shows at the next step.
+            got = [pending.loss(label), crf.start(rgb, probs, boxes).loss(label)]
+        assert all(torch.equal(x, expected) for x in got)
+        assert "filter process of the regularized loss died" in caplog.text
+        for p in processes:
+            p.join(timeout=30)
+            assert not p.is_alive()
+        assert crf._pool is not first
+        assert torch.equal(crf.start(rgb, probs, boxes).loss(label), expected)  # a new pool
+        assert crf._pool is not None and crf._pool is not first
+    finally:
+        crf.close()
 
 
 def test_train_step_with_regularized_loss_started_early_matches_the_plain_call(device):
@@ -383,5 +425,5 @@ def test_a_checkpoint_of_the_unfused_optimizer_resumes_with_the_fused_one(device
     reference.load_state_dict(saved_state)
     twin(torch.ones(2, 4, device=device)).square().sum().backward()
     reference.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")

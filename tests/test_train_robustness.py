@@ -144,6 +144,36 @@ def test_signal_to_the_process_group_with_regularized_loss_workers(tiny_data, tm
     assert [r["train/reg_loss"] for r in _records(work) if "train/reg_loss" in r][0] != 0
 
 
+def test_signal_to_the_process_group_while_the_filter_processes_start(tiny_data, tmp_path):
+    """The filter processes are spawned at the first step of the joint phase and take seconds to
+    start; a SIGTERM to the group in that time used to kill them before their initializer
+    ignored it: BrokenProcessPool, and then the run never exited (the pool's clean-up waited
+    for the processes that had started, which ignore SIGTERM). Seen on the first GPU run."""
+    work = tmp_path / "work"
+    extra = {**ROBUST, "data.num_workers": 1, "loss.reg_loss": "true", "loss.reg_workers": 2,
+             "train.cam_iters": 2}
+    proc = subprocess.Popen(TRAIN + tiny_overrides(tiny_data, work, **extra),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=ENV, start_new_session=True)
+    metrics, deadline = work / "metrics.jsonl", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.is_file() and '"iter": 2,' in metrics.read_text():
+            time.sleep(0.3)  # the next step has submitted its filters: the processes are starting
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the run did not exit within 120 s of the SIGTERM: {stderr[-3000:]}")
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM at iteration" in stderr and "checkpoint saved" in stderr
+    assert "Traceback" not in stderr and "BrokenProcessPool" not in stderr
+    assert "filter process of the regularized loss died" not in stderr
+
+
 class _SignalOnRead(torch.utils.data.Dataset):
     """Wraps the validation set: sends ``count`` SIGINTs to this process while reading image
     ``at`` of the first validation pass, and counts the images read."""
