@@ -93,3 +93,27 @@ def test_data_order_is_independent_of_world_size_and_resumable():
     assert len(set(first_epoch)) == 8
     seeds = [seed for step in one for _, seed in step]
     assert len(set(seeds)) == len(seeds)
+
+
+def test_run_record_tells_a_module_without_package_metadata_from_a_missing_one(monkeypatch):
+    """pydensecrf2 built from source onto the path has no package metadata but works: the log
+    must not call it missing (seen on the GPU machine)."""
+    import importlib.util
+    from importlib import metadata
+
+    from afa.engine.logger import run_record
+
+    real_version, real_find = metadata.version, importlib.util.find_spec
+
+    def version(name):
+        if name in ("pydensecrf2", "omegaconf"):
+            raise metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "omegaconf" else real_find(name, *a))
+    libraries = next(line for line in run_record(["x"]) if line.startswith("libraries:"))
+    assert "pydensecrf2 version unknown (importable, no package metadata)" in libraries
+    assert "omegaconf not installed" in libraries
+    assert f"numpy {real_version('numpy')}" in libraries

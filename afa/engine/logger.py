@@ -7,6 +7,7 @@ log lines already say how far the run is. On a terminal, log lines are printed a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import platform
@@ -78,11 +79,15 @@ def run_record(argv: list[str] | None = None) -> list[str]:
 
     versions = [f"python {platform.python_version()}",
                 f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
-    for package in ("torchvision", "numpy", "omegaconf", "pydensecrf2", "opencv-python-headless"):
+    modules = {"torchvision": "torchvision", "numpy": "numpy", "omegaconf": "omegaconf",
+               "pydensecrf2": "pydensecrf", "opencv-python-headless": "cv2"}
+    for package, module in modules.items():
         try:
             versions.append(f"{package} {metadata.version(package)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{package} not installed")
+        except metadata.PackageNotFoundError:  # e.g. built from source onto the path
+            found = importlib.util.find_spec(module) is not None
+            versions.append(f"{package} " + ("version unknown (importable, no package metadata)"
+                                             if found else "not installed"))
     repo = Path(__file__).resolve().parents[2]
     return [f"command: {' '.join(sys.argv if argv is None else argv)}",
             f"code: afa at {repo}, git commit {_git_commit(repo)}",
