@@ -91,8 +91,8 @@ def test_gpu_check_out_of_time_skips_every_run_fails_and_still_summarizes(tmp_pa
                 env=dict(ENV, DEVICE="cpu", QUICK="1", BUDGET="0", OUT=str(out)))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
-    assert [r[0] for r in rows] == ["tests", "agree_fp32", "train_b2_fp32_regoff",
-                                    "train_b2_fp32_regon", "infer"]
+    assert [r[0] for r in rows] == ["tests", "agree_fp32", "infer", "train_b2_fp32_regoff",
+                                    "train_b2_fp32_regon"]  # checks, inference, then timings
     assert all(r[2].startswith("SKIPPED") for r in rows)
     summary = (out / "summary.md").read_text()
     assert "| step | setting | result | status | s |" in summary
