@@ -111,11 +111,11 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
     return MultiScaleCAM(cam=cam_sum, aff=aff, aff_grid=grid)
 
 
-def host_to_device(values: Sequence, device: torch.device, dtype: torch.dtype = torch.long
-                   ) -> torch.Tensor:
-    """A tensor of host ``values`` on ``device``. To a GPU through pinned memory, asynchronously:
-    a copy from pageable memory would make the host wait for the GPU's queue to drain."""
-    tensor = torch.tensor(values, dtype=dtype)
+def host_to_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host ``values`` (a nested sequence or a CPU tensor) on ``device``. To a GPU through pinned
+    memory, asynchronously: a copy from pageable memory would make the host wait for the GPU's
+    queue to drain."""
+    tensor = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)

@@ -1,9 +1,12 @@
-"""Dataset constants shared by loaders, evaluation and visualisation."""
+"""Constants shared by loaders, evaluation, visualisation and the training processes."""
+
+import signal
 
 import numpy as np
 
 __all__ = [
     "IGNORE_INDEX",
+    "STOP_SIGNALS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "VOC_CLASSES",
@@ -12,6 +15,10 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+
+# What stops a training run after a checkpoint: Ctrl-C, SIGTERM, SLURM's warning signal. The
+# trainer handles them; its helper processes (the regularized loss's filters) ignore them.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 # Normalisation of 0-255 RGB images (the MiT ImageNet statistics).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)

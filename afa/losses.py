@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afa.cam import box_mask
-from afa.constants import IGNORE_INDEX
+from afa.cam import box_mask, host_to_device
+from afa.constants import IGNORE_INDEX, STOP_SIGNALS
 
 try:
     import pydensecrf.densecrf as dcrf
@@ -153,13 +153,12 @@ class _DenseEnergy(torch.autograd.Function):
         return -2.0 * grad_output * gated / gated.shape[0], None
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 log = logging.getLogger(__name__)
 
 
 def _ignore_signals() -> None:
     """Pool initializer: stop signals are the training process's to handle (see the trainer)."""
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -175,8 +174,8 @@ def _children_ignore_stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers belong to the main thread; the initializer still protects
         return
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -205,10 +204,8 @@ class PendingCRFLoss:
     def loss(self, label: torch.Tensor) -> torch.Tensor:
         """Scalar loss; ``label`` (B, H, W) pseudo label: ignore pixels are fully regularized."""
         probs = self.probs  # (B, K, h, w) at the loss resolution, masked to the boxes
-        filtered = self._filtered()
-        filtered = torch.from_numpy(filtered).view(probs.shape)
-        if probs.device.type == "cuda":  # no wait for the device: pinned, asynchronous copy
-            filtered = filtered.pin_memory().to(probs.device, non_blocking=True)
+        filtered = torch.from_numpy(self._filtered()).view(probs.shape)
+        filtered = host_to_device(filtered, probs.device, dtype=filtered.dtype)  # no GPU wait
         label = F.interpolate(label[:, None].float(), size=probs.shape[-2:], mode="nearest")[:, 0]
         # Confident pixels are left alone (gate 1 - max S); unsupervised pixels get the full term.
         gate = torch.where(label == self.owner.ignore_index, torch.ones_like(label),

@@ -85,6 +85,29 @@ def uninterrupted(tiny_data, tmp_path_factory):
     return _final_model(work, 6)
 
 
+def _signal_group_after(command: list[str], work: Path, iteration: int, signum: int,
+                        delay: float = 0.0) -> tuple[int, str]:
+    """Run ``command`` in its own process group, send ``signum`` to the whole group ``delay``
+    seconds after ``iteration`` is logged, and return (exit status, stderr). A run that has not
+    exited 120 s after the signal fails the test instead of hanging it."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=ENV, start_new_session=True)
+    metrics, deadline = work / "metrics.jsonl", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.is_file() and f'"iter": {iteration},' in metrics.read_text():
+            time.sleep(delay)
+            os.killpg(proc.pid, signum)
+            break
+        time.sleep(0.01)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the run did not exit within 120 s of the signal: {stderr[-3000:]}")
+    return proc.returncode, stderr
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_to_the_process_group_with_loader_workers(tiny_data, tmp_path, uninterrupted,
                                                          signum):
@@ -93,16 +116,8 @@ def test_signal_to_the_process_group_with_loader_workers(tiny_data, tmp_path, un
     run. (Before: "DataLoader worker ... is killed by signal", no checkpoint.)"""
     work = tmp_path / "work"
     command = TRAIN + tiny_overrides(tiny_data, work, **ROBUST, **{"data.num_workers": 2})
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO, env=ENV, start_new_session=True)  # its own process group
-    metrics, deadline = work / "metrics.jsonl", time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if metrics.is_file() and '"iter": 1,' in metrics.read_text():
-            os.killpg(proc.pid, signum)
-            break
-        time.sleep(0.01)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signum, stderr[-3000:]
+    returncode, stderr = _signal_group_after(command, work, 1, signum)
+    assert returncode == 128 + signum, stderr[-3000:]
     assert "DataLoader worker" not in stderr
     assert f"stopped by {signal.Signals(signum).name} at iteration" in stderr
     assert "checkpoint saved" in stderr
@@ -126,17 +141,9 @@ def test_signal_to_the_process_group_with_regularized_loss_workers(tiny_data, tm
     work = tmp_path / "work"
     extra = {**ROBUST, "data.num_workers": 1, "loss.reg_loss": "true", "loss.reg_workers": 1,
              "train.cam_iters": 0}
-    proc = subprocess.Popen(TRAIN + tiny_overrides(tiny_data, work, **extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=ENV, start_new_session=True)
-    metrics, deadline = work / "metrics.jsonl", time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if metrics.is_file() and '"iter": 2,' in metrics.read_text():
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    returncode, stderr = _signal_group_after(TRAIN + tiny_overrides(tiny_data, work, **extra),
+                                             work, 2, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "stopped by SIGTERM at iteration" in stderr and "checkpoint saved" in stderr
     assert "Traceback" not in stderr and "BrokenProcessPool" not in stderr
     saved = sorted((work / "checkpoints").glob("iter_*.pth"))
@@ -152,23 +159,11 @@ def test_signal_to_the_process_group_while_the_filter_processes_start(tiny_data,
     work = tmp_path / "work"
     extra = {**ROBUST, "data.num_workers": 1, "loss.reg_loss": "true", "loss.reg_workers": 2,
              "train.cam_iters": 2}
-    proc = subprocess.Popen(TRAIN + tiny_overrides(tiny_data, work, **extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env=ENV, start_new_session=True)
-    metrics, deadline = work / "metrics.jsonl", time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if metrics.is_file() and '"iter": 2,' in metrics.read_text():
-            time.sleep(0.3)  # the next step has submitted its filters: the processes are starting
-            os.killpg(proc.pid, signal.SIGTERM)
-            break
-        time.sleep(0.01)
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"the run did not exit within 120 s of the SIGTERM: {stderr[-3000:]}")
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    # 0.3 s after iteration 2 is logged, the next step has submitted its filters: the filter
+    # processes are starting.
+    returncode, stderr = _signal_group_after(TRAIN + tiny_overrides(tiny_data, work, **extra),
+                                             work, 2, signal.SIGTERM, delay=0.3)
+    assert returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "stopped by SIGTERM at iteration" in stderr and "checkpoint saved" in stderr
     assert "Traceback" not in stderr and "BrokenProcessPool" not in stderr
     assert "filter process of the regularized loss died" not in stderr

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from afa import config as C
 from afa.cam import multi_scale_cam
+from afa.constants import STOP_SIGNALS
 from afa.data import DataError, build_datasets, class_names, denormalize, seed_worker
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
@@ -43,9 +44,6 @@ from afa.pseudo_labels import AFALosses, compute_afa_losses, seg_probs
 
 __all__ = ["RESUME_FREE_KEYS", "StepOutput", "TrainResult", "TrainingInterrupted", "config_differences",
            "train", "train_step"]
-
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
 
 def _loss_kwargs(cfg: DictConfig) -> dict:
     c, t, l = cfg.cam, cfg.train, cfg.loss
@@ -140,7 +138,7 @@ class _StopFlag:
         return self.signum is not None
 
     def __enter__(self):
-        for sig in _STOP_SIGNALS:
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -170,7 +168,7 @@ def _init_worker(worker_id: int) -> None:
     (Forked workers also inherit the main process's handler, which covers the instant before
     this runs.)
     """
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     seed_worker(worker_id)
 
