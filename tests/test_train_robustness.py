@@ -4,6 +4,7 @@ of a run. Each test reproduces a way the trainer used to lose work or hide a mis
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -167,6 +168,39 @@ def test_signal_to_the_process_group_while_the_filter_processes_start(tiny_data,
     assert "stopped by SIGTERM at iteration" in stderr and "checkpoint saved" in stderr
     assert "Traceback" not in stderr and "BrokenProcessPool" not in stderr
     assert "filter process of the regularized loss died" not in stderr
+
+
+def test_a_stop_signal_during_a_log_write_is_logged_after_it():
+    """A signal arrives between any two bytecodes, also while a log handler writes train.log.
+    The handler used to log from there: a reentrant call into that buffered file, a RuntimeError
+    traceback in the run's output (seen in CI). It now only sets the flag; the loop logs it."""
+    written, depth = [], [0]
+
+    class Stream:
+        def write(self, text):
+            depth[0] += 1
+            written.append((depth[0], text))
+            if len(written) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled before the next bytecode
+            depth[0] -= 1
+
+        def flush(self):
+            pass
+
+    handler = logging.StreamHandler(Stream())
+    logger = logging.getLogger("afa")
+    logger.addHandler(handler)
+    try:
+        with trainer_module._StopFlag() as stop:
+            logger.warning("iter 3/6")
+            assert stop.signum == signal.SIGTERM
+            assert all(d == 1 for d, _ in written), written  # nothing written from within a write
+            assert stop.requested() and stop.requested()
+    finally:
+        logger.removeHandler(handler)
+    messages = [text for _, text in written if text.strip()]
+    assert messages[0].startswith("iter 3/6")
+    assert sum("SIGTERM received: stopping" in m for m in messages) == 1
 
 
 class _SignalOnRead(torch.utils.data.Dataset):

@@ -132,9 +132,19 @@ class _StopFlag:
         self.signum = None
         self.last_checkpoint = None  # iteration of the last checkpoint written by this run
         self._previous = {}
+        self._announced = False
 
-    @property
     def requested(self) -> bool:
+        """Whether a stop signal came; the first call that sees it logs it.
+
+        The handler itself only sets the flag: a signal arrives between any two bytecodes of the
+        main thread, also inside a log handler's write to train.log, and logging from there is a
+        reentrant call into that buffered file (a RuntimeError, seen in CI)."""
+        if self.signum is not None and not self._announced:
+            self._announced = True
+            logging.getLogger("afa").warning(
+                "%s received: stopping after a checkpoint of the last finished iteration (send "
+                "it again to exit at once)", signal.Signals(self.signum).name)
         return self.signum is not None
 
     def __enter__(self):
@@ -145,9 +155,6 @@ class _StopFlag:
     def _handle(self, signum, frame):
         if self.signum is None:
             self.signum = signum
-            logging.getLogger("afa").warning(
-                "%s received: stopping after a checkpoint of the last finished iteration (send "
-                "it again to exit at once)", signal.Signals(signum).name)
             return
         saved = ("no checkpoint was written by this run" if self.last_checkpoint is None else
                  f"the last checkpoint is iteration {self.last_checkpoint}")
@@ -437,7 +444,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
             scores = validate(bare, val_set, par=par, device=info.device,
                               cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
                               low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
-                              amp=t.amp, should_stop=lambda: stop.requested,
+                              amp=t.amp, should_stop=stop.requested,
                               skip_bad=cfg.data.skip_bad, batch_size=cfg.data.val_batch)
         except ValidationStopped:
             raise TrainingInterrupted(stop.signum, (
@@ -540,7 +547,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
             logged += 1
             iteration += 1
             bar.update(1)
-            (stop_now,) = D.any_rank([stop.requested])  # host flags only: no device sync
+            (stop_now,) = D.any_rank([stop.requested()])  # host flags only: no device sync
 
             validate_now = iteration % t.eval_iters == 0 or iteration == t.max_iters
             checkpoint_now = validate_now or iteration % t.ckpt_iters == 0 or stop_now
