@@ -77,6 +77,11 @@ class OptimConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 1.0
+    # null (the paper): one schedule, warm-up then polynomial decay to 0 at train.max_iters. Set:
+    # the classification-only phase decays to 0 at train.cam_iters, and the joint phase restarts
+    # at this rate and decays to 0 at max_iters (no warm-up), so the decoder and affinity head,
+    # which start learning at cam_iters, do not start at a tenth of the peak (configs/demo_full.yaml).
+    joint_lr: Optional[float] = None
     lr_mults: LrMultConfig = field(default_factory=LrMultConfig)
 
 
@@ -92,6 +97,11 @@ class TrainConfig:
     # weight 0 but the decoder's BatchNorm statistics update). false: encoder + classifier only,
     # 0.19 instead of 0.30 s per classification-phase step of the demo, which uses it.
     cls_phase_full_forward: bool = True
+    # null (the paper): model.stride throughout. Set (e.g. [4, 2, 2, 1]): the encoder runs at
+    # these strides before cam_iters, at model.stride from cam_iters on (the weights are the same;
+    # only the patch embeddings' convolution strides change). A classification-only phase at
+    # stride 16, then a joint phase at stride 8 for a finer affinity grid: configs/demo_full.yaml.
+    cls_phase_stride: Optional[list[int]] = None
     aff_switch_iter: int = 6000  # segmentation target: refined label before, affinity label after
     eval_iters: int = 2000
     log_iters: int = 50
@@ -239,6 +249,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
         value = OmegaConf.select(cfg, key)
         if value is not None and value < least:
             raise ConfigError(f"'{key}' must be >= {least}, got {value}")
+    for key in ("model.stride", "train.cls_phase_stride"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and (len(value) != 4 or min(value) < 1):
+            raise ConfigError(f"'{key}' must be four strides >= 1 (one per stage), got "
+                              f"{list(value)}")
+    if cfg.optim.joint_lr is not None and not (
+            cfg.optim.joint_lr > 0 and 0 < cfg.train.cam_iters < cfg.train.max_iters):
+        raise ConfigError(f"'optim.joint_lr' ({cfg.optim.joint_lr}) must be > 0 and needs a "
+                          f"classification phase and a joint phase (0 < train.cam_iters "
+                          f"({cfg.train.cam_iters}) < train.max_iters ({cfg.train.max_iters}))")
     batch = cfg.train.batch_per_gpu
     if batch is not None and (batch < 1 or cfg.train.global_batch % batch):
         raise ConfigError(f"'train.global_batch' ({cfg.train.global_batch}) must be a multiple of "

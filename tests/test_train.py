@@ -134,6 +134,55 @@ def test_classification_phase_without_decoder(tiny_data, tmp_path, device):
     assert "classifier.weight" in trained and len(trained) > 20
 
 
+def test_classification_phase_stride_and_joint_restart(tiny_data, tmp_path):
+    """train.cls_phase_stride and optim.joint_lr (configs/demo_full.yaml): the encoder runs at
+    stride 16 before cam_iters and at model.stride (8) from it on; each phase has its own poly
+    schedule; a run resumed at the switch ends with the same weights."""
+    common = {"train.max_iters": 4, "train.cam_iters": 2, "train.aff_switch_iter": 3,
+              "train.eval_iters": 4, "train.ckpt_iters": 2, "model.stride": "[4,2,1,1]",
+              "train.cls_phase_stride": "[4,2,2,1]", "optim.joint_lr": 1e-3, "optim.lr": 2e-3,
+              "optim.warmup_iters": 0, "train.image_log_iters": 0}
+    grids = []
+    original = AFANet.forward
+
+    def forward(self, *args, **kwargs):
+        grids.append(self.encoder.stride)
+        return original(self, *args, **kwargs)
+
+    AFANet.forward = forward
+    try:
+        result = train(tiny_config(tiny_data, tmp_path / "ref", **common))
+    finally:
+        AFANet.forward = original
+    # One training forward per step before cam_iters; from it on the step's forwards (training,
+    # CAM scales) and the validation's all run at stride 8.
+    assert grids[:2] == [16, 16] and set(grids[2:]) == {8}
+    assert result.model.encoder.stride == 8
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text()
+               .splitlines()]
+    lrs = [r["train/lr"] for r in records if "train/lr" in r]
+    assert lrs == pytest.approx([2e-3, 1e-3, 1e-3, 5e-4])  # 2e-3 (1 - i/2), 1e-3 (1 - (i-2)/2)
+
+    work = tmp_path / "resumed"
+    (work / "checkpoints").mkdir(parents=True)
+    start = work / "checkpoints" / "iter_000002.pth"
+    start.write_bytes((tmp_path / "ref" / "checkpoints" / "iter_000002.pth").read_bytes())
+    resumed = train(tiny_config(tiny_data, work, **common), resume=str(start))
+    assert resumed.model.encoder.stride == 8
+    reference = _params(result.model)
+    for key, value in _params(resumed.model).items():
+        assert torch.equal(value, reference[key]), key
+
+
+def test_phase_keys_are_checked():
+    with pytest.raises(ConfigError, match="'train.cls_phase_stride' must be four strides"):
+        load_config(DEMO_CONFIG, ["train.cls_phase_stride=[4,2,2]"])
+    with pytest.raises(ConfigError, match="'optim.joint_lr'.*0 < train.cam_iters"):
+        load_config(DEMO_CONFIG, ["optim.joint_lr=1e-3", "train.cam_iters=0"])
+    cfg = load_config(REPO / "configs" / "demo_full.yaml")
+    assert cfg.train.cls_phase_stride == [4, 2, 2, 1] and cfg.model.stride == [4, 2, 1, 1]
+
+
 @pytest.mark.parametrize("scales", [(1.0, 0.5), (1.0, 0.5, 1.5)])
 def test_reusing_the_training_forward_as_the_scale_1_cam(scales, device):
     """cam.reuse_train_forward: the same CAMs, pseudo labels and losses as a second forward when

@@ -166,6 +166,27 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+def _lr_at(cfg: DictConfig, iteration: int) -> float:
+    """Base learning rate of step ``iteration``: one schedule over the run (the paper), or with
+    ``optim.joint_lr`` one per phase (the joint phase restarting at that rate, no warm-up)."""
+    o, t = cfg.optim, cfg.train
+    if o.joint_lr is None:
+        return lr_at(iteration, o.lr, t.max_iters, o.warmup_iters, o.warmup_ratio, o.power)
+    if iteration < t.cam_iters:
+        return lr_at(iteration, o.lr, t.cam_iters, o.warmup_iters, o.warmup_ratio, o.power)
+    return lr_at(iteration - t.cam_iters, o.joint_lr, t.max_iters - t.cam_iters, 0,
+                 power=o.power)
+
+
+def _set_phase_strides(cfg: DictConfig, model: torch.nn.Module, iteration: int) -> None:
+    """The encoder strides of step ``iteration``: train.cls_phase_stride before cam_iters when
+    set, model.stride otherwise."""
+    t = cfg.train
+    if t.cls_phase_stride is not None:
+        model.encoder.set_strides(t.cls_phase_stride if iteration < t.cam_iters
+                                  else cfg.model.stride)
+
+
 def _init_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seeding, and stop signals left to the main process.
 
@@ -488,11 +509,12 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
         iteration = start_iter
         if pending_validation:
             log.info("Redoing the validation of iteration %d, which did not finish", iteration)
+            _set_phase_strides(cfg, bare, iteration - 1)  # those of the step that made the weights
             run_validation(iteration)
         while iteration < t.max_iters:
-            lr = lr_at(iteration, cfg.optim.lr, t.max_iters, cfg.optim.warmup_iters,
-                       cfg.optim.warmup_ratio, cfg.optim.power)
+            lr = _lr_at(cfg, iteration)
             set_lr(optimizer, lr)
+            _set_phase_strides(cfg, bare, iteration)
             model.train()
             micro_batches, problem = [], None
             try:

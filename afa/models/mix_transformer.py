@@ -253,6 +253,13 @@ class MixVisionTransformer(nn.Module):
         """Channels of the concatenated last-stage attention logits (blocks x heads)."""
         return self.depths[3] * self.num_heads[3]
 
+    def set_strides(self, strides) -> None:
+        """Run the stages at other strides: only the patch embeddings' convolution strides change
+        (the weights fit any stride; there is no positional embedding)."""
+        self.strides = tuple(int(s) for s in strides)
+        for i, s in enumerate(self.strides):
+            getattr(self, f"patch_embed{i + 1}").proj.stride = (s, s)
+
     @property
     def stride(self) -> int:
         """Output stride of the last stage (16 for AFA's (4, 2, 2, 1))."""
