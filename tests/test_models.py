@@ -90,6 +90,24 @@ def test_configurable_strides(device):
     assert encoder.stride == 32
 
 
+def test_set_strides_equals_a_model_built_at_those_strides(device):
+    """train.cls_phase_stride switches a built model's strides: the same outputs, grid and
+    shortest accepted side as a model built at them, on an odd photo-like size."""
+    torch.manual_seed(0)
+    switched = AFANet("mit_b0", num_classes=4, embedding_dim=32, stride=(4, 2, 2, 1)).to(device)
+    built = AFANet("mit_b0", num_classes=4, embedding_dim=32, stride=(4, 2, 1, 1)).to(device)
+    built.load_state_dict(switched.state_dict())
+    switched.encoder.set_strides([4, 2, 1, 1])
+    switched.eval(), built.eval()
+    x = torch.randn(1, 3, 75, 101, device=device)
+    with torch.no_grad():
+        a, b = switched(x), built(x)
+    assert a.grid == b.grid == (10, 13) and switched.stride == built.stride == 8
+    assert switched.encoder.min_input_side == built.encoder.min_input_side
+    for name in ("cls_logits", "seg_logits", "aff_pred", "cam_logits"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
 def test_attention_logits_equal_hand_computation(device):
     model = AFANet("mit_b0", num_classes=4).to(device).eval()
     captured = {}

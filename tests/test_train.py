@@ -134,14 +134,15 @@ def test_classification_phase_without_decoder(tiny_data, tmp_path, device):
     assert "classifier.weight" in trained and len(trained) > 20
 
 
-def test_classification_phase_stride_and_joint_restart(tiny_data, tmp_path):
+def test_classification_phase_stride_and_joint_restart(tiny_data, tmp_path, monkeypatch):
     """train.cls_phase_stride and optim.joint_lr (configs/demo_full.yaml): the encoder runs at
     stride 16 before cam_iters and at model.stride (8) from it on; each phase has its own poly
-    schedule; a run resumed at the switch ends with the same weights."""
+    schedule; a run resumed inside the classification phase ends with the same weights."""
     common = {"train.max_iters": 4, "train.cam_iters": 2, "train.aff_switch_iter": 3,
-              "train.eval_iters": 4, "train.ckpt_iters": 2, "model.stride": "[4,2,1,1]",
-              "train.cls_phase_stride": "[4,2,2,1]", "optim.joint_lr": 1e-3, "optim.lr": 2e-3,
-              "optim.warmup_iters": 0, "train.image_log_iters": 0}
+              "train.eval_iters": 4, "train.ckpt_iters": 1, "train.keep_last": 4,
+              "model.stride": "[4,2,1,1]", "train.cls_phase_stride": "[4,2,2,1]",
+              "optim.joint_lr": 1e-3, "optim.lr": 2e-3, "optim.warmup_iters": 0,
+              "train.image_log_iters": 0}
     grids = []
     original = AFANet.forward
 
@@ -149,11 +150,8 @@ def test_classification_phase_stride_and_joint_restart(tiny_data, tmp_path):
         grids.append(self.encoder.stride)
         return original(self, *args, **kwargs)
 
-    AFANet.forward = forward
-    try:
-        result = train(tiny_config(tiny_data, tmp_path / "ref", **common))
-    finally:
-        AFANet.forward = original
+    monkeypatch.setattr(AFANet, "forward", forward)
+    result = train(tiny_config(tiny_data, tmp_path / "ref", **common))
     # One training forward per step before cam_iters; from it on the step's forwards (training,
     # CAM scales) and the validation's all run at stride 8.
     assert grids[:2] == [16, 16] and set(grids[2:]) == {8}
@@ -163,12 +161,14 @@ def test_classification_phase_stride_and_joint_restart(tiny_data, tmp_path):
     lrs = [r["train/lr"] for r in records if "train/lr" in r]
     assert lrs == pytest.approx([2e-3, 1e-3, 1e-3, 5e-4])  # 2e-3 (1 - i/2), 1e-3 (1 - (i-2)/2)
 
+    # The model is built at model.stride: step 1 of the resumed run must go back to stride 16.
     work = tmp_path / "resumed"
     (work / "checkpoints").mkdir(parents=True)
-    start = work / "checkpoints" / "iter_000002.pth"
-    start.write_bytes((tmp_path / "ref" / "checkpoints" / "iter_000002.pth").read_bytes())
+    start = work / "checkpoints" / "iter_000001.pth"
+    start.write_bytes((tmp_path / "ref" / "checkpoints" / "iter_000001.pth").read_bytes())
+    grids.clear()
     resumed = train(tiny_config(tiny_data, work, **common), resume=str(start))
-    assert resumed.model.encoder.stride == 8
+    assert grids[0] == 16 and resumed.model.encoder.stride == 8
     reference = _params(result.model)
     for key, value in _params(resumed.model).items():
         assert torch.equal(value, reference[key]), key

@@ -236,12 +236,19 @@ def _signal_during_validation(monkeypatch, count: int) -> list:
     return wrapped
 
 
-def test_stop_during_validation_takes_effect_at_the_next_image(tiny_data, tmp_path, monkeypatch):
+# The second case validates iteration 2 = cam_iters, whose weights come from classification
+# steps at stride 16 (train.cls_phase_stride): the redone validation must run at that stride too,
+# not at model.stride, which the resumed model is built with.
+@pytest.mark.parametrize("phases", [{}, {
+    "train.cam_iters": 2, "train.aff_switch_iter": 3, "model.stride": "[4,2,1,1]",
+    "train.cls_phase_stride": "[4,2,2,1]"}], ids=["one_stride", "cls_phase_stride"])
+def test_stop_during_validation_takes_effect_at_the_next_image(tiny_data, tmp_path, monkeypatch,
+                                                               phases):
     """The checkpoint of iteration k is written before its validation; a stop signal during the
     validation ends it at the next image, and the resumed run redoes it. (Before: the whole
     validation ran first, which on VOC can outlast SLURM's warning.)"""
     common = {"train.max_iters": 4, "train.eval_iters": 2, "train.ckpt_iters": 100,
-              "train.image_log_iters": 0}
+              "train.image_log_iters": 0, **phases}
     reference = tmp_path / "reference"
     train(tiny_config(tiny_data, reference, **common))
 
@@ -257,6 +264,12 @@ def test_stop_during_validation_takes_effect_at_the_next_image(tiny_data, tmp_pa
     monkeypatch.undo()
     train(tiny_config(tiny_data, work, **common), resume="auto")
     assert [r["iter"] for r in _records(work) if "val/seg" in r] == [2, 4]
+    # The redone validation of iteration 2 and the last one score as in the uninterrupted run.
+    def val_scores(work_dir):
+        return [{k: v for k, v in r.items() if k != "time"} for r in _records(work_dir)
+                if "val/seg" in r]
+
+    assert val_scores(work) == val_scores(reference)
     assert (json.loads((work / "val_scores.json").read_text())
             == json.loads((reference / "val_scores.json").read_text()))
     _assert_same_weights(_final_model(work, 4), _final_model(reference, 4))
