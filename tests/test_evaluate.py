@@ -140,3 +140,46 @@ def test_help_explains_every_flag_and_the_single_scale_score(capsys):
 def test_a_missing_checkpoint_is_named(tiny_data, tmp_path, capsys):
     assert evaluate.main(_voc_argv(tiny_data, tmp_path / "none.pth")) == 2
     assert f"Checkpoint not found: '{tmp_path / 'none.pth'}'" in capsys.readouterr().err
+
+
+class _Images:
+    """Validation samples of the given (H, W) sizes, image labels [1, 0], all-background masks."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def __getitem__(self, index):
+        height, width = self.sizes[index]
+        return {"name": f"img_{index}", "image": torch.randn(3, height, width),
+                "label": torch.tensor([1.0, 0.0]),
+                "mask": torch.zeros(height, width, dtype=torch.long)}
+
+
+def test_an_image_too_small_for_the_encoder_is_named_or_left_out():
+    """A 40 x 90 image at CAM scale 0.5 is 20 px high, below the 29 px MiT accepts: the error
+    names the image and the size it needs (it was a raw convolution error); with skip_bad it is
+    left out and counted, and the 75 x 101 one beside it is scored."""
+    from afa.data import DataError
+    from afa.engine.validate import validate
+    from afa.models import PAR
+
+    model = AFANet("mit_b0", num_classes=3, embedding_dim=32)
+    kwargs = dict(par=PAR(), device=torch.device("cpu"), bkg_score=0.45, low=0.35, radius=8,
+                  class_names=["background", "a", "b"])
+    images = _Images([(75, 101), (40, 90)])
+    with pytest.raises(DataError) as err:
+        validate(model, images, cam_scales=(1.0, 0.5), **kwargs)
+    assert str(err.value) == (
+        "img_1: 40x90 px is too small for the encoder: at scale 0.5 its short side becomes "
+        "20 px, below the 29 px it accepts (scales [1.0, 0.5] need a short side of at least "
+        "58 px)")
+    scores = validate(model, images, cam_scales=(1.0, 0.5), skip_bad=True, **kwargs)
+    assert scores["skipped_images"] == 1
+    assert scores["cam"]["num_pixels"] == 75 * 101
+    # Scales above 1 still run the scale-1 forward: a 20 px side is too short for it.
+    with pytest.raises(DataError, match="at scale 1 its short side becomes 20 px"):
+        validate(model, _Images([(20, 64)]), cam_scales=(1.0, 1.5), **kwargs)
+    assert validate(model, _Images([(40, 90)]), cam_scales=(1.0,), **kwargs)["cls_f1"] >= 0

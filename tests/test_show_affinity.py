@@ -37,6 +37,23 @@ def test_pixel_outside_the_image_is_an_error(tmp_path, capsys):
     assert "outside" in capsys.readouterr().err
 
 
+def test_an_image_too_thin_for_the_encoder_is_an_error(tmp_path, capsys):
+    """30 x 600 px resized to a long side of 128 is 6 px high, below MiT's 29: the error says so
+    (it was a raw convolution error)."""
+    model = AFANet("mit_b0", num_classes=9, embedding_dim=32)
+    torch.save(model.state_dict(), tmp_path / "ckpt.pth")
+    Image.fromarray(np.zeros((30, 600, 3), np.uint8)).save(tmp_path / "img.png")
+    argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint",
+            str(tmp_path / "ckpt.pth"), "--image", str(tmp_path / "img.png"), "--pixels", "5,5",
+            "--out", str(tmp_path / "o.png"), "model.embedding_dim=32", "infer.long_side=128"]
+    assert show_affinity.main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("error: the image (30x600 px, long side resized to 128): 6x128 px is too small for "
+            "the encoder: at scale 1 its short side becomes 6 px, below the 29 px it accepts "
+            "(scales [1.0] need a short side of at least 29 px)") in err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_checkpoint_brings_its_network_and_overrides_stand_anywhere(tmp_path, capsys):
     """Our checkpoint's saved config decides the network (demo.yaml says width 128, the
     checkpoint 32); a key=value right after --pixels is an override, not a pixel."""

@@ -51,6 +51,7 @@ from afa.data import DataError, build_datasets, class_names, denormalize
 from afa.engine import distributed as D
 from afa.engine.precision import autocast
 from afa.engine.run_config import model_config_from_checkpoint
+from afa.engine.validate import check_image_size
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
 from afa.pseudo_labels import make_pseudo_labels
@@ -144,6 +145,8 @@ def ablate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score: 
     wrong = {name: 0 for name in PAIRS}
     for index in tqdm(range(len(dataset)), desc="ablate", disable=not progress):
         sample = dataset[index]
+        check_image_size(sample.get("name", f"image {index}"), tuple(sample["image"].shape[-2:]),
+                         model, cam_scales)
         labels, pairs = ablation_labels(
             model, sample["image"][None].to(device), sample["label"][None].to(device),
             sample["mask"][None].to(device), par=par, cam_scales=cam_scales,

@@ -23,6 +23,7 @@ from afa import config as C
 from afa.config import ConfigError, load_config
 from afa.data import DataError, normalize, read_image
 from afa.engine.run_config import model_config_from_checkpoint
+from afa.engine.validate import check_image_size
 from afa.inference import resize_long_side
 from afa.io import write_rgb_png
 from afa.models import AFANet
@@ -42,6 +43,8 @@ def affinity_picture(model: AFANet, image, pixels, long_side: int | None):
     """The grid for ``image`` (H, W, 3) uint8 and query ``pixels`` [(y, x), ...]."""
     height, width = image.shape[:2]
     x = resize_long_side(normalize(image)[None], long_side)
+    check_image_size(f"the image ({height}x{width} px, long side resized to {long_side})"
+                     if long_side else "the image", tuple(x.shape[-2:]), model, (1.0,))
     out = model(x)  # out.grid: the stage-4 grid the affinity lives on
     seg = F.interpolate(out.seg_logits, size=(height, width), mode="bilinear",
                         align_corners=False).max(dim=1).indices[0]

@@ -18,6 +18,7 @@ whole set. The network runs under the training's precision (``amp``), the pseudo
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -33,7 +34,8 @@ from afa import metrics
 from afa.metrics import ConfusionMatrix, multilabel_f1
 from afa.pseudo_labels import make_pseudo_labels
 
-__all__ = ["KINDS", "ValidationStopped", "format_table", "predict_labels", "validate"]
+__all__ = ["KINDS", "ValidationStopped", "check_image_size", "format_table", "predict_labels",
+           "validate"]
 
 KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
 
@@ -71,6 +73,24 @@ def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_
         "seg": seg.max(dim=1).indices,
     }
     return labels, out.cls_logits.float()
+
+
+def check_image_size(name: str, size: tuple[int, int], model, cam_scales) -> None:
+    """Raise a :class:`~afa.data.DataError` naming the image when a side of ``size`` (H, W) is
+    too short for the encoder at the smallest CAM scale (the multi-scale CAM resizes each side to
+    ``int(scale * side)``); validation runs images at their own size."""
+    encoder = getattr(model, "module", model).encoder
+    least, scale = encoder.min_input_side, min(1.0, *cam_scales)  # the scale-1 forward too
+    short = min(size)
+    if int(scale * short) >= least:
+        return
+    need = math.ceil(least / scale)
+    while int(scale * need) < least:
+        need += 1
+    raise DataError(f"{name}: {size[0]}x{size[1]} px is too small for the encoder: at scale "
+                    f"{scale:g} its short side becomes {int(scale * short)} px, below the {least} "
+                    f"px it accepts (scales {list(cam_scales)} need a short side of at least "
+                    f"{need} px)")
 
 
 class ValidationStopped(Exception):
@@ -121,7 +141,10 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score
         if index < len(dataset):
             try:
                 sample = dataset[index]
+                check_image_size(sample.get("name", f"image {index}"),
+                                 tuple(sample["image"].shape[-2:]), model, cam_scales)
             except DataError as err:
+                sample = None
                 if not skip_bad:
                     problem = err
                 else:
