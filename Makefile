@@ -20,7 +20,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/run_demo.sh
 
-# The affinity branch at work (README, "The demos"): 37-38 minutes on 2 AMD EPYC cores.
+# All of AFA's training, the affinity branch included (README, "The demos"): 37-38 minutes on
+# 2 AMD EPYC cores.
 demo-full: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh
 

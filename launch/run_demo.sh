@@ -4,22 +4,31 @@
 #   bash launch/run_demo.sh [key=value ...]      (make demo runs this inside .venv)
 #   DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh     (make demo-full)
 # Results: work_dirs/<config name>/results.json (mIoU in [0, 1] and minutes), table on the terminal.
+# Other places and sizes (the defaults are the demo's; tests use them): DEMO_DATA (data/demo),
+# DEMO_NUM_TRAIN (12000), DEMO_DATA_ARGS (more tools/make_demo_data.py flags, e.g. "--size 64"),
+# DEMO_WORK_DIR (work_dirs/<config name>). A set in DEMO_DATA made by another generator version
+# or with another number of training images is made again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${DEMO_CONFIG:-configs/demo.yaml}
-WORK=work_dirs/$(basename "$CONFIG" .yaml)
+WORK=${DEMO_WORK_DIR:-work_dirs/$(basename "$CONFIG" .yaml)}
+DATA=${DEMO_DATA:-data/demo}
+NUM_TRAIN=${DEMO_NUM_TRAIN:-12000}
 start=$(date +%s)
-# (Re)generate the synthetic set when it is missing, or was made by another generator version or
-# with another number of training images.
-NUM_TRAIN=12000
-if ! python -c "import json, sys; from afa.data.synthetic import DEMO_VERSION as v
-meta = json.load(open('data/demo/meta.json'))
-sys.exit(meta.get('version') != v or meta.get('num_train') != $NUM_TRAIN)" 2>/dev/null; then
-    rm -rf data/demo
-    python tools/make_demo_data.py --out data/demo --num-train "$NUM_TRAIN"
+if ! python - "$DATA/meta.json" "$NUM_TRAIN" 2>/dev/null <<'PY'
+import json, sys
+from afa.data.synthetic import DEMO_VERSION
+meta = json.load(open(sys.argv[1]))
+sys.exit(meta.get("version") != DEMO_VERSION or meta.get("num_train") != int(sys.argv[2]))
+PY
+then
+    rm -rf "$DATA"
+    # shellcheck disable=SC2086  # DEMO_DATA_ARGS holds several flags
+    python tools/make_demo_data.py --out "$DATA" --num-train "$NUM_TRAIN" ${DEMO_DATA_ARGS:-}
 fi
+data=(data.root="$DATA" data.list_dir="$DATA")
 before=$(ls "$WORK"/checkpoints/iter_*.pth 2>/dev/null | tail -n 1 || true)
-python tools/train.py --config "$CONFIG" --work-dir "$WORK" --resume auto "$@"
+python tools/train.py --config "$CONFIG" --work-dir "$WORK" --resume auto "${data[@]}" "$@"
 ckpt=$(ls "$WORK"/checkpoints/iter_*.pth | tail -n 1)
 # The trainer validates its last iteration on the val split (val_scores.json); score the final
 # checkpoint with tools/evaluate.py only when that is missing or older (e.g. an earlier run's).
@@ -35,7 +44,8 @@ if ok:
 sys.exit(0 if ok else 1)
 PY
 then
-    python tools/evaluate.py --config "$CONFIG" --checkpoint "$ckpt" --json "$WORK/eval.json" "$@"
+    python tools/evaluate.py --config "$CONFIG" --checkpoint "$ckpt" --json "$WORK/eval.json" \
+        "${data[@]}" "$@"
 fi
 python - "$WORK" "$start" "$before" "$ckpt" <<'PY'
 import json, sys, time
