@@ -100,3 +100,35 @@ def test_every_class_texture_mixes_both_colours():
         patterns.append(t.ravel())
     patterns = np.stack(patterns)
     assert len({p.tobytes() for p in patterns}) == len(patterns)
+
+
+def test_parts_texture_only_part_of_each_object_and_change_nothing_else():
+    """``parts``: the same objects, masks and background as the plain sample of that generator;
+    inside the objects some pixels lose their texture (plain, one colour); 1 is the plain set."""
+    from afa.data.synthetic import render_sample
+
+    changed = 0
+    for index in range(6):
+        plain_image, plain_mask = render_sample(np.random.default_rng([5, index]), 96)
+        image, mask = render_sample(np.random.default_rng([5, index]), 96, parts=0.3,
+                                    parts_rng=np.random.default_rng([5, index, 1]))
+        assert np.array_equal(mask, plain_mask)
+        objects = (plain_mask > 0) & (plain_mask != 255)
+        background = plain_mask == 0
+        assert np.array_equal(image[background], plain_image[background])
+        differ = np.abs(image.astype(int) - plain_image.astype(int)).max(axis=2) > 0
+        assert not (differ & ~objects & (plain_mask != 255)).any()
+        changed += differ[objects].mean()
+        whole, _ = render_sample(np.random.default_rng([5, index]), 96, parts=1.0)
+        assert np.array_equal(whole, plain_image)
+    assert changed / 6 > 0.2  # a third of each object keeps its texture, the rest is plain
+
+
+def test_parts_are_recorded_and_checked(tmp_path):
+    make_demo_dataset(tmp_path / "p", num_train=2, num_val=1, size=32, progress=False, parts=0.5)
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert meta["parts"] == 0.5
+    make_demo_dataset(tmp_path / "q", num_train=2, num_val=1, size=32, progress=False)
+    assert "parts" not in json.loads((tmp_path / "q" / "meta.json").read_text())
+    with pytest.raises(ValueError, match="parts must lie in"):
+        make_demo_dataset(tmp_path / "r", num_train=1, num_val=1, size=32, parts=1.5)

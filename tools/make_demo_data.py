@@ -44,6 +44,11 @@ def main(argv=None) -> int:
     parser.add_argument("--num-val", type=int, default=300,
                         help="validation images with masks (default 300)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--parts", type=float, default=0.0, metavar="P",
+                        help="texture only a part of each object (the pixels within 2P radii of "
+                             "the rim along a random direction; 0.5 = one half), the rest plain "
+                             "in one of its colours: CAMs then cover only that part (default 0: "
+                             "whole objects)")
     parser.add_argument("--frames", type=int, metavar="N",
                         help="write N frames of a moving-object sequence instead of the set")
     parser.add_argument("--width", type=int,
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
 
     start = time.time()
     labels = make_demo_dataset(args.out, seed=args.seed, num_train=args.num_train,
-                               num_val=args.num_val, size=args.size)
+                               num_val=args.num_val, size=args.size, parts=args.parts)
     counts = Counter(c for classes in labels.values() for c in classes)
     per_class = ", ".join(f"{DEMO_CLASSES[c]} {counts[c]}" for c in range(1, len(DEMO_CLASSES)))
     print(f"wrote {args.num_train} train + {args.num_val} val images of {args.size} px to "

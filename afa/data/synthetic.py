@@ -255,8 +255,20 @@ def _boundary_band(mask: np.ndarray) -> np.ndarray:
     return band
 
 
-def render_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """One image (size, size, 3) uint8 RGB and its mask (size, size) uint8 (0, 1..8, 255)."""
+def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
+                  parts_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One image (size, size, 3) uint8 RGB and its mask (size, size) uint8 (0, 1..8, 255).
+
+    ``parts`` > 0: only a part of each object carries its class texture, the pixels within
+    ``2 * parts`` radii of the rim along a random direction (0.5: one half); the rest of the
+    object, its label included, is plain in the texture's first colour (the illumination ramp
+    and the pixel noise still apply), alike for every class, as the body of a VOC object whose CAM
+    fires only on its discriminative part; 1 (or 0, the default) textures whole objects. The
+    directions come from ``parts_rng`` (default: a generator seeded 0), never from ``rng``, so the
+    same ``rng`` gives the same objects, masks and background whatever ``parts`` is.
+    """
+    if parts and parts < 1 and parts_rng is None:
+        parts_rng = np.random.default_rng(0)
     image = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
     objects, masks = _place(rng, _pick_classes(rng), size)
@@ -268,6 +280,10 @@ def render_sample(rng: np.random.Generator, size: int = 128) -> tuple[np.ndarray
         first, second = _colour_pair(rng)
         # A mild illumination ramp so flat textures are not perfectly flat.
         light = 1 + 0.15 * (b[inside] / radius)[:, None] * rng.uniform(-1, 1)
+        if parts and parts < 1:
+            direction = parts_rng.uniform(0, 2 * np.pi)
+            along = (a[inside] * np.cos(direction) + b[inside] * np.sin(direction)) / radius
+            t = np.where((along >= 1 - 2 * parts)[:, None], t, 0.0)
         image[inside] = np.clip(((1 - t) * first + t * second) * light, 0, 255)
         mask[inside] = cls
     if rng.random() < 0.3:  # a thin occluding stick in front of everything
@@ -362,21 +378,26 @@ def make_demo_frames(out: str | os.PathLike, num_frames: int = 24, height: int =
 # --------------------------------------------------------------------------------------------
 
 
-def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, _SPLIT_CODES[split], index])
+def _sample_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one sample; ``stream`` 1: that of its parts' directions."""
+    key = [seed, _SPLIT_CODES[split], index] + ([stream] if stream else [])
+    return np.random.default_rng(key)
 
 
 def generate_split(
-    root: str | os.PathLike, split: str, num: int, seed: int, size: int, progress: bool = True
+    root: str | os.PathLike, split: str, num: int, seed: int, size: int, progress: bool = True,
+    parts: float = 0.0,
 ) -> dict[str, list[int]]:
-    """Write ``num`` images and masks of ``split`` under ``root``; returns ``{id: classes}``."""
+    """Write ``num`` images and masks of ``split`` under ``root``; returns ``{id: classes}``.
+    ``parts``: see :func:`render_sample`."""
     root = Path(root)
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
     labels = {}
     for index in tqdm(range(num), desc=f"demo {split}", disable=not progress, unit="img"):
         name = f"{split}_{index:05d}"
-        image, mask = render_sample(_sample_rng(seed, split, index), size)
+        image, mask = render_sample(_sample_rng(seed, split, index), size, parts,
+                                    _sample_rng(seed, split, index, stream=1))
         Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=_JPEG_QUALITY)
         write_mask(root / "SegmentationClassAug" / f"{name}.png", mask)
         labels[name] = labels_from_mask(mask, len(DEMO_CLASSES))
@@ -390,8 +411,12 @@ def make_demo_dataset(
     num_val: int = 300,
     size: int = 128,
     progress: bool = True,
+    parts: float = 0.0,
 ) -> dict[str, list[int]]:
     """Write the demo set under ``root`` in the VOC layout; returns the labels of all ids.
+
+    ``parts`` > 0 (at most 1): objects textured only in part (see :func:`render_sample`); the
+    value is recorded in ``meta.json``.
 
     Besides ``JPEGImages/`` and ``SegmentationClassAug/`` it writes what ``tools/prepare_voc.py``
     would write for it, inside ``root`` itself: ``train_aug.txt``, ``val.txt``, ``cls_labels.json``;
@@ -400,11 +425,13 @@ def make_demo_dataset(
     """
     if size < 32:
         raise ValueError(f"size must be at least 32 pixels, got {size}")
+    if not 0 <= parts <= 1:
+        raise ValueError(f"parts must lie in [0, 1], got {parts}")
     root = Path(root)
     labels = {}
     lists = {}
     for split, num, list_name in (("train", num_train, "train_aug"), ("val", num_val, "val")):
-        split_labels = generate_split(root, split, num, seed, size, progress)
+        split_labels = generate_split(root, split, num, seed, size, progress, parts)
         labels.update(split_labels)
         lists[list_name] = sorted(split_labels)
     for list_name, names in lists.items():
@@ -414,5 +441,7 @@ def make_demo_dataset(
     meta = {"version": DEMO_VERSION, "classes": list(DEMO_CLASSES),
             "num_classes": len(DEMO_CLASSES), "seed": seed,
             "num_train": num_train, "num_val": num_val, "size": size}
+    if parts:
+        meta["parts"] = parts
     (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return labels
