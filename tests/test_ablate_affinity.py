@@ -150,3 +150,9 @@ def test_bad_input_is_reported(tiny_data, random_checkpoint, tmp_path, capsys):
     assert "--limit must be at least 1" in capsys.readouterr().err
     assert ablate.main(_argv(tiny_data, random_checkpoint, "cam.radious=2")) == 2
     assert "radious" in capsys.readouterr().err
+
+
+def test_it_refuses_torchrun(tiny_data, random_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ablate.main(_argv(tiny_data, random_checkpoint)) == 2
+    assert "runs in one process" in capsys.readouterr().err

@@ -26,7 +26,7 @@ add at this grid and radius. The walk's radius is ``cam.radius``: override it (`
 to see others. Also printed: the predicted affinity of the position pairs within the radius,
 grouped by their ground-truth labels, with the share on the wrong side of 0.5.
 
-One process (on ``device``); images one at a time at their own size; the network in ``train.amp``
+One process (on ``device``; not under torchrun); images one at a time at their own size; the network in ``train.amp``
 precision, the labels in fp32. Exit status: 0 done; 2 bad config, data or checkpoint.
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,7 +49,6 @@ from afa.cam import multi_scale_cam
 from afa.config import ConfigError, load_config
 from afa.constants import IGNORE_INDEX
 from afa.data import DataError, build_datasets, class_names, denormalize
-from afa.engine import distributed as D
 from afa.engine.precision import autocast
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import check_image_size
@@ -241,7 +241,14 @@ def main(argv=None) -> int:
             dataset = Subset(dataset, range(min(args.limit, len(dataset))))
         model = AFANet(**C.model_kwargs(cfg))
         model.load_weights(args.checkpoint)
-        device = D.init_distributed(cfg.device).device
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError("tools/ablate_affinity.py runs in one process: start it with "
+                               "python, not torchrun")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was requested but CUDA is not available; use "
+                               "device=cpu")
+        use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+        device = torch.device("cuda" if use_cuda else "cpu")
         model.to(device)
         scores = ablate(model, dataset, par=PAR(**C.par_kwargs(cfg)).to(device), device=device,
                         cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
