@@ -26,8 +26,9 @@ add at this grid and radius. The walk's radius is ``cam.radius``: override it (`
 to see others. Also printed: the predicted affinity of the position pairs within the radius,
 grouped by their ground-truth labels, with the share on the wrong side of 0.5.
 
-One process (on ``device``; not under torchrun); images one at a time at their own size; the network in ``train.amp``
-precision, the labels in fp32. Exit status: 0 done; 2 bad config, data or checkpoint.
+One process (on ``device``; not under torchrun); images one at a time at their own size; the
+network in ``train.amp`` precision, the labels in fp32. Exit status: 0 done; 2 bad config, data or
+checkpoint.
 """
 
 from __future__ import annotations
