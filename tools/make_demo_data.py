@@ -49,6 +49,9 @@ def main(argv=None) -> int:
                              "the rim along a random direction; 0.5 = one half), the rest plain "
                              "in one of its colours: CAMs then cover only that part (default 0: "
                              "whole objects)")
+    parser.add_argument("--parts-share", type=float, default=1.0, metavar="S",
+                        help="with --parts: the share of objects textured in part, each drawn "
+                             "at random; the others are whole (default 1: all)")
     parser.add_argument("--frames", type=int, metavar="N",
                         help="write N frames of a moving-object sequence instead of the set")
     parser.add_argument("--width", type=int,
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
 
     start = time.time()
     labels = make_demo_dataset(args.out, seed=args.seed, num_train=args.num_train,
-                               num_val=args.num_val, size=args.size, parts=args.parts)
+                               num_val=args.num_val, size=args.size, parts=args.parts,
+                               parts_share=args.parts_share)
     counts = Counter(c for classes in labels.values() for c in classes)
     per_class = ", ".join(f"{DEMO_CLASSES[c]} {counts[c]}" for c in range(1, len(DEMO_CLASSES)))
     print(f"wrote {args.num_train} train + {args.num_val} val images of {args.size} px to "

@@ -256,7 +256,8 @@ def _boundary_band(mask: np.ndarray) -> np.ndarray:
 
 
 def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
-                  parts_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  parts_rng: np.random.Generator | None = None,
+                  parts_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One image (size, size, 3) uint8 RGB and its mask (size, size) uint8 (0, 1..8, 255).
 
     ``parts`` > 0: only a part of each object carries its class texture, the pixels within
@@ -266,6 +267,8 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
     fires only on its discriminative part; 1 (or 0, the default) textures whole objects. The
     directions come from ``parts_rng`` (default: a generator seeded 0), never from ``rng``, so the
     same ``rng`` gives the same objects, masks and background whatever ``parts`` is.
+    ``parts_share`` < 1: each object is textured in part with this probability (also drawn from
+    ``parts_rng``), else whole, so that a classifier still sees whole objects of every class.
     """
     if parts and parts < 1 and parts_rng is None:
         parts_rng = np.random.default_rng(0)
@@ -280,7 +283,8 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
         first, second = _colour_pair(rng)
         # A mild illumination ramp so flat textures are not perfectly flat.
         light = 1 + 0.15 * (b[inside] / radius)[:, None] * rng.uniform(-1, 1)
-        if parts and parts < 1:
+        partial = parts and parts < 1 and (parts_share >= 1 or parts_rng.random() < parts_share)
+        if partial:
             direction = parts_rng.uniform(0, 2 * np.pi)
             along = (a[inside] * np.cos(direction) + b[inside] * np.sin(direction)) / radius
             t = np.where((along >= 1 - 2 * parts)[:, None], t, 0.0)
@@ -386,10 +390,10 @@ def _sample_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random
 
 def generate_split(
     root: str | os.PathLike, split: str, num: int, seed: int, size: int, progress: bool = True,
-    parts: float = 0.0,
+    parts: float = 0.0, parts_share: float = 1.0,
 ) -> dict[str, list[int]]:
     """Write ``num`` images and masks of ``split`` under ``root``; returns ``{id: classes}``.
-    ``parts``: see :func:`render_sample`."""
+    ``parts``, ``parts_share``: see :func:`render_sample`."""
     root = Path(root)
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
@@ -397,7 +401,7 @@ def generate_split(
     for index in tqdm(range(num), desc=f"demo {split}", disable=not progress, unit="img"):
         name = f"{split}_{index:05d}"
         image, mask = render_sample(_sample_rng(seed, split, index), size, parts,
-                                    _sample_rng(seed, split, index, stream=1))
+                                    _sample_rng(seed, split, index, stream=1), parts_share)
         Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=_JPEG_QUALITY)
         write_mask(root / "SegmentationClassAug" / f"{name}.png", mask)
         labels[name] = labels_from_mask(mask, len(DEMO_CLASSES))
@@ -412,11 +416,12 @@ def make_demo_dataset(
     size: int = 128,
     progress: bool = True,
     parts: float = 0.0,
+    parts_share: float = 1.0,
 ) -> dict[str, list[int]]:
     """Write the demo set under ``root`` in the VOC layout; returns the labels of all ids.
 
-    ``parts`` > 0 (at most 1): objects textured only in part (see :func:`render_sample`); the
-    value is recorded in ``meta.json``.
+    ``parts`` > 0 (at most 1): objects textured only in part, each with probability
+    ``parts_share`` (see :func:`render_sample`); both are recorded in ``meta.json``.
 
     Besides ``JPEGImages/`` and ``SegmentationClassAug/`` it writes what ``tools/prepare_voc.py``
     would write for it, inside ``root`` itself: ``train_aug.txt``, ``val.txt``, ``cls_labels.json``;
@@ -427,11 +432,13 @@ def make_demo_dataset(
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     if not 0 <= parts <= 1:
         raise ValueError(f"parts must lie in [0, 1], got {parts}")
+    if not 0 <= parts_share <= 1:
+        raise ValueError(f"parts_share must lie in [0, 1], got {parts_share}")
     root = Path(root)
     labels = {}
     lists = {}
     for split, num, list_name in (("train", num_train, "train_aug"), ("val", num_val, "val")):
-        split_labels = generate_split(root, split, num, seed, size, progress, parts)
+        split_labels = generate_split(root, split, num, seed, size, progress, parts, parts_share)
         labels.update(split_labels)
         lists[list_name] = sorted(split_labels)
     for list_name, names in lists.items():
@@ -443,5 +450,7 @@ def make_demo_dataset(
             "num_train": num_train, "num_val": num_val, "size": size}
     if parts:
         meta["parts"] = parts
+        if parts_share < 1:
+            meta["parts_share"] = parts_share
     (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return labels
