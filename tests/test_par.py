@@ -139,3 +139,15 @@ def test_par_half_precision_input_stays_finite():
     rgb[..., 5, 5] = 0.2
     out = PAR(num_iter=2)(rgb, torch.rand(1, 2, 8, 8, dtype=torch.float16))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_par_affinity_is_the_formula_bit_for_bit():
+    """The in-place colour kernel keeps the formula's operations and their order: the same bits
+    as the out-of-place expression (the pseudo labels stay the authors', not just close)."""
+    par = PAR()
+    rgb = torch.rand(2, 3, 37, 29, generator=torch.Generator().manual_seed(4))
+    neighbours = torch.stack(par._neighbours(rgb), dim=2)
+    sigma = neighbours.std(dim=2, keepdim=True)
+    k_rgb = -((neighbours - rgb.unsqueeze(2)).abs() / (sigma + 1e-8) / par.w1) ** 2
+    expected = k_rgb.mean(dim=1).softmax(dim=1) + par.pos_weight.view(1, -1, 1, 1)
+    assert torch.equal(par.affinity(rgb), expected)
