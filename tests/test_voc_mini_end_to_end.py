@@ -1,6 +1,7 @@
 """Every tool a user runs on real photos, on the voc_mini photos (portraits, landscapes, odd
-sizes) with a tiny random model: the trainer's validation on all 60; infer_cam, infer_seg and
-show_affinity on one photo of each of their 21 sizes and on those that broke a tool.
+sizes) with a tiny random model: the trainer's validation, infer_cam, infer_seg and show_affinity,
+each on one photo of each of their 21 sizes and on those that broke a tool (their shape bugs
+depend on the size only).
 The aspect-ratio grid guess used to stop infer_cam on 2009_003904 and 2010_006026 and the
 validation on thin images. Skips when ../shared is absent."""
 
@@ -35,7 +36,6 @@ def mini(tmp_path_factory):
                                           "--workers", "1"]) == 0
     names = sorted(read_name_list(lists / "train_aug.txt") + read_name_list(lists / "val.txt"))
     assert len(names) == 60
-    (lists / "all.txt").write_text("".join(f"{n}\n" for n in names))
     torch.manual_seed(0)
     model = AFANet("mit_b0", num_classes=21, embedding_dim=32, drop_path_rate=0.0).eval()
     torch.save({"model": model.state_dict()}, root / "model.pth")
@@ -64,30 +64,26 @@ def test_voc_mini_holds_the_shapes_that_broke(mini):
     assert shapes == mini["shapes"] and len(shapes) >= 20
 
 
-def test_validation_on_every_photo(mini):
+def test_validation_on_every_photo_shape(mini):
     cfg = load_config(VOC_CONFIG, mini["overrides"])
-    dataset = VOCStyleDataset(mini["data"], mini["lists"] / "all.txt", None, 21, mode="seg")
+    # Every size, the thin photos among them, and a run of 500 x 375 photos for the batches.
+    names = sorted(set(mini["per_shape"]) | set(mini["names"][:10]))
+    sizes = [read_image(mini["data"] / "JPEGImages" / f"{n}.jpg").shape[:2] for n in names]
+    assert max(sizes.count(s) for s in sizes) >= 3  # a batch of equal-size photos forms
+    (mini["lists"] / "validate.txt").write_text("".join(f"{n}\n" for n in names))
+    dataset = VOCStyleDataset(mini["data"], mini["lists"] / "validate.txt", None, 21, mode="seg")
     kwargs = dict(par=PAR(**{"dilations": tuple(cfg.par.dilations), "num_iter": cfg.par.num_iter}),
                   device=torch.device("cpu"), cam_scales=tuple(cfg.cam.scales),
                   bkg_score=cfg.cam.bkg_score, low=cfg.cam.low, radius=cfg.cam.radius,
                   class_names=list(VOC_CLASSES))
-    # As the trainer validates (data.val_batch): photos of equal size (many are 500 x 375 or
-    # 375 x 500) run together, the odd sizes alone.
+    # As the trainer validates (data.val_batch): photos of equal size run together, the odd
+    # sizes alone; the scores equal one photo at a time.
     scores = validate(mini["model"], dataset, batch_size=cfg.data.val_batch, **kwargs)
+    single = validate(mini["model"], dataset, batch_size=1, **kwargs)
     assert cfg.data.val_batch > 1
     for kind in ("cam", "refined", "aff_cam", "affinity", "seg"):
         assert 0.0 <= scores[kind]["miou"] <= 1.0, kind
-    # The scores equal one photo at a time: on a subset with equal-size photos and the two thin
-    # ones, which keeps this test at one validation of every photo rather than two.
-    subset = sorted(set(mini["names"][:10]) | {"2009_003904", "2010_006026"})
-    sizes = [read_image(mini["data"] / "JPEGImages" / f"{n}.jpg").shape[:2] for n in subset]
-    assert max(sizes.count(s) for s in sizes) >= 3  # a batch of equal-size photos forms
-    (mini["lists"] / "subset.txt").write_text("".join(f"{n}\n" for n in subset))
-    part = VOCStyleDataset(mini["data"], mini["lists"] / "subset.txt", None, 21, mode="seg")
-    batched = validate(mini["model"], part, batch_size=cfg.data.val_batch, **kwargs)
-    single = validate(mini["model"], part, batch_size=1, **kwargs)
-    for kind in ("cam", "refined", "aff_cam", "affinity", "seg"):
-        assert batched[kind]["miou"] == pytest.approx(single[kind]["miou"], abs=1e-4), kind
+        assert scores[kind]["miou"] == pytest.approx(single[kind]["miou"], abs=1e-4), kind
 
 
 def _sizes_match(folder: Path, mini) -> None:
