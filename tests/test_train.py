@@ -326,3 +326,20 @@ def test_fp16_on_cpu_is_rejected_before_training(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"train.amp=fp16 needs a CUDA device.*cpu"):
         train(tiny_config(tiny_data, tmp_path / "amp", **{"train.amp": "fp16", "device": "cpu"}))
     assert not (tmp_path / "amp" / "checkpoints").exists()
+
+
+@pytest.mark.cpu_only
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tiny_data, tmp_path, monkeypatch):
+    """Emulated bf16 is many times slower than fp32 (17x for the demo's step on an AVX2 CPU):
+    the run says so in its log instead of leaving the user to wonder."""
+    from afa.engine import precision
+
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
+    assert "set train.amp=none" in precision.precision_warning(torch.device("cpu"), "bf16")
+    assert precision.precision_warning(torch.device("cpu"), "none") is None
+    train(tiny_config(tiny_data, tmp_path / "w", **{"train.amp": "bf16", "device": "cpu",
+                                                      "train.max_iters": 1}))
+    log = (tmp_path / "w" / "train.log").read_text()
+    assert "WARNING train.amp=bf16 on a CPU without bfloat16 instructions" in log
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: True)
+    assert precision.precision_warning(torch.device("cpu"), "bf16") is None

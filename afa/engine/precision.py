@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-__all__ = ["autocast", "set_tf32"]
+__all__ = ["autocast", "precision_warning", "set_tf32"]
 
 
 def autocast(device: torch.device, amp: str):
@@ -16,6 +16,25 @@ def autocast(device: torch.device, amp: str):
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("fp16 autocast needs CUDA; use amp=bf16 or none on CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: unknown, assume not
+        return False
+
+
+def precision_warning(device: torch.device, amp: str) -> str | None:
+    """A warning for a precision that runs slower than fp32 here, else None. On a CPU without
+    bfloat16 instructions bf16 autocast is emulated: 17x slower than fp32 for the demo's step on
+    an AVX2 AMD EPYC (docs/BENCHMARKS.md)."""
+    if amp == "bf16" and device.type == "cpu" and not _cpu_has_native_bf16():
+        return (f"train.amp=bf16 on a CPU without bfloat16 instructions (torch reports "
+                f"{torch.backends.cpu.get_cpu_capability()}): emulated, many times slower than "
+                "fp32; set train.amp=none")
+    return None
 
 
 def set_tf32(device: torch.device, enabled: bool) -> None:

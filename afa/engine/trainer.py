@@ -36,7 +36,7 @@ from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_sc
                                    non_finite_tensors, restore_rng_state, unwrap_model)
 from afa.engine.data_order import ResumableSampler, SeededDataset, stream_seed
 from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_logging
-from afa.engine.precision import autocast, set_tf32
+from afa.engine.precision import autocast, precision_warning, set_tf32
 from afa.engine.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
@@ -338,6 +338,9 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     accum = t.global_batch // (batch_size * world)
     for line in run_record():
         log.info("%s", line)
+    slow = precision_warning(info.device, t.amp)
+    if slow:
+        log.warning("%s", slow)
     torch.manual_seed(cfg.seed + info.rank)
 
     train_set, val_set = build_datasets(cfg)
