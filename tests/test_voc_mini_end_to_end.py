@@ -53,14 +53,14 @@ def mini(tmp_path_factory):
     per_shape = sorted(set(first.values()) | set(BROKE))
     (lists / "per_shape.txt").write_text("".join(f"{n}\n" for n in per_shape))
     return {"root": root, "lists": lists, "names": names, "model": model, "data": VOC_MINI,
-            "overrides": overrides, "shapes": set(shape_of.values()), "per_shape": per_shape}
+            "overrides": overrides, "shape_of": shape_of, "shapes": set(shape_of.values()),
+            "per_shape": per_shape}
 
 
 def test_voc_mini_holds_the_shapes_that_broke(mini):
     assert set(BROKE) <= set(mini["names"])
     assert any(h > w for h, w in mini["shapes"]) and any(h % 16 for h, _ in mini["shapes"])
-    shapes = {read_image(mini["data"] / "JPEGImages" / f"{n}.jpg").shape[:2]
-              for n in mini["per_shape"]}
+    shapes = {mini["shape_of"][n] for n in mini["per_shape"]}
     assert shapes == mini["shapes"] and len(shapes) >= 20
 
 
@@ -68,7 +68,7 @@ def test_validation_on_every_photo_shape(mini):
     cfg = load_config(VOC_CONFIG, mini["overrides"])
     # Every size, the thin photos among them, and a run of 500 x 375 photos for the batches.
     names = sorted(set(mini["per_shape"]) | set(mini["names"][:10]))
-    sizes = [read_image(mini["data"] / "JPEGImages" / f"{n}.jpg").shape[:2] for n in names]
+    sizes = [mini["shape_of"][n] for n in names]
     assert max(sizes.count(s) for s in sizes) >= 3  # a batch of equal-size photos forms
     (mini["lists"] / "validate.txt").write_text("".join(f"{n}\n" for n in names))
     dataset = VOCStyleDataset(mini["data"], mini["lists"] / "validate.txt", None, 21, mode="seg")
@@ -89,7 +89,7 @@ def test_validation_on_every_photo_shape(mini):
 def _sizes_match(folder: Path, mini) -> None:
     for name in mini["per_shape"]:
         with Image.open(folder / f"{name}.png") as png:
-            height, width = read_image(mini["data"] / "JPEGImages" / f"{name}.jpg").shape[:2]
+            height, width = mini["shape_of"][name]
             assert png.size == (width, height), name
 
 
@@ -98,7 +98,8 @@ def test_infer_cam_on_every_photo_shape(mini):
     2009_003904 and 2010_006026 (and mislaid 2008_003238 and 2009_005158)."""
     out = mini["root"] / "cam"
     argv = ["--config", str(VOC_CONFIG), "--checkpoint", str(mini["root"] / "model.pth"),
-            "--split", "per_shape", "--out-dir", str(out), *mini["overrides"], "cam.scales=[1.0,1.5]"]
+            "--split", "per_shape", "--out-dir", str(out), *mini["overrides"],
+            "cam.scales=[1.0,1.5]"]
     assert load_tool("infer_cam").main(argv) == 0
     for kind in ("cam_label", "refined", "affinity"):
         _sizes_match(out / kind, mini)
