@@ -50,6 +50,7 @@ from afa.atomic import write_atomic
 from afa.constants import IGNORE_INDEX
 from afa.data.voc import DataError, VOCStyleDataset
 from afa.engine import distributed as D
+from afa.host_memory import keep_freed_host_memory
 
 __all__ = [
     "SETTINGS_FILE",
@@ -310,6 +311,7 @@ def run_sharded(job, names: list[str], files: OutputFiles, config_yaml: str,
     over all ranks, or None on every rank when any rank met bad input (that rank prints the
     error); the ranks agree on it first, so none is left waiting in a collective.
     """
+    keep_freed_host_memory()  # the same large tensors every image: reuse their memory
     if D.rank() == 0:
         files.prepare(config_yaml, settings)
     D.barrier()

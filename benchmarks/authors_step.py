@@ -6,7 +6,8 @@
 
 Both iterations run in this process on the same random batch (1-2 random classes of 20 per image,
 full boxes), alternately ours, theirs, ours, ...: a machine that gets busier or quieter during the
-run affects both alike. Each timed iteration starts from the same model and optimizer state (the
+run affects both alike. Freed host memory is kept for reuse (``afa.host_memory``, as our trainer
+does) for both; ``AFA_KEEP_HOST_MEMORY=0`` runs both with glibc's defaults. Each timed iteration starts from the same model and optimizer state (the
 state after one warm-up iteration; see docs/BENCHMARKS.md on drifting random models).
 
 - Ours: ``afa.engine.trainer.train_step`` + backward + the fused AdamW step, with the paper's VOC
@@ -49,6 +50,7 @@ from afa import config as C  # noqa: E402
 from afa.affinity import radius_mask  # noqa: E402
 from afa.engine.optim import build_optimizer  # noqa: E402
 from afa.engine.trainer import _loss_kwargs, train_step  # noqa: E402
+from afa.host_memory import keep_freed_host_memory  # noqa: E402
 from afa.models import PAR, AFANet  # noqa: E402
 from benchmarks.train_step import random_batch  # noqa: E402
 
@@ -232,6 +234,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3, help="timed iterations of each, alternating")
     p.add_argument("--amp", default="none", choices=("none", "bf16"),
                    help="our forwards' precision (train.amp); theirs stay float32")
+    p.add_argument("--only", choices=("ours", "authors"),
+                   help="time one implementation in this process (run the script once per "
+                        "implementation, e.g. each with its own AFA_KEEP_HOST_MEMORY)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of our config (e.g. cam.update_decoder_bn=false)")
     args = p.parse_args(argv)
@@ -239,14 +244,18 @@ def main(argv=None) -> dict:
         p.error(f"{args.authors_repo} is not a checkout of github.com/rulixiang/afa "
                 "(no wetr/model_attn_aff.py)")
     torch.set_num_threads(args.threads)
+    host_memory = keep_freed_host_memory()  # for both: AFA_KEEP_HOST_MEMORY=0 leaves glibc's own
     device = torch.device(args.device)
     stand_ins = _install_stand_ins()
     torch.manual_seed(0)
     batch = random_batch(args.batch, args.crop)
-    runs = {"ours": OurIteration(args.backbone, args.crop, args.batch, device, args.overrides,
-                                 args.amp),
-            "authors": AuthorsIteration(args.authors_repo, args.backbone, args.crop, args.batch,
-                                        device)}
+    runs = {}
+    if args.only in (None, "ours"):
+        runs["ours"] = OurIteration(args.backbone, args.crop, args.batch, device, args.overrides,
+                                    args.amp)
+    if args.only in (None, "authors"):
+        runs["authors"] = AuthorsIteration(args.authors_repo, args.backbone, args.crop,
+                                           args.batch, device)
     snapshots = {}
     for name, run in runs.items():  # warm-up, then the state every timed iteration starts from
         run(batch)
@@ -257,16 +266,19 @@ def main(argv=None) -> dict:
             times[name].append(timed(run, snapshots[name], batch, device))
     result = {name: {"median_s": round(statistics.median(t), 3), "min_s": round(min(t), 3),
                      "all_s": [round(x, 3) for x in t]} for name, t in times.items()}
-    result["ratio_median"] = round(result["ours"]["median_s"] / result["authors"]["median_s"], 3)
-    result["ratio_min"] = round(result["ours"]["min_s"] / result["authors"]["min_s"], 3)
+    if len(runs) == 2:
+        result["ratio_median"] = round(result["ours"]["median_s"] / result["authors"]["median_s"],
+                                       3)
+        result["ratio_min"] = round(result["ours"]["min_s"] / result["authors"]["min_s"], 3)
     result.update(backbone=args.backbone, crop=args.crop, batch=args.batch, threads=args.threads,
-                  amp=args.amp,
+                  amp=args.amp, host_memory=host_memory,
                   device=args.device, overrides=args.overrides, stand_ins=stand_ins)
     for name in runs:
         print(f"{name:8s} median {result[name]['median_s']:.3f} s  min {result[name]['min_s']:.3f}"
               f" s  ({', '.join(f'{x:.3f}' for x in times[name])})")
-    print(f"ours / authors: {result['ratio_median']:.3f} (medians), {result['ratio_min']:.3f} "
-          "(minima)")
+    if len(runs) == 2:
+        print(f"ours / authors: {result['ratio_median']:.3f} (medians), "
+              f"{result['ratio_min']:.3f} (minima)")
     print(json.dumps(result))
     return result
 

@@ -33,6 +33,7 @@ from afa.crf import dense_crf_many
 from afa.data import normalize, read_image
 from afa.inference import predict_seg_logits
 from afa.models import AFANet
+from afa.host_memory import keep_freed_host_memory
 
 
 def _random_images(count: int, height: int, width: int, seed: int = 0) -> list[np.ndarray]:
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--crf-workers", type=int, default=2, help="processes of the CRF pool")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"host memory: {keep_freed_host_memory()}")  # as the tools; AFA_KEEP_HOST_MEMORY=0: not
     device = torch.device(args.device)
 
     model = AFANet(args.backbone, num_classes=21).to(device).eval()

@@ -21,7 +21,8 @@ The per-stage breakdown is measured in separate iterations that call the same fu
 one (``afa.cam``, ``afa.affinity``, ``afa.losses``) with a timer around each; its sum is close to,
 not equal to, the whole iteration. Medians over ``--iters`` after ``--warmup`` iterations. The last
 line of output is one JSON object with everything. Peak memory: RSS (ru_maxrss) of the process on
-CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
+CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Freed host memory is kept for reuse as in the
+trainer (``afa.host_memory``); ``AFA_KEEP_HOST_MEMORY=0`` measures with the C library's defaults.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from afa.engine.trainer import _loss_kwargs, _reg_workers, train_step
 from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
 from afa.models import PAR, AFANet
+from afa.host_memory import keep_freed_host_memory
 from afa.pseudo_labels import seg_probs
 
 STAGES = ("forward", "reg_start", "multi_scale_cam", "par", "random_walk", "affinity_labels",
@@ -171,6 +173,7 @@ def main() -> None:
         p.error("--amp fp16 needs --device cuda (bf16 runs on CPU too)")
 
     torch.set_num_threads(args.threads)
+    host_memory = keep_freed_host_memory()  # as the trainer does; AFA_KEEP_HOST_MEMORY=0: not
     torch.manual_seed(0)
     device = torch.device(args.device)
     set_tf32(device, args.tf32)
@@ -254,7 +257,8 @@ def main() -> None:
           f"phase={args.phase} config={args.config or 'defaults'} "
           f"threads={args.threads} tf32={args.tf32} reg_loss={args.reg_loss}: median {median:.3f} s/iter "
           f"(min {min(times):.3f}, {args.iters} iters after {args.warmup} warm-up), "
-          f"peak {'RSS' if device.type == 'cpu' else 'CUDA allocated'} {peak_mb:.0f} MB")
+          f"peak {'RSS' if device.type == 'cpu' else 'CUDA allocated'} {peak_mb:.0f} MB; "
+          f"host memory: {host_memory}")
     for s, v in stages.items():
         print(f"  {s:16s} {v:7.3f} s  {100 * v / max(sum(stages.values()), 1e-9):5.1f} %")
     print(json.dumps({"backbone": args.backbone, "crop": args.crop, "batch": args.batch,
@@ -265,7 +269,8 @@ def main() -> None:
                       "warmup": args.warmup, "median_s": round(median, 4),
                       "min_s": round(min(times), 4), "peak_mb": round(peak_mb, 1),
                       "peak_kind": "rss" if device.type == "cpu" else "cuda_allocated",
-                      "stages_s": stages, "stages_sum_s": round(sum(stages.values()), 4)}))
+                      "stages_s": stages, "stages_sum_s": round(sum(stages.values()), 4),
+                      "host_memory": host_memory}))
 
 
 if __name__ == "__main__":

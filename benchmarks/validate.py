@@ -26,6 +26,7 @@ from afa.config import load_config
 from afa.data import normalize, read_image
 from afa.engine.validate import predict_labels
 from afa.models import PAR, AFANet
+from afa.host_memory import keep_freed_host_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    print(f"host memory: {keep_freed_host_memory()}")  # as the tools; AFA_KEEP_HOST_MEMORY=0: not
     cfg = load_config(REPO / "configs" / "voc.yaml", [f"model.backbone={args.backbone}"])
     torch.manual_seed(0)
     model = AFANet(args.backbone, num_classes=21).eval()

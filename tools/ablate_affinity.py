@@ -55,6 +55,7 @@ from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import check_image_size
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
+from afa.host_memory import keep_freed_host_memory
 from afa.pseudo_labels import make_pseudo_labels
 
 ROWS = ("bkg_score", "low", "grid", "learned", "perfect")
@@ -222,6 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    keep_freed_host_memory()  # afa.host_memory: the same large tensors for every batch
     if args.limit is not None and args.limit < 1:
         print(f"error: --limit must be at least 1, got {args.limit}", file=sys.stderr)
         return 2

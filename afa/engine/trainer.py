@@ -40,6 +40,7 @@ from afa.engine.precision import autocast, precision_warning, set_tf32
 from afa.engine.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.models import PAR, AFANet, convert_sync_batchnorm
+from afa.host_memory import keep_freed_host_memory
 from afa.pseudo_labels import AFALosses, compute_afa_losses, seg_probs
 
 __all__ = ["RESUME_FREE_KEYS", "StepOutput", "TrainResult", "TrainingInterrupted", "config_differences",
@@ -338,6 +339,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     accum = t.global_batch // (batch_size * world)
     for line in run_record():
         log.info("%s", line)
+    log.info("Host memory: %s", keep_freed_host_memory())
     slow = precision_warning(info.device, t.amp)
     if slow:
         log.warning("%s", slow)
