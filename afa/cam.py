@@ -39,6 +39,10 @@ class MultiScaleCAM(NamedTuple):
     cam: torch.Tensor  # (B, C-1, H, W) normalised to [0, 1] per image and class
     aff: torch.Tensor | None  # (B, N, N) affinity of the ``aff_scale`` forward, N = h * w
     aff_grid: tuple[int, int] | None  # (h, w) stage-4 grid of that forward, from the encoder
+    # (B, C-1) image-level logits of the un-flipped scale-1 copy; None without a 1.0 scale or
+    # when the model's CAM forward gives none. What ``model(images, cls_only=True)`` would give,
+    # up to float rounding (the copy ran in a batch with its flip).
+    cls_logits: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -77,7 +81,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
                          "a reused scale-1 forward (scale1) did not")
     batch, _, height, width = images.shape
     cam_sum = images.new_zeros(())
-    aff, grid = None, None
+    aff, grid, cls_logits = None, None, None
     for scale in scales:
         size = (int(scale * height), int(scale * width))
         x = images if size == (height, width) else F.interpolate(
@@ -86,6 +90,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
         if scale1 is not None and scale == 1.0:
             flipped = model.cam_forward(x.flip(-1), return_aff=False)
             cam = torch.cat([scale1.cam_logits.detach().to(flipped.cam.dtype), flipped.cam])
+            cls_logits = scale1.cls_logits.detach()
             if want_aff:
                 aff, grid = scale1.aff_pred.detach(), scale1.grid
         elif want_aff:
@@ -95,12 +100,16 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
             flipped = model.cam_forward(x.flip(-1), return_aff=False)
             cam = torch.cat([plain.cam, flipped.cam], dim=0)
             aff, grid = plain.aff, plain.grid
+            if scale == 1.0:
+                cls_logits = plain.cls_logits
             if update_decoder_bn:  # one (image, flip) batch, as one forward of both would be
                 model.decoder.update_statistics(
                     [torch.cat(pair) for pair in zip(plain.features, flipped.features)])
         else:
             both = model.cam_forward(torch.cat([x, x.flip(-1)], dim=0), return_aff=False)
             cam = both.cam
+            if scale == 1.0 and both.cls_logits is not None:
+                cls_logits = both.cls_logits[:batch]
             if update_decoder_bn:
                 model.decoder.update_statistics(both.features)
         cam = F.interpolate(cam.float(), size=(height, width), mode="bilinear", align_corners=False)
@@ -108,7 +117,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
         cam_sum = cam_sum + F.relu(cam)
     cam_sum = cam_sum - cam_sum.amin(dim=(2, 3), keepdim=True)
     cam_sum = cam_sum / (cam_sum.amax(dim=(2, 3), keepdim=True) + 1e-5)
-    return MultiScaleCAM(cam=cam_sum, aff=aff, aff_grid=grid)
+    return MultiScaleCAM(cam=cam_sum, aff=aff, aff_grid=grid, cls_logits=cls_logits)
 
 
 def host_to_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:

@@ -63,6 +63,29 @@ def test_multi_scale_cam_matches_per_copy_reference(device):
     assert out.aff.shape == (2, 12 * 15, 12 * 15) and out.aff_grid == (12, 15)
 
 
+def test_multi_scale_cam_gives_the_scale_1_classifier_logits(device):
+    """MultiScaleCAM.cls_logits: the classifier on the un-flipped scale-1 copy, whichever path
+    that copy took (batched with its flip, explicit attention for the affinity, or reused), so
+    infer_cam --images needs no forward of its own to pick the classes."""
+    from afa.models import AFANet
+
+    torch.manual_seed(0)
+    model = AFANet("mit_b0", num_classes=5, embedding_dim=16, drop_path_rate=0.0).to(device)
+    model.eval()
+    images = torch.randn(2, 3, 75, 66, device=device)  # odd sizes, portrait
+    with torch.no_grad():
+        out = model(images)
+        expected = model(images, cls_only=True).cls_logits
+    tol = device_tol(device, 1e-4, 1e-5)
+    for kwargs in ({}, {"aff_scale": 1.0}, {"scale1": out}):
+        ms = multi_scale_cam(model, images, (1.0, 0.5, 1.5), **kwargs)
+        assert ms.cls_logits.shape == (2, 4)
+        torch.testing.assert_close(ms.cls_logits, expected, **tol, msg=str(kwargs))
+    assert multi_scale_cam(model, images, (0.5, 1.5)).cls_logits is None
+    # A model whose CAM forward gives no logits (the stand-in above): None, not an error.
+    assert multi_scale_cam(TinyCAMModel().to(device), images, (1.0, 0.5)).cls_logits is None
+
+
 def test_cam_to_label_boundaries_are_inclusive(device):
     values = torch.tensor([0.2, 0.25, 0.3, 0.5, 0.6, 0.75, 0.8])  # exact in binary
     cam = torch.zeros(1, 2, 1, 7)

@@ -26,7 +26,7 @@ _ROUNDS = textwrap.dedent("""
         y = x * 2
         del x, y
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    print(json.dumps({"state": state, "faults": [one_round() for _ in range(10)]}))
+    print(json.dumps({"state": state, "faults": [one_round() for _ in range(30)]}))
 """)
 
 
@@ -43,14 +43,15 @@ def _rounds(keep: str) -> dict:
 def test_a_repeated_large_tensor_reuses_its_memory_instead_of_faulting_it_in():
     kept = _rounds("1")
     assert kept["state"].startswith("freed memory kept for reuse"), kept
-    # Once the heap has grown to the round's size, a round maps no new pages (2 x 64 MiB would
-    # be 32,768 faults of 4 kB pages).
-    assert sum(kept["faults"][-4:]) < 1000, kept["faults"]
+    # Once the heap has grown to fit the round (within the first 3-6 rounds here; placement
+    # shifts by a few bytes each round at first), a round maps no new pages (2 x 64 MiB would be
+    # 32,768 faults of 4 kB pages).
+    assert sum(kept["faults"][-10:]) < 1000, kept["faults"]
 
     own = _rounds("0")
     assert own["state"] == "the C library's own (set by AFA_KEEP_HOST_MEMORY=0)"
     # glibc's defaults: both 64 MiB blocks are new mappings every round, faulted in page by page.
-    assert all(f >= 2 * 16384 for f in own["faults"][-4:]), own["faults"]
+    assert all(f >= 2 * 16384 for f in own["faults"][-10:]), own["faults"]
 
 
 def test_the_call_is_idempotent_and_the_variable_opts_out(monkeypatch):

@@ -88,7 +88,7 @@ from tqdm import tqdm
 
 from afa import config as C
 from afa.atomic import write_atomic
-from afa.cam import multi_scale_cam
+from afa.cam import MultiScaleCAM, multi_scale_cam
 from afa.config import ConfigError, load_config
 from afa.data import DataError, class_names, denormalize, normalize, write_mask
 from afa.data.folder import ImageFolder
@@ -195,13 +195,12 @@ def heat_name(name: str, class_name: str) -> str:
 
 
 @torch.no_grad()
-def pseudo_labels(model, par, image: torch.Tensor, label: torch.Tensor, *, scales, bkg_score: float,
-                  high: float, low: float, radius: int,
+def pseudo_labels(par, image: torch.Tensor, label: torch.Tensor, ms: MultiScaleCAM, *,
+                  bkg_score: float, high: float, low: float, radius: int,
                   ignore_index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The three labels (each (1, H, W) long) of one image (1, 3, H, W) with labels (1, C-1),
-    and its masked CAMs (1, C-1, H, W)."""
+    """The three labels (each (1, H, W) long) of one image (1, 3, H, W) with labels (1, C-1)
+    and multi-scale CAM ``ms``, and its masked CAMs (1, C-1, H, W)."""
     height, width = image.shape[-2:]
-    ms = multi_scale_cam(model, image, scales)
     cam = ms.cam.float()
     box = torch.tensor([[0, height, 0, width]], device=image.device)
     pseudo = make_pseudo_labels(cam, label, denormalize(image.float()), box, par=par,
@@ -232,8 +231,9 @@ class CamInference:
         self.class_names = class_names(cfg)
         self.min_side = model.encoder.min_input_side
         c = cfg.cam
-        self.label_kwargs = dict(scales=tuple(c.scales), bkg_score=c.bkg_score, high=c.high,
-                                 low=c.low, radius=c.radius, ignore_index=c.ignore_index)
+        self.scales = tuple(c.scales)
+        self.label_kwargs = dict(bkg_score=c.bkg_score, high=c.high, low=c.low, radius=c.radius,
+                                 ignore_index=c.ignore_index)
         self.ignore_index = c.ignore_index
         self.num_classes = num_classes = cfg.data.num_classes
         self.matrices = {k: ConfusionMatrix(num_classes, device=device) for k in KINDS}
@@ -257,7 +257,7 @@ class CamInference:
         enlarged where the smallest CAM scale would leave a side too short for the encoder."""
         if self.args.max_side and max(height, width) > self.args.max_side:
             height, width = long_side_size(height, width, self.args.max_side)
-        smallest = min(self.label_kwargs["scales"])
+        smallest = min(self.scales)
         need = math.ceil(self.min_side / smallest)  # multi_scale_cam takes int(scale * side)
         while int(smallest * need) < self.min_side:
             need += 1
@@ -267,11 +267,15 @@ class CamInference:
         return height, width
 
     @torch.no_grad()
-    def _classes(self, name: str, x: torch.Tensor) -> tuple[list[int], dict | None]:
+    def _classes(self, name: str, x: torch.Tensor,
+                 ms: MultiScaleCAM) -> tuple[list[int], dict | None]:
         """The image's classes (1..C-1) and, for --images, its classes/<id>.json record."""
         if not self.from_classifier:
             return self.images.classes(name), None
-        logits = self.model(x, cls_only=True).cls_logits[0].float().cpu()  # (C-1,)
+        logits = ms.cls_logits  # the classifier on the scale-1 copy: no forward of its own
+        if logits is None:  # no 1.0 among the CAM scales
+            logits = self.model(x, cls_only=True).cls_logits
+        logits = logits[0].float().cpu()  # (C-1,)
         if self.given is not None:  # the given classes, largest logit first
             classes = sorted(self.given, key=lambda c: -float(logits[c - 1]))
         else:
@@ -289,10 +293,11 @@ class CamInference:
         size = self._work_size(height, width)
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        classes, record = self._classes(name, x)
+        ms = multi_scale_cam(self.model, x, self.scales)
+        classes, record = self._classes(name, x, ms)
         label = torch.zeros(1, self.num_classes - 1, device=self.device)
         label[0, [c - 1 for c in classes]] = 1.0
-        labels, cam = pseudo_labels(self.model, self.par, x, label, **self.label_kwargs)
+        labels, cam = pseudo_labels(self.par, x, label, ms, **self.label_kwargs)
         if self.args.save_npy:
             npy_size = (max(1, round(height * self.args.npy_scale)),
                         max(1, round(width * self.args.npy_scale)))

@@ -43,6 +43,7 @@ class CAMForward(NamedTuple):
     aff: torch.Tensor | None  # (B, N, N) affinity, N = h * w; None unless asked for
     grid: tuple[int, int]  # (h, w) stage-4 grid of this forward
     features: list[torch.Tensor]  # the four encoder stages, for the decoder
+    cls_logits: torch.Tensor | None = None  # (B, C-1) image-level logits of this forward
 
 
 class AFANet(nn.Module):
@@ -135,7 +136,8 @@ class AFANet(nn.Module):
         features, attn_logits = self.encoder(x, return_attn=return_aff)
         cam = F.conv2d(features[3], self.classifier.weight)
         aff = self._affinity(attn_logits) if return_aff else None
-        return CAMForward(cam, aff, tuple(features[3].shape[-2:]), features)
+        cls_logits = self.classifier(self._pool(features[3])).flatten(1)
+        return CAMForward(cam, aff, tuple(features[3].shape[-2:]), features, cls_logits)
 
     def forward_cam(self, x: torch.Tensor, return_aff: bool = True):
         """CAMs ``(B, C-1, h, w)`` before ReLU (on the stage-4 grid) and the affinity
