@@ -7,8 +7,10 @@
 Both iterations run in this process on the same random batch (1-2 random classes of 20 per image,
 full boxes), alternately ours, theirs, ours, ...: a machine that gets busier or quieter during the
 run affects both alike. Freed host memory is kept for reuse (``afa.host_memory``, as our trainer
-does) for both; ``AFA_KEEP_HOST_MEMORY=0`` runs both with glibc's defaults. Each timed iteration starts from the same model and optimizer state (the
-state after one warm-up iteration; see docs/BENCHMARKS.md on drifting random models).
+does) for both; ``AFA_KEEP_HOST_MEMORY=0`` runs both with glibc's defaults, and ``--only`` times
+one of them per process (each with its own setting). Each timed iteration starts from the same
+model and optimizer state (the state after one warm-up iteration; see docs/BENCHMARKS.md on
+drifting random models).
 
 - Ours: ``afa.engine.trainer.train_step`` + backward + the fused AdamW step, with the paper's VOC
   config (``configs/voc.yaml`` defaults: CAM scales 1.0/0.5/1.5, PAR 10 iterations, decoder

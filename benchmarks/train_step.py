@@ -46,10 +46,10 @@ from afa.engine.optim import build_optimizer
 from afa.engine import distributed as D
 from afa.engine.precision import autocast, set_tf32
 from afa.engine.trainer import _loss_kwargs, _reg_workers, train_step
+from afa.host_memory import keep_freed_host_memory
 from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
 from afa.models import PAR, AFANet
-from afa.host_memory import keep_freed_host_memory
 from afa.pseudo_labels import seg_probs
 
 STAGES = ("forward", "reg_start", "multi_scale_cam", "par", "random_walk", "affinity_labels",

@@ -294,10 +294,25 @@ def test_an_image_too_narrow_for_the_network_is_named(setup, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def test_infer_cam_takes_the_classes_from_the_classifier(setup, tmp_path, capsys):
+def _count_classification_forwards(monkeypatch) -> list:
+    """Record every ``AFANet.forward(..., cls_only=True)`` call from now on."""
+    calls, forward = [], AFANet.forward
+
+    def counting(self, x, cls_only=False):
+        if cls_only:
+            calls.append(tuple(x.shape))
+        return forward(self, x, cls_only)
+
+    monkeypatch.setattr(AFANet, "forward", counting)
+    return calls
+
+
+def test_infer_cam_takes_the_classes_from_the_classifier(setup, tmp_path, capsys, monkeypatch):
     out = tmp_path / "cam"
+    calls = _count_classification_forwards(monkeypatch)
     assert infer_cam.main(_cam_argv(setup, setup.photos, out, "--max-side", "96",
                                     "--save-npy")) == 0
+    assert calls == []  # the classes come from the multi-scale CAM's scale-1 forward
     summary = json.loads((out / "classes.json").read_text())
     assert list(summary) == ImageFolder(setup.photos).names
     for name, (height, width) in setup.sizes.items():
@@ -332,6 +347,25 @@ def test_infer_cam_takes_the_classes_from_the_classifier(setup, tmp_path, capsys
         record = json.loads((out / "classes" / f"{name}.json").read_text())
         assert [record["logits"][c] for c in DEMO_CLASSES[1:]] == pytest.approx(
             logits.tolist(), abs=1e-3)
+
+
+def test_infer_cam_without_a_scale_1_runs_the_classifier_itself(setup, tmp_path, monkeypatch):
+    """CAM scales without 1.0 give no scale-1 logits: one classification forward per image, on
+    the image as the tool saw it; the same classes as with the scale-1 copy."""
+    calls = _count_classification_forwards(monkeypatch)
+    out = tmp_path / "no1"
+    argv = _cam_argv(setup, setup.photos, out, "--max-side", "96", "cam.scales=[0.5,1.5]")
+    assert infer_cam.main(argv) == 0
+    names = ImageFolder(setup.photos).names
+    assert len(calls) == len(names)
+    reference = tmp_path / "with1"
+    assert infer_cam.main(_cam_argv(setup, setup.photos, reference, "--max-side", "96")) == 0
+    for name in names:
+        without, with_scale1 = (json.loads((d / "classes" / f"{name}.json").read_text())
+                                for d in (out, reference))
+        assert without["classes"] == with_scale1["classes"], name
+        assert [without["logits"][c] for c in DEMO_CLASSES[1:]] == pytest.approx(
+            [with_scale1["logits"][c] for c in DEMO_CLASSES[1:]], abs=1e-3)
 
 
 def test_infer_cam_top_k_and_named_classes(setup, frame_outputs, tmp_path, capsys):

@@ -53,9 +53,9 @@ from afa.data import DataError, build_datasets, class_names, denormalize
 from afa.engine.precision import autocast
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import check_image_size
+from afa.host_memory import keep_freed_host_memory
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
-from afa.host_memory import keep_freed_host_memory
 from afa.pseudo_labels import make_pseudo_labels
 
 ROWS = ("bkg_score", "low", "grid", "learned", "perfect")

@@ -39,8 +39,8 @@ from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_log
 from afa.engine.precision import autocast, precision_warning, set_tf32
 from afa.engine.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from afa.engine.validate import ValidationStopped, format_table, validate
-from afa.models import PAR, AFANet, convert_sync_batchnorm
 from afa.host_memory import keep_freed_host_memory
+from afa.models import PAR, AFANet, convert_sync_batchnorm
 from afa.pseudo_labels import AFALosses, compute_afa_losses, seg_probs
 
 __all__ = ["RESUME_FREE_KEYS", "StepOutput", "TrainResult", "TrainingInterrupted", "config_differences",
