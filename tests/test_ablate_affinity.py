@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from conftest import load_tool
 from afa.cam import multi_scale_cam
+from afa.config import load_config
 from afa.constants import IGNORE_INDEX
 from afa.models import PAR, AFANet
 
@@ -110,7 +111,8 @@ def test_its_reference_rows_are_the_validation_scores(tiny_data, random_checkpoi
     out_json, val_json = tmp_path / "ablation.json", tmp_path / "val.json"
     assert ablate.main(_argv(tiny_data, random_checkpoint, "--json", str(out_json))) == 0
     text = capsys.readouterr().out
-    assert "val, 3 images" in text and "walks: radius 3, background score 0.35" in text
+    radius = load_config(REPO / "configs" / "demo_full.yaml").cam.radius  # the walk's reach
+    assert "val, 3 images" in text and f"walks: radius {radius}, background score 0.35" in text
     for title in ("cam@0.45", "cam@0.35", "grid", "learned", "perfect", "learned+PAR"):
         assert title in text
     assert "a perfect affinity would add" in text
@@ -120,7 +122,7 @@ def test_its_reference_rows_are_the_validation_scores(tiny_data, random_checkpoi
             "learned/argmax": "aff_cam", "learned/par": "affinity"}
     for ours, theirs in same.items():
         assert record[ours]["iou"] == val[theirs]["iou"], ours
-    assert record["num_images"] == 3 and record["radius"] == 3
+    assert record["num_images"] == 3 and record["radius"] == radius
     pairs = record["pairs"]
     assert sum(p["pairs"] for p in pairs.values()) > 0
     for entry in pairs.values():
