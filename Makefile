@@ -20,8 +20,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/run_demo.sh
 
-# All of AFA's training, the affinity branch included (README, "The demos"): 37-38 minutes on
-# 2 AMD EPYC cores.
+# All of AFA's training, the affinity branch included (README, "The demos"): about 23 minutes on
+# 2 AMD EPYC cores with AVX-512, about an hour on 2 without.
 demo-full: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh
 
