@@ -32,6 +32,7 @@ __all__ = [
     "SegmentationScores",
     "segmentation_scores",
     "format_scores",
+    "score_columns",
     "format_table",
     "multilabel_f1",
 ]
@@ -141,6 +142,7 @@ class SegmentationScores:
     miou: float
     iou: list[float]
     acc: list[float]
+    precision: list[float]
     class_names: list[str]
     num_pixels: int
 
@@ -153,6 +155,7 @@ class SegmentationScores:
         out = asdict(self)
         out["iou"] = [clean(v) for v in self.iou]
         out["acc"] = [clean(v) for v in self.acc]
+        out["precision"] = [clean(v) for v in self.precision]
         out["pixel_acc"] = clean(self.pixel_acc)
         out["mean_acc"] = clean(self.mean_acc)
         out["miou"] = clean(self.miou)
@@ -171,8 +174,11 @@ def segmentation_scores(
     """Pixel accuracy, mean (per-class) accuracy, mIoU and per-class IoU of a confusion matrix.
 
     ``IoU_c = TP / (TP + FP + FN)``; classes whose union is 0 get ``nan`` and are excluded from the
-    mean. ``acc_c = TP / (pixels of class c in the ground truth)``; classes absent from the ground
-    truth get ``nan`` and are excluded from the mean accuracy.
+    mean. ``acc_c = TP / (pixels of class c in the ground truth)`` (the recall); classes absent from
+    the ground truth get ``nan`` and are excluded from the mean accuracy. ``precision_c = TP /
+    (pixels predicted as c)``, ``nan`` for classes never predicted. Precision and recall tell a
+    partial CAM (high precision, low recall: only the most discriminative part) from one that
+    spills into its surroundings (the reverse), which the IoU alone does not.
     """
     if isinstance(matrix, torch.Tensor):
         matrix = matrix.detach().cpu().numpy()
@@ -192,12 +198,14 @@ def segmentation_scores(
     with np.errstate(divide="ignore", invalid="ignore"):
         iou = np.where(union > 0, tp / union, np.nan)
         acc = np.where(gt_count > 0, tp / gt_count, np.nan)
+        precision = np.where(pred_count > 0, tp / pred_count, np.nan)
     return SegmentationScores(
         pixel_acc=float(tp.sum() / total) if total > 0 else float("nan"),
         mean_acc=_nanmean(acc),
         miou=_nanmean(iou),
         iou=iou.tolist(),
         acc=acc.tolist(),
+        precision=precision.tolist(),
         class_names=list(class_names),
         num_pixels=int(total),
     )
@@ -231,11 +239,16 @@ def format_table(columns: dict[str, Sequence], class_names: Sequence[str],
     return "\n".join(lines)
 
 
+def score_columns(scores: SegmentationScores) -> dict[str, list[float]]:
+    """The per-class columns of :func:`format_scores`: IoU, precision and recall."""
+    return {"IoU": scores.iou, "precision": scores.precision, "recall": scores.acc}
+
+
 def format_scores(scores: SegmentationScores) -> str:
-    """:func:`format_table` of one prediction: per-class IoU and accuracy, then pixel accuracy,
-    mean accuracy and mIoU."""
-    return format_table({"IoU": scores.iou, "acc": scores.acc}, scores.class_names,
-                        {"pixel acc": [scores.pixel_acc], "mean acc": [scores.mean_acc],
+    """:func:`format_table` of one prediction: per-class IoU, precision and recall (``acc``), then
+    pixel accuracy, mean accuracy (of the recalls) and mIoU."""
+    return format_table(score_columns(scores), scores.class_names,
+                        {"pixel acc": [scores.pixel_acc], "mean recall": [scores.mean_acc],
                          "mIoU": [scores.miou]})
 
 

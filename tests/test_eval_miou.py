@@ -126,14 +126,15 @@ def test_class_rules_differ_on_a_subset(tmp_path, capsys):
     rows = _rows(out)
     assert rows["mIoU (standard)"] == [f"{100 * standard:.2f}"]
     assert rows["mIoU (gt-only)"] == [f"{100 * gt_only:.2f}"]
-    assert rows["bottle"] == ["0.00", "-"]  # predicted, not in the ground truth: IoU 0
+    # Predicted, not in the ground truth: IoU 0, precision 0, no recall.
+    assert rows["bottle"] == ["0.00", "0.00", "-"]
     assert "over the 3 classes in the ground truth or the prediction" in out
     assert "over the 2 classes in the ground truth only (the authors' rule)" in out
 
     eval_miou.main(_args(pred_dir, gt_dir, list_file, "--class-rule", "gt-only"))
     rows = _rows(capsys.readouterr().out)
     assert rows["mIoU (gt-only)"] == [f"{100 * gt_only:.2f}"] and "mIoU (standard)" not in rows
-    assert rows["bottle"] == ["-", "-"]  # no IoU under this rule
+    assert rows["bottle"] == ["-", "0.00", "-"]  # no IoU under this rule; its precision stays
     eval_miou.main(_args(pred_dir, gt_dir, list_file))  # default: standard only
     rows = _rows(capsys.readouterr().out)
     assert "mIoU (standard)" in rows and "mIoU (gt-only)" not in rows
@@ -154,3 +155,17 @@ def _rows(table: str) -> dict[str, list[str]]:
 def test_class_rules_agree_when_every_predicted_class_is_in_the_ground_truth(dirs):
     result = eval_miou.main(_args(*dirs))
     assert result["miou_gt_only"] == pytest.approx(result["miou"])
+
+
+def test_a_nine_class_set_is_named_as_the_demo_and_shows_precision_and_recall(dirs, capsys):
+    """9 classes: make demo's names by default; each row gives IoU, precision and recall, which
+    tell a partial prediction (precise, low recall) from one that spills (the reverse)."""
+    pred_dir, gt_dir, list_file = dirs
+    args = _args(pred_dir, gt_dir, list_file)
+    args[args.index("--num-classes") + 1] = "9"
+    eval_miou.main(args)
+    rows = _rows(capsys.readouterr().out)
+    # The same confusion as above: class 1 is the demo's disc, class 2 its square.
+    assert rows["disc"] == ["66.67", "75.00", "85.71"]  # IoU 6/9, precision 6/8, recall 6/7
+    assert rows["square"] == ["40.00", "66.67", "50.00"]  # 2/5, 2/3, 2/4
+    assert rows["ellipse"] == ["-", "-", "-"]

@@ -34,6 +34,9 @@ EXPECTED_IOU = [3 / 5, 6 / 9, 2 / 5]
 EXPECTED_MIOU = sum(EXPECTED_IOU) / 3  # 0.5556, not 0.4167 (absent class as 0) or 0.6667 (as 1)
 EXPECTED_PIXEL_ACC = 11 / 15
 EXPECTED_MEAN_ACC = (3 / 4 + 6 / 7 + 2 / 4) / 3
+# Precision = TP / pixels predicted as the class (the columns): 3/4, 6/8, 2/3; class 3 never
+# predicted -> nan.
+EXPECTED_PRECISION = [3 / 4, 6 / 8, 2 / 3]
 
 
 def test_confusion_matrix_by_hand():
@@ -46,6 +49,8 @@ def test_scores_by_hand_exclude_absent_class():
     scores = segmentation_scores(EXPECTED, class_names=["a", "b", "c", "d"])
     np.testing.assert_allclose(scores.iou[:3], EXPECTED_IOU)
     assert math.isnan(scores.iou[3]) and math.isnan(scores.acc[3])
+    np.testing.assert_allclose(scores.precision[:3], EXPECTED_PRECISION)
+    assert math.isnan(scores.precision[3])
     assert scores.miou == pytest.approx(EXPECTED_MIOU)
     assert scores.pixel_acc == pytest.approx(EXPECTED_PIXEL_ACC)
     assert scores.mean_acc == pytest.approx(EXPECTED_MEAN_ACC)
@@ -53,8 +58,12 @@ def test_scores_by_hand_exclude_absent_class():
     as_dict = scores.to_dict()
     assert as_dict["iou_per_class"]["d"] is None
     assert as_dict["iou_per_class"]["b"] == pytest.approx(6 / 9)
+    assert as_dict["precision"][1] == pytest.approx(0.75) and as_dict["precision"][3] is None
     table = format_scores(scores)
     assert "55.56" in table and "73.33" in table
+    header, row_c = table.splitlines()[0].split(), table.splitlines()[3].split()
+    assert header[-3:] == ["IoU", "precision", "recall"]
+    assert row_c == ["c", "40.00", "66.67", "50.00"]  # IoU 2/5, precision 2/3, recall 2/4
 
 
 def test_accumulator_and_rank_reduction():

@@ -1,4 +1,5 @@
-"""Score class-index prediction PNGs against ground-truth PNGs: pixel acc, mean acc, mIoU.
+"""Score class-index prediction PNGs against ground-truth PNGs: mIoU, per-class IoU, precision
+and recall, pixel accuracy.
 
 One confusion matrix over all pixels of all listed images (ground-truth 255 ignored). Which classes
 the mean IoU averages over (``--class-rule``):
@@ -43,12 +44,14 @@ import torch
 from tqdm import tqdm
 
 from afa.constants import COCO_CLASSES, VOC_CLASSES
+from afa.data.synthetic import DEMO_CLASSES
 from afa.io import read_label_png
-from afa.metrics import ConfusionMatrix, SegmentationScores, confusion_matrix, format_table
+from afa.metrics import (ConfusionMatrix, SegmentationScores, confusion_matrix, format_table,
+                         score_columns)
 
 __all__ = ["read_ids", "evaluate_dirs", "gt_only_scores", "main"]
 
-CLASS_NAME_SETS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
+CLASS_NAME_SETS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "demo": DEMO_CLASSES}
 CLASS_RULES = ("standard", "gt-only", "both")
 _RULE_LEGENDS = {  # {n}: how many classes the mean runs over
     "standard": "mIoU (standard): over the {n} classes in the ground truth or the prediction",
@@ -124,18 +127,18 @@ def _report(scores: dict[str, SegmentationScores], rule: str) -> str:
     rule shown, and a legend saying which classes each averages over."""
     shown = ("standard", "gt-only") if rule == "both" else (rule,)
     table = scores[shown[0]]
-    summary = {"pixel acc": [table.pixel_acc], "mean acc": [table.mean_acc]}
+    summary = {"pixel acc": [table.pixel_acc], "mean recall": [table.mean_acc]}
     legend = []
     for name in shown:
         summary[f"mIoU ({name})"] = [scores[name].miou]
         legend.append(_RULE_LEGENDS[name].format(n=int(np.isfinite(scores[name].iou).sum())))
-    return "\n".join([format_table({"IoU": table.iou, "acc": table.acc}, table.class_names,
-                                    summary), *legend])
+    return "\n".join([format_table(score_columns(table), table.class_names, summary), *legend])
 
 
 def _class_names(choice: str | None, num_classes: int) -> list[str]:
     if choice is None:
-        choice = {len(VOC_CLASSES): "voc", len(COCO_CLASSES): "coco"}.get(num_classes, "index")
+        by_size = {len(names): key for key, names in CLASS_NAME_SETS.items()}
+        choice = by_size.get(num_classes, "index")
     if choice == "index":
         return [str(i) for i in range(num_classes)]
     names = CLASS_NAME_SETS[choice]
@@ -156,7 +159,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--class-names",
         choices=[*CLASS_NAME_SETS, "index"],
-        help="names for the table (default: voc for 21 classes, coco for 81, else indices)",
+        help="names for the table (default: voc for 21 classes, coco for 81, demo (make demo's "
+        "set) for 9, else indices)",
     )
     parser.add_argument(
         "--class-rule",
