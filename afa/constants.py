@@ -11,6 +11,8 @@ __all__ = [
     "IMAGENET_STD",
     "VOC_CLASSES",
     "COCO_CLASSES",
+    "DEMO_CLASSES",
+    "CLASS_NAME_SETS",
     "color_palette",
 ]
 
@@ -43,6 +45,14 @@ COCO_CLASSES = (
     "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
     "teddy bear", "hair drier", "toothbrush",
 )
+
+# The synthetic set of `make demo` (afa.data.synthetic draws them).
+DEMO_CLASSES = (
+    "background", "disc", "square", "triangle", "star", "ring", "cross", "crescent", "ellipse",
+)
+
+# The class lists a tool's --class-names can pick, background first.
+CLASS_NAME_SETS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "demo": DEMO_CLASSES}
 
 
 def color_palette(num_colors: int = 256) -> np.ndarray:

@@ -43,15 +43,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from afa.constants import COCO_CLASSES, VOC_CLASSES
-from afa.data.synthetic import DEMO_CLASSES
+from afa.constants import CLASS_NAME_SETS
 from afa.io import read_label_png
 from afa.metrics import (ConfusionMatrix, SegmentationScores, confusion_matrix, format_table,
                          score_columns)
 
 __all__ = ["read_ids", "evaluate_dirs", "gt_only_scores", "main"]
 
-CLASS_NAME_SETS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES, "demo": DEMO_CLASSES}
 CLASS_RULES = ("standard", "gt-only", "both")
 _RULE_LEGENDS = {  # {n}: how many classes the mean runs over
     "standard": "mIoU (standard): over the {n} classes in the ground truth or the prediction",

@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from afa.constants import COCO_CLASSES, VOC_CLASSES
+from afa.constants import CLASS_NAME_SETS
 from afa.io import read_image, read_label_png, write_rgb_png
 from afa.viz import visualize_sample
 
 __all__ = ["load_cams", "render", "main"]
 
-CLASS_NAME_SETS = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 

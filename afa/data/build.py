@@ -6,7 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from afa.constants import COCO_CLASSES, VOC_CLASSES
+from afa.constants import COCO_CLASSES, DEMO_CLASSES, VOC_CLASSES
 from afa.data.voc import VOCStyleDataset
 
 __all__ = ["build_datasets", "class_names"]
@@ -18,8 +18,6 @@ def class_names(cfg: DictConfig) -> list[str]:
         return list(VOC_CLASSES)
     if cfg.data.name == "coco":
         return list(COCO_CLASSES)
-    from afa.data.synthetic import DEMO_CLASSES  # the demo set names its own classes
-
     return list(DEMO_CLASSES)
 
 

@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from afa.constants import IGNORE_INDEX
+from afa.constants import DEMO_CLASSES, IGNORE_INDEX
 from afa.data.voc import labels_from_mask, write_label_file, write_mask, write_name_list
 
 __all__ = [
@@ -71,9 +71,6 @@ __all__ = [
 # Bumped whenever the generated images change; written to meta.json so stale sets can be detected.
 DEMO_VERSION = 3
 
-DEMO_CLASSES = (
-    "background", "disc", "square", "triangle", "star", "ring", "cross", "crescent", "ellipse",
-)
 CLASS_TEXTURES = (
     None, "dots", "checker", "stripes", "bricks", "grid", "noise", "zigzag", "concentric",
 )
