@@ -17,13 +17,17 @@ $(STAMP): $(PY) requirements.txt requirements-dev.txt setup.py
 
 install: $(STAMP)
 
+# DEMO_ARGS: config overrides for either demo, e.g.
+#   make demo-full DEMO_ARGS="data.root=data/demo160 data.list_dir=data/demo160 data.crop_size=160"
+# (its set is made at data.crop_size pixels; README, "The demos").
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/run_demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/run_demo.sh $(DEMO_ARGS)
 
 # All of AFA's training, the affinity branch included (README, "The demos"): about 23 minutes on
 # 2 AMD EPYC cores with AVX-512 (22.4 measured), 61.5 on 2 without (measured at radius 3).
 demo-full: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh \
+		$(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

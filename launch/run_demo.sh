@@ -4,27 +4,43 @@
 #   bash launch/run_demo.sh [key=value ...]      (make demo runs this inside .venv)
 #   DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh     (make demo-full)
 # Results: work_dirs/<config name>/results.json (mIoU in [0, 1] and minutes), table on the terminal.
-# Other places and sizes (the defaults are the demo's; tests use them): DEMO_DATA (data/demo),
-# DEMO_NUM_TRAIN (12000), DEMO_DATA_ARGS (more tools/make_demo_data.py flags, e.g. "--size 64"),
-# DEMO_WORK_DIR (work_dirs/<config name>). A set in DEMO_DATA made by another generator version
-# or with another number of training images is made again.
+# The data set goes to the config's data.root, its images data.crop_size pixels square (after the
+# key=value arguments). Other places and sizes (tests use them): DEMO_DATA (instead of data.root),
+# DEMO_NUM_TRAIN (12000), DEMO_DATA_ARGS (more tools/make_demo_data.py flags, e.g. "--num-val 3"),
+# DEMO_WORK_DIR (work_dirs/<config name>). A set made by another generator version, with another
+# number of training images or at another size is made again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${DEMO_CONFIG:-configs/demo.yaml}
 WORK=${DEMO_WORK_DIR:-work_dirs/$(basename "$CONFIG" .yaml)}
-DATA=${DEMO_DATA:-data/demo}
-NUM_TRAIN=${DEMO_NUM_TRAIN:-12000}
 start=$(date +%s)
-if ! python - "$DATA/meta.json" "$NUM_TRAIN" 2>/dev/null <<'PY'
+# The config's data place and image size, after the key=value arguments (a wrong key stops here).
+config_data=$(python - "$CONFIG" "$@" <<'PY'
+import sys
+from afa.config import load_config
+cfg = load_config(sys.argv[1], [a for a in sys.argv[2:] if "=" in a and not a.startswith("-")])
+print(cfg.data.crop_size, cfg.data.root)
+PY
+)
+case " ${DEMO_DATA_ARGS:-} " in
+    *" --size"*) echo "run_demo.sh: DEMO_DATA_ARGS must not set --size: the images are made" \
+                      "data.crop_size pixels square (pass data.crop_size=N instead)" >&2; exit 2 ;;
+esac
+SIZE=${config_data%% *}
+DATA=${DEMO_DATA:-${config_data#* }}
+NUM_TRAIN=${DEMO_NUM_TRAIN:-12000}
+if ! python - "$DATA/meta.json" "$NUM_TRAIN" "$SIZE" 2>/dev/null <<'PY'
 import json, sys
 from afa.data.synthetic import DEMO_VERSION
 meta = json.load(open(sys.argv[1]))
-sys.exit(meta.get("version") != DEMO_VERSION or meta.get("num_train") != int(sys.argv[2]))
+sys.exit(meta.get("version") != DEMO_VERSION or meta.get("num_train") != int(sys.argv[2])
+         or meta.get("size") != int(sys.argv[3]))
 PY
 then
     rm -rf "$DATA"
     # shellcheck disable=SC2086  # DEMO_DATA_ARGS holds several flags
-    python tools/make_demo_data.py --out "$DATA" --num-train "$NUM_TRAIN" ${DEMO_DATA_ARGS:-}
+    python tools/make_demo_data.py --out "$DATA" --num-train "$NUM_TRAIN" --size "$SIZE" \
+        ${DEMO_DATA_ARGS:-}
 fi
 data=(data.root="$DATA" data.list_dir="$DATA")
 before=$(ls "$WORK"/checkpoints/iter_*.pth 2>/dev/null | tail -n 1 || true)

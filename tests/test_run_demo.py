@@ -15,25 +15,49 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
 
 
-def _run(tmp_path: Path, config: str = "configs/demo.yaml") -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, config: str = "configs/demo.yaml", check: bool = True,
+         args: tuple[str, ...] = (), **env_changes: str) -> subprocess.CompletedProcess:
     env = {**os.environ,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DEMO_CONFIG": config, "DEMO_DATA": str(tmp_path / "data"), "DEMO_NUM_TRAIN": "12",
-           "DEMO_DATA_ARGS": "--num-val 3 --size 64", "DEMO_WORK_DIR": str(tmp_path / "work"),
-           "OMP_NUM_THREADS": "1"}
+           "DEMO_DATA_ARGS": "--num-val 3", "DEMO_WORK_DIR": str(tmp_path / "work"),
+           "OMP_NUM_THREADS": "1", **env_changes}
     skip = ("work_dir=", "data.root=", "data.list_dir=")
     overrides = [o for o in tiny_overrides(tmp_path, tmp_path) if not o.startswith(skip)]
-    done = subprocess.run(["bash", "launch/run_demo.sh", *overrides], cwd=REPO, env=env,
+    done = subprocess.run(["bash", "launch/run_demo.sh", *overrides, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
+
+
+def test_run_demo_refuses_a_size_that_contradicts_the_config(tmp_path):
+    """The images are made data.crop_size pixels square; a --size of its own is an error, before
+    any data is made."""
+    done = _run(tmp_path, check=False, DEMO_DATA_ARGS="--num-val 3 --size 96")
+    assert done.returncode == 2
+    assert "data.crop_size" in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_run_demo_makes_the_set_where_and_as_large_as_the_config_says(tmp_path):
+    """Without DEMO_DATA the set goes to the config's data.root, at data.crop_size pixels (how
+    `make demo-full DEMO_ARGS="data.root=data/demo160 data.list_dir=data/demo160
+    data.crop_size=160"` gets a 160-px set instead of 160-px crops of the 128-px one)."""
+    root = tmp_path / "from_config"
+    _run(tmp_path, DEMO_DATA="", args=(f"data.root={root}", f"data.list_dir={root}",
+                                       "data.crop_size=80"))
+    meta = json.loads((root / "meta.json").read_text())
+    assert (meta["size"], meta["num_train"]) == (80, 12)
+    assert not (tmp_path / "data").exists()
+    assert f"root: {root}" in (tmp_path / "work" / "config.yaml").read_text()
 
 
 def test_run_demo_generates_trains_scores_and_is_rerunnable(tmp_path):
     data, work = tmp_path / "data", tmp_path / "work"
     first = _run(tmp_path, "configs/demo_full.yaml")
     meta = json.loads((data / "meta.json").read_text())
-    assert (meta["num_train"], meta["num_val"], meta["size"]) == (12, 3, 64)
+    assert (meta["num_train"], meta["num_val"], meta["size"]) == (12, 3, 64)  # data.crop_size
     assert (work / "checkpoints" / "iter_000004.pth").is_file()
     val = json.loads((work / "val_scores.json").read_text())
     assert val["iteration"] == 4
@@ -61,8 +85,13 @@ def test_run_demo_generates_trains_scores_and_is_rerunnable(tmp_path):
     assert rescored == results  # the validation's scores, from evaluate.py this time
     assert json.loads((work / "eval.json").read_text())["num_images"] == 3
 
-    # A set from another generator version is made again.
+    # A set from another generator version is made again, and so is one of another image size.
     meta["version"] = -1
     (data / "meta.json").write_text(json.dumps(meta))
     _run(tmp_path, "configs/demo_full.yaml")
     assert json.loads((data / "meta.json").read_text())["version"] != -1
+    meta = json.loads((data / "meta.json").read_text())
+    meta["size"] = 32
+    (data / "meta.json").write_text(json.dumps(meta))
+    _run(tmp_path, "configs/demo_full.yaml")
+    assert json.loads((data / "meta.json").read_text())["size"] == 64
