@@ -5,7 +5,8 @@
 #   DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh     (make demo-full)
 # Results: work_dirs/<config name>/results.json (mIoU in [0, 1] and minutes), table on the terminal.
 # The data set goes to the config's data.root, its images data.crop_size pixels square (after the
-# key=value arguments). Other places and sizes (tests use them): DEMO_DATA (instead of data.root),
+# key=value arguments). Other places and sizes (tests use them): DEMO_DATA (instead of data.root;
+# refused together with a data.root= or data.list_dir= argument),
 # DEMO_NUM_TRAIN (12000), DEMO_DATA_ARGS (more tools/make_demo_data.py flags, e.g. "--num-val 3"),
 # DEMO_WORK_DIR (work_dirs/<config name>). A set made by another generator version, with another
 # number of training images or at another size is made again.
@@ -26,6 +27,15 @@ case " ${DEMO_DATA_ARGS:-} " in
     *" --size"*) echo "run_demo.sh: DEMO_DATA_ARGS must not set --size: the images are made" \
                       "data.crop_size pixels square (pass data.crop_size=N instead)" >&2; exit 2 ;;
 esac
+if [ -n "${DEMO_DATA:-}" ]; then
+    for arg in "$@"; do
+        case "$arg" in
+            data.root=*|data.list_dir=*)
+                echo "run_demo.sh: DEMO_DATA ($DEMO_DATA) and the argument $arg both name the" \
+                     "data set: give one of them" >&2; exit 2 ;;
+        esac
+    done
+fi
 SIZE=${config_data%% *}
 DATA=${DEMO_DATA:-${config_data#* }}
 NUM_TRAIN=${DEMO_NUM_TRAIN:-12000}

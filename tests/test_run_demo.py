@@ -40,6 +40,16 @@ def test_run_demo_refuses_a_size_that_contradicts_the_config(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_run_demo_refuses_two_places_for_the_set(tmp_path):
+    """DEMO_DATA replaces data.root; an argument naming another place would make the set in one
+    and train on the other, so the two together are an error, before any data is made."""
+    other = tmp_path / "other"
+    done = _run(tmp_path, check=False, args=(f"data.root={other}", f"data.list_dir={other}"))
+    assert done.returncode == 2
+    assert "DEMO_DATA" in done.stderr and "data.root=" in done.stderr
+    assert not (tmp_path / "data").exists() and not other.exists()
+
+
 def test_run_demo_makes_the_set_where_and_as_large_as_the_config_says(tmp_path):
     """Without DEMO_DATA the set goes to the config's data.root, at data.crop_size pixels (how
     `make demo-full DEMO_ARGS="data.root=data/demo160 data.list_dir=data/demo160
