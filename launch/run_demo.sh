@@ -8,8 +8,9 @@
 # key=value arguments). Other places and sizes (tests use them): DEMO_DATA (instead of data.root;
 # refused together with a data.root= or data.list_dir= argument),
 # DEMO_NUM_TRAIN (12000), DEMO_DATA_ARGS (more tools/make_demo_data.py flags, e.g. "--num-val 3"),
-# DEMO_WORK_DIR (work_dirs/<config name>). A set made by another generator version, with another
-# number of training images or at another size is made again.
+# DEMO_WORK_DIR (work_dirs/<config name>). A set is reused only when its meta.json says it is the
+# one these flags make (tools/make_demo_data.py --check: the generator version, the size, the
+# image counts and every flag in DEMO_DATA_ARGS, --seed included); otherwise it is made again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${DEMO_CONFIG:-configs/demo.yaml}
@@ -39,19 +40,17 @@ fi
 SIZE=${config_data%% *}
 DATA=${DEMO_DATA:-${config_data#* }}
 NUM_TRAIN=${DEMO_NUM_TRAIN:-12000}
-if ! python - "$DATA/meta.json" "$NUM_TRAIN" "$SIZE" 2>/dev/null <<'PY'
-import json, sys
-from afa.data.synthetic import DEMO_VERSION
-meta = json.load(open(sys.argv[1]))
-sys.exit(meta.get("version") != DEMO_VERSION or meta.get("num_train") != int(sys.argv[2])
-         or meta.get("size") != int(sys.argv[3]))
-PY
-then
-    rm -rf "$DATA"
-    # shellcheck disable=SC2086  # DEMO_DATA_ARGS holds several flags
-    python tools/make_demo_data.py --out "$DATA" --num-train "$NUM_TRAIN" --size "$SIZE" \
-        ${DEMO_DATA_ARGS:-}
-fi
+# shellcheck disable=SC2086  # DEMO_DATA_ARGS holds several flags
+make_data=(python tools/make_demo_data.py --out "$DATA" --num-train "$NUM_TRAIN" --size "$SIZE"
+           ${DEMO_DATA_ARGS:-})
+held=0
+"${make_data[@]}" --check >/dev/null || held=$?
+case $held in
+    0) ;;                                           # the set these flags make: reuse it
+    1) rm -rf "$DATA"; "${make_data[@]}" ;;
+    *) echo "run_demo.sh: tools/make_demo_data.py rejected DEMO_DATA_ARGS (${DEMO_DATA_ARGS:-})" \
+            >&2; exit "$held" ;;                    # a bad flag: exit before removing anything
+esac
 data=(data.root="$DATA" data.list_dir="$DATA")
 before=$(ls "$WORK"/checkpoints/iter_*.pth 2>/dev/null | tail -n 1 || true)
 python tools/train.py --config "$CONFIG" --work-dir "$WORK" --resume auto "${data[@]}" "$@"

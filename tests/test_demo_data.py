@@ -2,6 +2,7 @@
 
 import json
 
+import cv2
 import numpy as np
 from conftest import load_tool
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from afa.data import VOCStyleDataset, labels_from_mask, read_mask
 from afa.data.synthetic import (
     CLASS_TEXTURES,
+    CO_OCCURRING,
     DEMO_CLASSES,
     DEMO_VERSION,
     _sample_rng,
@@ -100,6 +102,69 @@ def test_every_class_texture_mixes_both_colours():
         patterns.append(t.ravel())
     patterns = np.stack(patterns)
     assert len({p.tobytes() for p in patterns}) == len(patterns)
+
+
+def _band_coherence(kind: str, period: float = 11.0) -> float:
+    """How one-directional the texture is over windows of 1.5 periods, far from its origin:
+    the mean coherence of the structure tensor, 1 for parallel bands, near 0 for round dots."""
+    yy, xx = np.mgrid[0:192, 0:192].astype(np.float32)
+    t = cv2.GaussianBlur(_texture(kind, xx + 200.0, yy + 200.0, period), (0, 0), 1.0)
+    gx, gy = cv2.Sobel(t, cv2.CV_32F, 1, 0), cv2.Sobel(t, cv2.CV_32F, 0, 1)
+    w = int(1.5 * period)
+    jxx, jyy, jxy = (cv2.blur(g, (w, w)) for g in (gx * gx, gy * gy, gx * gy))
+    coherence = np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy + 1e-6)
+    return float(coherence[w:-w, w:-w].mean())
+
+
+def test_bubbles_give_the_ellipse_a_texture_no_band_shares():
+    """The default pairs the triangle's stripes with the ellipse's concentric rings, which away
+    from their centre are bands too: two classes that share most two-class images and a local
+    pattern, told apart only at a corner or a centre (the two shapes runs lost). With
+    ``ellipse_texture="bubbles"`` no co-occurring pair is two bands."""
+    assert _band_coherence("stripes") > 0.95  # the measure sees bands...
+    assert _band_coherence("concentric") > 0.95  # ...and the rings as bands, far from the centre
+    textures = CLASS_TEXTURES[:-1] + ("bubbles",)
+    for first, second in CO_OCCURRING:
+        coherences = sorted(_band_coherence(textures[c]) for c in (first, second))
+        assert coherences[0] < 0.5, (DEMO_CLASSES[first], DEMO_CLASSES[second], coherences)
+
+
+def test_ellipse_texture_changes_the_ellipses_pixels_and_nothing_else():
+    textures = CLASS_TEXTURES[:-1] + ("bubbles",)
+    changed = 0
+    for index in range(40):
+        image, mask = render_sample(_sample_rng(0, "train", index), 64)
+        bubbles, same_mask = render_sample(_sample_rng(0, "train", index), 64, textures=textures)
+        np.testing.assert_array_equal(mask, same_mask)
+        differ = (image != bubbles).any(-1)
+        # The ellipses' pixels (their boundary band included), but no other object's.
+        assert not (differ & ~np.isin(mask, (8, 255))).any(), index
+        changed += differ[mask == 8].mean() > 0.2 if (mask == 8).any() else 0
+    assert changed >= 5
+
+
+def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
+    """``make_demo_data.py --check`` (what run_demo.sh asks before reusing a set): every flag
+    counts, the seed and the generator options included."""
+    tool = load_tool("make_demo_data")
+    same = ["--out", str(demo), "--seed", "3", "--num-train", "24", "--num-val", "8"]
+    stamp = (demo / "meta.json").stat().st_mtime_ns
+    assert tool.main([*same, "--check"]) == 0
+    for other in (["--seed", "4"], ["--num-val", "9"], ["--size", "96"], ["--parts", "0.5"],
+                  ["--ellipse-texture", "bubbles"]):
+        assert tool.main([*same, *other, "--check"]) == 1, other
+    assert (demo / "meta.json").stat().st_mtime_ns == stamp  # --check writes nothing
+    assert tool.main(["--out", str(tmp_path / "none"), "--check"]) == 1
+    assert not (tmp_path / "none").exists()
+    bubbles = ["--out", str(tmp_path / "b"), "--num-train", "4", "--num-val", "2", "--size", "48",
+               "--ellipse-texture", "bubbles"]
+    assert tool.main(bubbles) == 0
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["ellipse_texture"] == "bubbles"
+    assert tool.main([*bubbles, "--check"]) == 0
+    assert tool.main([*bubbles[:-2], "--check"]) == 1
+    with pytest.raises(ValueError, match="ellipse_texture must be one of"):
+        make_demo_dataset(tmp_path / "c", num_train=1, num_val=1, size=48, ellipse_texture="x")
+
 
 
 def test_parts_texture_only_part_of_each_object_and_change_nothing_else():

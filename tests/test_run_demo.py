@@ -1,7 +1,7 @@
 """launch/run_demo.sh (``make demo``, ``make demo-full``) end to end on a tiny set: it generates the
 data, trains, writes results.json from the run's own validation, keeps a finished run's minutes
 when run again, scores with tools/evaluate.py when the validation is missing, and makes the set
-again when it is stale."""
+again when it is not the one the flags make."""
 
 import json
 import os
@@ -105,3 +105,14 @@ def test_run_demo_generates_trains_scores_and_is_rerunnable(tmp_path):
     (data / "meta.json").write_text(json.dumps(meta))
     _run(tmp_path, "configs/demo_full.yaml")
     assert json.loads((data / "meta.json").read_text())["size"] == 64
+
+    # A set from another generator seed, asked for in DEMO_DATA_ARGS, is made again (it was
+    # reused, and trained on, when only the version, size and image count were compared).
+    _run(tmp_path, "configs/demo_full.yaml", DEMO_DATA_ARGS="--num-val 3 --seed 1")
+    assert json.loads((data / "meta.json").read_text())["seed"] == 1
+    # A flag the generator rejects stops the script before the set is removed.
+    stamp = (data / "meta.json").stat().st_mtime_ns
+    bad = _run(tmp_path, "configs/demo_full.yaml", check=False,
+               DEMO_DATA_ARGS="--num-val 3 --no-such-flag")
+    assert bad.returncode == 2 and "--no-such-flag" in bad.stderr
+    assert (data / "meta.json").stat().st_mtime_ns == stamp

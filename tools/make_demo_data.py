@@ -18,12 +18,18 @@ background, ``--size`` high and ``--width`` wide, as ``OUT/frame_NNN.png``; the 
 
     python tools/make_demo_data.py --frames 24 --width 160 --out data/demo_frames
 
+Whether OUT already holds the set some flags make (exit 0 if so, 1 if not; writes nothing;
+``launch/run_demo.sh`` asks before it reuses a set)::
+
+    python tools/make_demo_data.py --out data/demo --num-train 12000 --check
+
 Deterministic: the same ``--seed`` and sizes give byte-identical files. The data design (why it is
 hard for WSSS yet learnable quickly) is described in ``afa/data/synthetic.py``. The defaults take
 about 8 s on one CPU core.
 """
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -31,7 +37,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from afa.data.synthetic import DEMO_CLASSES, make_demo_dataset, make_demo_frames  # noqa: E402
+from afa.data.synthetic import (  # noqa: E402
+    DEMO_CLASSES,
+    ELLIPSE_TEXTURES,
+    demo_meta,
+    make_demo_dataset,
+    make_demo_frames,
+)
 
 
 def main(argv=None) -> int:
@@ -52,6 +64,14 @@ def main(argv=None) -> int:
     parser.add_argument("--parts-share", type=float, default=1.0, metavar="S",
                         help="with --parts: the share of objects textured in part, each drawn "
                              "at random; the others are whole (default 1: all)")
+    parser.add_argument("--ellipse-texture", choices=ELLIPSE_TEXTURES, default=ELLIPSE_TEXTURES[0],
+                        help="the ellipse's texture: concentric rings (default), nearly straight "
+                             "bands away from the centre like the stripes of the triangle it "
+                             "co-occurs with, or bubbles (hollow circles), which no other class "
+                             "resembles; the same set otherwise")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing: exit 0 if OUT/meta.json says OUT holds the set these "
+                             "flags make, 1 if not (missing, another version or other flags)")
     parser.add_argument("--frames", type=int, metavar="N",
                         help="write N frames of a moving-object sequence instead of the set")
     parser.add_argument("--width", type=int,
@@ -59,6 +79,19 @@ def main(argv=None) -> int:
     parser.add_argument("--frame-noise", type=float, default=0.0,
                         help="with --frames: per-frame pixel noise (standard deviation, default 0)")
     args = parser.parse_args(argv)
+    if args.check and args.frames is not None:
+        parser.error("--check applies to the set, not to --frames")
+    meta_args = dict(seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+                     size=args.size, parts=args.parts, parts_share=args.parts_share,
+                     ellipse_texture=args.ellipse_texture)
+    if args.check:
+        try:
+            held = json.loads((Path(args.out) / "meta.json").read_text())
+        except (OSError, ValueError):
+            held = None
+        same = held == demo_meta(**meta_args)
+        print(f"{args.out} {'holds' if same else 'does not hold'} the set these flags make")
+        return 0 if same else 1
     if args.frames is not None:
         start = time.time()
         paths = make_demo_frames(args.out, args.frames, args.size, args.width or args.size,
@@ -68,9 +101,7 @@ def main(argv=None) -> int:
         return 0
 
     start = time.time()
-    labels = make_demo_dataset(args.out, seed=args.seed, num_train=args.num_train,
-                               num_val=args.num_val, size=args.size, parts=args.parts,
-                               parts_share=args.parts_share)
+    labels = make_demo_dataset(args.out, **meta_args)
     counts = Counter(c for classes in labels.values() for c in classes)
     per_class = ", ".join(f"{DEMO_CLASSES[c]} {counts[c]}" for c in range(1, len(DEMO_CLASSES)))
     print(f"wrote {args.num_train} train + {args.num_val} val images of {args.size} px to "

@@ -21,7 +21,11 @@ What makes it a WSSS problem rather than a colour-threshold one:
 - the background is a smooth random colour field (same colour distribution) with a fine irregular
   grain, a few random lines and small blobs on top, then pixel noise over the whole image;
 - several textures share local statistics (stripes, zigzag and bricks are all straight-edged
-  bands; dots and concentric rings are both curved), so shape and context still matter;
+  bands; dots and concentric rings are both curved), so shape and context still matter. Away
+  from their centre the ellipse's rings are nearly straight bands, like the stripes of the
+  triangle it co-occurs with: ``ellipse_texture="bubbles"`` (hollow circles, curved everywhere)
+  gives the ellipse a texture no band shares, the same set otherwise (README, "The demo data
+  set", says what it changed in training);
 - 1-3 objects per image from 1-2 classes, diameters 30-65% of the image side, random rotation and
   position (objects may be cut by the border), later objects partially occlude earlier ones (each
   keeps at least half of its visible area), and sometimes a thin occluding stick crosses the scene;
@@ -60,7 +64,9 @@ __all__ = [
     "DEMO_VERSION",
     "DEMO_CLASSES",
     "CLASS_TEXTURES",
+    "ELLIPSE_TEXTURES",
     "CO_OCCURRING",
+    "demo_meta",
     "render_sample",
     "render_frames",
     "make_demo_frames",
@@ -75,6 +81,8 @@ CLASS_TEXTURES = (
     None, "dots", "checker", "stripes", "bricks", "grid", "noise", "zigzag", "concentric",
 )
 CO_OCCURRING = ((1, 5), (2, 6), (3, 8), (4, 7))
+# The ellipse's texture: the first is the default (DEMO_VERSION's sets), the others are options.
+ELLIPSE_TEXTURES = ("concentric", "bubbles")
 
 _SPLIT_CODES = {"train": 0, "val": 1}
 _JPEG_QUALITY = 90
@@ -145,6 +153,9 @@ def _texture(kind: str, a: np.ndarray, b: np.ndarray, period: float) -> np.ndarr
         return (bent % period < period / 2).astype(np.float32)
     if kind == "concentric":
         return (np.hypot(a, b) % period < period / 2).astype(np.float32)
+    if kind == "bubbles":  # hollow circles on a square lattice: curved at every position
+        da, db = a % period - period / 2, b % period - period / 2
+        return (np.abs(np.hypot(da, db) - 0.28 * period) <= 0.11 * period).astype(np.float32)
     raise ValueError(f"unknown texture {kind!r}")
 
 
@@ -253,8 +264,9 @@ def _boundary_band(mask: np.ndarray) -> np.ndarray:
 
 
 def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
-                  parts_rng: np.random.Generator | None = None,
-                  parts_share: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                  parts_rng: np.random.Generator | None = None, parts_share: float = 1.0,
+                  textures: tuple[str | None, ...] = CLASS_TEXTURES,
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """One image (size, size, 3) uint8 RGB and its mask (size, size) uint8 (0, 1..8, 255).
 
     ``parts`` > 0: only a part of each object carries its class texture, the pixels within
@@ -266,6 +278,8 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
     same ``rng`` gives the same objects, masks and background whatever ``parts`` is.
     ``parts_share`` < 1: each object is textured in part with this probability (also drawn from
     ``parts_rng``), else whole, so that a classifier still sees whole objects of every class.
+    ``textures``: each class's texture (index 0 unused); a texture draws nothing from ``rng``, so
+    another one changes the pixels of that class's objects and nothing else.
     """
     if parts and parts < 1 and parts_rng is None:
         parts_rng = np.random.default_rng(0)
@@ -275,8 +289,7 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
     for (cls, radius, a, b), inside in zip(objects, masks):
         period = rng.uniform(0.07, 0.1) * size
         phase_a, phase_b = rng.uniform(0, period, size=2)
-        t = _texture(CLASS_TEXTURES[cls], a[inside] + phase_a, b[inside] + phase_b,
-                     period)[:, None]
+        t = _texture(textures[cls], a[inside] + phase_a, b[inside] + phase_b, period)[:, None]
         first, second = _colour_pair(rng)
         # A mild illumination ramp so flat textures are not perfectly flat.
         light = 1 + 0.15 * (b[inside] / radius)[:, None] * rng.uniform(-1, 1)
@@ -388,9 +401,10 @@ def _sample_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random
 def generate_split(
     root: str | os.PathLike, split: str, num: int, seed: int, size: int, progress: bool = True,
     parts: float = 0.0, parts_share: float = 1.0,
+    textures: tuple[str | None, ...] = CLASS_TEXTURES,
 ) -> dict[str, list[int]]:
     """Write ``num`` images and masks of ``split`` under ``root``; returns ``{id: classes}``.
-    ``parts``, ``parts_share``: see :func:`render_sample`."""
+    ``parts``, ``parts_share``, ``textures``: see :func:`render_sample`."""
     root = Path(root)
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
@@ -398,11 +412,29 @@ def generate_split(
     for index in tqdm(range(num), desc=f"demo {split}", disable=not progress, unit="img"):
         name = f"{split}_{index:05d}"
         image, mask = render_sample(_sample_rng(seed, split, index), size, parts,
-                                    _sample_rng(seed, split, index, stream=1), parts_share)
+                                    _sample_rng(seed, split, index, stream=1), parts_share,
+                                    textures)
         Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=_JPEG_QUALITY)
         write_mask(root / "SegmentationClassAug" / f"{name}.png", mask)
         labels[name] = labels_from_mask(mask, len(DEMO_CLASSES))
     return labels
+
+
+def demo_meta(seed: int = 0, num_train: int = 3000, num_val: int = 300, size: int = 128,
+              parts: float = 0.0, parts_share: float = 1.0,
+              ellipse_texture: str = ELLIPSE_TEXTURES[0]) -> dict:
+    """The ``meta.json`` that :func:`make_demo_dataset` writes for these arguments. A set whose
+    ``meta.json`` equals it is byte for byte the set they make (``make_demo_data.py --check``)."""
+    meta = {"version": DEMO_VERSION, "classes": list(DEMO_CLASSES),
+            "num_classes": len(DEMO_CLASSES), "seed": seed,
+            "num_train": num_train, "num_val": num_val, "size": size}
+    if parts:  # options at their defaults are left out, so older sets' meta.json still match
+        meta["parts"] = parts
+        if parts_share < 1:
+            meta["parts_share"] = parts_share
+    if ellipse_texture != ELLIPSE_TEXTURES[0]:
+        meta["ellipse_texture"] = ellipse_texture
+    return meta
 
 
 def make_demo_dataset(
@@ -414,11 +446,13 @@ def make_demo_dataset(
     progress: bool = True,
     parts: float = 0.0,
     parts_share: float = 1.0,
+    ellipse_texture: str = ELLIPSE_TEXTURES[0],
 ) -> dict[str, list[int]]:
     """Write the demo set under ``root`` in the VOC layout; returns the labels of all ids.
 
     ``parts`` > 0 (at most 1): objects textured only in part, each with probability
-    ``parts_share`` (see :func:`render_sample`); both are recorded in ``meta.json``.
+    ``parts_share`` (see :func:`render_sample`); ``ellipse_texture``: one of
+    :data:`ELLIPSE_TEXTURES`. All three are recorded in ``meta.json`` (:func:`demo_meta`).
 
     Besides ``JPEGImages/`` and ``SegmentationClassAug/`` it writes what ``tools/prepare_voc.py``
     would write for it, inside ``root`` itself: ``train_aug.txt``, ``val.txt``, ``cls_labels.json``;
@@ -431,23 +465,22 @@ def make_demo_dataset(
         raise ValueError(f"parts must lie in [0, 1], got {parts}")
     if not 0 <= parts_share <= 1:
         raise ValueError(f"parts_share must lie in [0, 1], got {parts_share}")
+    if ellipse_texture not in ELLIPSE_TEXTURES:
+        raise ValueError(f"ellipse_texture must be one of {ELLIPSE_TEXTURES}, got "
+                         f"{ellipse_texture!r}")
+    textures = CLASS_TEXTURES[:-1] + (ellipse_texture,)
     root = Path(root)
     labels = {}
     lists = {}
     for split, num, list_name in (("train", num_train, "train_aug"), ("val", num_val, "val")):
-        split_labels = generate_split(root, split, num, seed, size, progress, parts, parts_share)
+        split_labels = generate_split(root, split, num, seed, size, progress, parts, parts_share,
+                                      textures)
         labels.update(split_labels)
         lists[list_name] = sorted(split_labels)
     for list_name, names in lists.items():
         write_name_list(root / f"{list_name}.txt", names)
         write_name_list(root / "ImageSets" / "Segmentation" / f"{list_name}.txt", names)
     write_label_file(root / "cls_labels.json", labels)
-    meta = {"version": DEMO_VERSION, "classes": list(DEMO_CLASSES),
-            "num_classes": len(DEMO_CLASSES), "seed": seed,
-            "num_train": num_train, "num_val": num_val, "size": size}
-    if parts:
-        meta["parts"] = parts
-        if parts_share < 1:
-            meta["parts_share"] = parts_share
+    meta = demo_meta(seed, num_train, num_val, size, parts, parts_share, ellipse_texture)
     (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return labels
