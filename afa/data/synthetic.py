@@ -24,8 +24,8 @@ What makes it a WSSS problem rather than a colour-threshold one:
   bands; dots and concentric rings are both curved), so shape and context still matter. Away
   from their centre the ellipse's rings are nearly straight bands, like the stripes of the
   triangle it co-occurs with: ``ellipse_texture="bubbles"`` (hollow circles, curved everywhere)
-  gives the ellipse a texture no band shares, the same set otherwise (README, "The demo data
-  set", says what it changed in training);
+  gives the ellipse a texture no band shares, the same set otherwise (README, "Bubbles for the
+  ellipse", says what it changed in training);
 - 1-3 objects per image from 1-2 classes, diameters 30-65% of the image side, random rotation and
   position (objects may be cut by the border), later objects partially occlude earlier ones (each
   keeps at least half of its visible area), and sometimes a thin occluding stick crosses the scene;
