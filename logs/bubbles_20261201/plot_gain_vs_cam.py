@@ -22,7 +22,8 @@ RUNS = {  # group: train.logs
 # Each bubbles run repeats a concentric run on the same set with only the ellipses changed.
 TWINS = {"data_seed1_seed0.log": "demo_full_20261201/radius2_data_seed1.log",
          "size160_seed0.log": "affinity_probes_20261201/size160_seed0.log",
-         "make_seed0.log": "demo_full_20261201/radius2_seed0.log"}
+         "make_seed0.log": "demo_full_20261201/radius2_seed0.log",
+         "seed1.log": "demo_full_20261201/radius2_seed1.log"}
 ARROW = dict(arrowstyle="->", color="grey", connectionstyle="arc3,rad=0.15")
 FINAL = re.compile(r"val iter 3750: cam ([\d.]+) refined [\d.]+ aff_cam ([\d.]+) "
                    r"affinity [\d.]+ seg ([\d.]+)")
