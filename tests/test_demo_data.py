@@ -166,7 +166,6 @@ def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
         make_demo_dataset(tmp_path / "c", num_train=1, num_val=1, size=48, ellipse_texture="x")
 
 
-
 def test_parts_texture_only_part_of_each_object_and_change_nothing_else():
     """``parts``: the same objects, masks and background as the plain sample of that generator;
     inside the objects some pixels lose their texture (plain, one colour); 1 is the plain set."""
