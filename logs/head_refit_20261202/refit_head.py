@@ -9,15 +9,14 @@ loss (``train``: loss.aff_balance's 1 - s on background and object pairs average
 pairs across labels) or a balanced binary cross-entropy (``bce``). Then scores the val walk with
 the checkpoint's head and with the refitted one (tools/ablate_affinity.py's rows, mIoU %).
 Run from the repository root with the demo's data in data/demo."""
-import sys, json, torch
+import sys, torch
 from afa import config as C
 from afa.config import load_config
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.data import build_datasets, class_names
 from afa.models import PAR, AFANet
-from afa.affinity import radius_mask, token_labels
 sys.path.insert(0, "tools")
-from ablate_affinity import ablate
+from ablate_affinity import PAIRS, ablate, pair_groups
 
 ckpt, n_train, loss_kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 extra = sys.argv[4:]
@@ -38,16 +37,14 @@ with torch.no_grad():
         out = model(img)
         A = torch.cat(out.attn_logits, 1)  # B,16,N,N
         A = A + A.transpose(-1, -2)
-        grid = out.grid; n = grid[0] * grid[1]
-        near = radius_mask(grid[0], grid[1], R) & ~torch.eye(n, dtype=torch.bool)
-        t = token_labels(mask, grid)
-        known = (t != 255)
-        valid = known[:, :, None] & known[:, None, :] & near
-        same = (t[:, :, None] == t[:, None, :])
-        bgbg = same & (t[:, :, None] == 0)
-        f = A.permute(0, 2, 3, 1)[valid]  # P,16
-        feats.append(f); labels.append(same[valid].float())
-        groups.append(torch.where(bgbg[valid], 0, torch.where(same[valid], 1, 2)))
+        groups_of = pair_groups(mask, out.grid, R)  # tools/ablate_affinity.py's pair groups
+        valid = sum(groups_of.values()).bool()
+        group = torch.full(valid.shape, 2)  # 0 background pairs, 1 same object, 2 across labels
+        group[groups_of[PAIRS[0]]] = 0
+        group[groups_of[PAIRS[1]]] = 1
+        feats.append(A.permute(0, 2, 3, 1)[valid])  # P, 16
+        labels.append((group[valid] < 2).float())
+        groups.append(group[valid])
 X = torch.cat(feats); y = torch.cat(labels); g = torch.cat(groups)
 print("pairs", X.shape, "bgbg/fg/diff", [(g == k).sum().item() for k in range(3)])
 w0 = model.attn_proj.weight.detach().flatten().clone(); b0 = model.attn_proj.bias.detach().clone()
