@@ -108,7 +108,8 @@ class TrainConfig:
     ckpt_iters: int = 2000
     keep_last: int = 3
     # Mixed precision of the network's forwards: none | bf16 (CUDA, and CPUs with bfloat16
-    # support) | fp16 (CUDA only, with a gradient scaler). Pseudo labels and losses stay fp32.
+    # support) | fp16 (CUDA only, with a gradient scaler) | auto (bf16 where the device computes
+    # it natively, else none; afa.engine.precision.resolve_amp). Pseudo labels and losses stay fp32.
     amp: str = "none"
     # CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa
     # products; not yet measured here). false: strict fp32. No effect on CPU.
@@ -205,7 +206,7 @@ _CHOICES = {
     "model.backbone": tuple(f"mit_b{i}" for i in range(6)),
     "model.pooling": ("gmp", "gap"),
     "data.name": ("voc", "coco", "demo"),
-    "train.amp": ("none", "bf16", "fp16"),
+    "train.amp": ("none", "bf16", "fp16", "auto"),
     "train.nonfinite": ("stop", "skip"),
 }
 

@@ -50,7 +50,7 @@ from afa.cam import multi_scale_cam
 from afa.config import ConfigError, load_config
 from afa.constants import IGNORE_INDEX
 from afa.data import DataError, build_datasets, class_names, denormalize
-from afa.engine.precision import autocast
+from afa.engine.precision import autocast, resolve_amp
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import check_image_size
 from afa.host_memory import keep_freed_host_memory
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
         scores = ablate(model, dataset, par=PAR(**C.par_kwargs(cfg)).to(device), device=device,
                         cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
                         low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
-                        amp=cfg.train.amp)
+                        amp=resolve_amp(device, cfg.train.amp))
     except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

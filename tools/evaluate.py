@@ -39,6 +39,7 @@ from afa.config import ConfigError, load_config
 from afa.data import DataError, build_datasets, class_names
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
+from afa.engine.precision import resolve_amp
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import format_table, validate
 from afa.models import PAR, AFANet
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         scores = validate(model, dataset, par=PAR(**C.par_kwargs(cfg)).to(info.device),
                           device=info.device, cam_scales=tuple(cfg.cam.scales),
                           bkg_score=cfg.cam.bkg_score, low=cfg.cam.low, radius=cfg.cam.radius,
-                          class_names=names, amp=cfg.train.amp, batch_size=cfg.data.val_batch)
+                          class_names=names, amp=resolve_amp(info.device, cfg.train.amp), batch_size=cfg.data.val_batch)
     finally:
         D.cleanup()
     if info.rank == 0:

@@ -36,7 +36,7 @@ from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_sc
                                    non_finite_tensors, restore_rng_state, unwrap_model)
 from afa.engine.data_order import ResumableSampler, SeededDataset, stream_seed
 from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_logging
-from afa.engine.precision import autocast, precision_warning, set_tf32
+from afa.engine.precision import autocast, precision_warning, resolve_amp, set_tf32
 from afa.engine.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
 from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.host_memory import keep_freed_host_memory
@@ -340,7 +340,10 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     for line in run_record():
         log.info("%s", line)
     log.info("Host memory: %s", keep_freed_host_memory())
-    slow = precision_warning(info.device, t.amp)
+    amp = resolve_amp(info.device, t.amp)
+    if t.amp == "auto":
+        log.info("Precision: train.amp=auto is %s on this %s", amp, info.device.type)
+    slow = precision_warning(info.device, amp)
     if slow:
         log.warning("%s", slow)
     torch.manual_seed(cfg.seed + info.rank)
@@ -373,7 +376,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
         log.info("Loaded %s", weights)
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
                                 cfg.optim.betas, lr_mults=C.lr_mults(cfg))
-    scaler = torch.amp.GradScaler("cuda", enabled=t.amp == "fp16" and info.device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and info.device.type == "cuda")
     par = PAR(**C.par_kwargs(cfg)).to(info.device)
     crf_loss = None
     if cfg.loss.reg_loss:
@@ -428,7 +431,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     params = [p for p in bare.parameters() if p.requires_grad]
 
     step_kwargs = dict(device=info.device, par=par, crf_loss=crf_loss,
-                       cam_scales=tuple(cfg.cam.scales), amp=t.amp, loss_kwargs=_loss_kwargs(cfg),
+                       cam_scales=tuple(cfg.cam.scales), amp=amp, loss_kwargs=_loss_kwargs(cfg),
                        cls_phase_full_forward=t.cls_phase_full_forward,
                        reuse_train_forward=cfg.cam.reuse_train_forward,
                        update_decoder_bn=cfg.cam.update_decoder_bn)
@@ -470,7 +473,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
             scores = validate(bare, val_set, par=par, device=info.device,
                               cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
                               low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
-                              amp=t.amp, should_stop=stop.requested,
+                              amp=amp, should_stop=stop.requested,
                               skip_bad=cfg.data.skip_bad, batch_size=cfg.data.val_batch)
         except ValidationStopped:
             raise TrainingInterrupted(stop.signum, (
