@@ -19,6 +19,7 @@ RUNS = {  # group: train.logs
     "160 px, concentric rings": sorted((LOGS / "affinity_probes_20261201").glob("size160_*.log")),
     "bubbles (128 and 160 px)": sorted((LOGS / "bubbles_20261201").glob("*.log")),
     "144 px, concentric rings": sorted((LOGS / "demo144_20261202").glob("*.log")),
+    "144 px, bfloat16": sorted((LOGS / "demo144_bf16_20261202").glob("*.log")),
 }
 # Each bubbles run repeats a concentric run on the same set with only the ellipses changed.
 TWINS = {"data_seed1_seed0.log": "demo_full_20261201/radius2_data_seed1.log",
@@ -38,7 +39,7 @@ def scores(log: Path) -> tuple[float, float, float]:
 
 def main() -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
-    for (group, logs), marker in zip(RUNS.items(), "osD^"):
+    for (group, logs), marker in zip(RUNS.items(), "osD^v"):
         points = [scores(log) for log in logs if "from_iter" not in log.name]
         for axis, index in ((left, 1), (right, 2)):
             axis.scatter([p[0] for p in points], [p[index] for p in points], marker=marker,
