@@ -20,7 +20,7 @@ install: $(STAMP)
 # DEMO_ARGS: config overrides for either demo, e.g.
 #   make demo-full DEMO_ARGS="data.root=data/demo144 data.list_dir=data/demo144 data.crop_size=144"
 # (its set is made at data.crop_size pixels; 144 px: an 18 x 18 affinity grid, every target of #15
-# in five runs of five, 37-41 minutes on a slow day of the EPYC below; add train.amp=auto for bfloat16
+# in five runs of five, 37-41 minutes on the EPYC below; add train.amp=auto for bfloat16
 # where the CPU has it: 29.7 minutes, every target in two runs of four; README, "The demos").
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/run_demo.sh $(DEMO_ARGS)

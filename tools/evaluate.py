@@ -120,7 +120,8 @@ def main(argv=None) -> int:
         scores = validate(model, dataset, par=PAR(**C.par_kwargs(cfg)).to(info.device),
                           device=info.device, cam_scales=tuple(cfg.cam.scales),
                           bkg_score=cfg.cam.bkg_score, low=cfg.cam.low, radius=cfg.cam.radius,
-                          class_names=names, amp=resolve_amp(info.device, cfg.train.amp), batch_size=cfg.data.val_batch)
+                          class_names=names, amp=resolve_amp(info.device, cfg.train.amp),
+                          batch_size=cfg.data.val_batch)
     finally:
         D.cleanup()
     if info.rank == 0:
