@@ -18,15 +18,17 @@ $(STAMP): $(PY) requirements.txt requirements-dev.txt setup.py
 install: $(STAMP)
 
 # DEMO_ARGS: config overrides for either demo, e.g.
-#   make demo-full DEMO_ARGS="data.root=data/demo144 data.list_dir=data/demo144 data.crop_size=144"
-# (its set is made at data.crop_size pixels; 144 px: an 18 x 18 affinity grid, every target of #15
-# in five runs of five, 37-41 minutes on the EPYC below; add train.amp=auto for bfloat16
-# where the CPU has it: 29.7 minutes, every target in two runs of four; README, "The demos").
+#   make demo-full DEMO_ARGS="train.amp=auto"
+# (bfloat16 where the CPU has it: 29.7 minutes, every target of #15 in two runs of four), or
+#   make demo-full DEMO_ARGS="data.root=data/demo data.list_dir=data/demo data.crop_size=128"
+# (the set is made at data.crop_size pixels; 128 px: 22.4 minutes, every target in six runs of
+# nine; README, "The demos").
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/run_demo.sh $(DEMO_ARGS)
 
-# All of AFA's training, the affinity branch included (README, "The demos"): about 23 minutes on
-# 2 AMD EPYC cores with AVX-512 (22.4 measured), 61.5 on 2 without (measured at radius 3).
+# All of AFA's training, the affinity branch included, on 144-px images (README, "The demos"):
+# 33.7 minutes on 2 AMD EPYC cores with AVX-512 (37-41 on slower mornings), every target of
+# #15 in five float32 runs of five.
 demo-full: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh \
 		$(DEMO_ARGS)

@@ -117,3 +117,15 @@ def test_run_demo_generates_trains_scores_and_is_rerunnable(tmp_path):
     assert bad.returncode == 2 and "--no-such-flag" in bad.stderr
     assert (data / "meta.json").stat().st_mtime_ns == stamp
 
+
+
+def test_the_two_demos_keep_their_sets_apart():
+    """`make demo` (128 px) and `make demo-full` (144 px) each make the set their config names, at
+    its data.crop_size; were one data.root asked for at two sizes, each target would remove and
+    make again the other's 12,000 images (launch/run_demo.sh checks the size in meta.json)."""
+    from afa.config import load_config
+
+    demo = load_config(REPO / "configs" / "demo.yaml").data
+    full = load_config(REPO / "configs" / "demo_full.yaml").data
+    if demo.crop_size != full.crop_size:
+        assert demo.root != full.root and demo.list_dir != full.list_dir
