@@ -18,7 +18,8 @@ RUNS = {  # group: train.logs
     "128 px, concentric rings": sorted((LOGS / "demo_full_20261201").glob("radius2_*seed*.log")),
     "160 px, concentric rings": sorted((LOGS / "affinity_probes_20261201").glob("size160_*.log")),
     "bubbles (128 and 160 px)": sorted((LOGS / "bubbles_20261201").glob("*.log")),
-    "144 px, concentric rings": sorted((LOGS / "demo144_20261202").glob("*.log")),
+    "144 px (make demo-full since 2026-12-02)": sorted(  # make_default.log repeats make_seed0
+        p for p in (LOGS / "demo144_20261202").glob("*.log") if p.name != "make_default.log"),
     "144 px, bfloat16": sorted((LOGS / "demo144_bf16_20261202").glob("*.log")),
 }
 # Each bubbles run repeats a concentric run on the same set with only the ellipses changed.
