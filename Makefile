@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 # All of AFA's training, the affinity branch included, on 144-px images (README, "The demos"):
 # 33.7 minutes on 2 AMD EPYC cores with AVX-512 (37-41 on slower mornings), every target of
-# #15 in six float32 runs of seven.
+# #15 in six float32 runs of eight.
 demo-full: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh \
 		$(DEMO_ARGS)
