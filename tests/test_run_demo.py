@@ -118,7 +118,6 @@ def test_run_demo_generates_trains_scores_and_is_rerunnable(tmp_path):
     assert (data / "meta.json").stat().st_mtime_ns == stamp
 
 
-
 def test_the_two_demos_keep_their_sets_apart():
     """`make demo` (128 px) and `make demo-full` (144 px) each make the set their config names, at
     its data.crop_size; were one data.root asked for at two sizes, each target would remove and

@@ -369,6 +369,7 @@ def test_resume_with_another_config_lists_the_differences(tiny_data, tmp_path):
     assert "train.max_iters: 2 in the checkpoint, 4 now" in message
     assert "loss.w_aff: 0.1 in the checkpoint, 0.2 now" in message
     assert "--allow-config-change loss.w_aff train.max_iters" in message
+    assert "another --work-dir" in message
     with pytest.raises(ConfigError, match="loss.w_aff"):
         train(longer, resume="auto", allow_config_change=["train.max_iters"])
     # Where the data stream is read from changes no number: no permission needed.

@@ -252,8 +252,8 @@ def _check_resume_config(saved: dict, cfg: DictConfig, allowed, path: Path, log)
         keys = " ".join(k for k, _, _ in refused)
         raise C.ConfigError(
             f"--resume: the config differs from the one {path} was trained with:\n"
-            + "\n".join(lines) + f"\nResume with the same config, or allow the change with "
-            f"--allow-config-change {keys}")
+            + "\n".join(lines) + f"\nResume with the same config, allow the change with "
+            f"--allow-config-change {keys}, or train the new config in another --work-dir")
     if diffs:
         log.warning("Resuming with config changes (allowed):\n%s", "\n".join(lines))
 
