@@ -1,6 +1,6 @@
 """Test-time inference: multi-scale + flip segmentation, and what the inference tools share.
 
-The math (DESIGN.md section 5) is :func:`predict_seg_logits`, the authors' released multi-scale
+The math is :func:`predict_seg_logits`, the authors' released multi-scale
 test (``scripts/test_msc_flip.py`` of github.com/rulixiang/afa) step for step:
 
 1. resize the image so that its long side is ``long_side`` (bilinear, size
@@ -23,7 +23,8 @@ optional masks and image-level labels (:class:`afa.data.folder.ImageFolder` read
 images through the same methods, and :func:`classes_from_logits` stands in for its missing
 labels); :class:`OutputFiles` names the per-image outputs and tells which images are done
 (resuming); :func:`check_run_settings` refuses to resume into a directory written with other
-settings; :func:`run_sharded` runs a tool's job on this process's share of the images and sums the
+settings, the checkpoint's content (:class:`FileFingerprint`, a SHA-256) among them;
+:func:`run_sharded` runs a tool's job on this process's share of the images and sums the
 results over processes; :func:`save_npy_atomic` and :func:`write_rgb_png_atomic` (through
 :func:`afa.atomic.write_atomic`) write each file under a temporary name first, so that an
 interrupted run never leaves a truncated file that a resumed run would take for finished work;
@@ -33,6 +34,7 @@ against the encoder's ``min_input_side``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,6 +56,10 @@ from afa.host_memory import keep_freed_host_memory
 
 __all__ = [
     "SETTINGS_FILE",
+    "RECORDED_ONLY",
+    "CHECKPOINT_HASH_KEY",
+    "FileFingerprint",
+    "file_sha256",
     "long_side_size",
     "resize_long_side",
     "seg_logits",
@@ -272,15 +278,71 @@ class OutputFiles:
 
 SETTINGS_FILE = "run.json"  # in the output directory: the settings its outputs were made with
 
+# Settings recorded in run.json for the reader but not compared: the checkpoint's path says
+# nothing about its weights (best.pth is rewritten as training goes on; an identical file may be
+# moved). Its content is compared instead, as "checkpoint_sha256".
+RECORDED_ONLY = frozenset({"checkpoint"})
+CHECKPOINT_HASH_KEY = "checkpoint_sha256"
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read ``chunk_size`` bytes at a time (checkpoints of the
+    larger backbones are hundreds of MB: never all in memory at once)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+class FileFingerprint:
+    """The SHA-256 of a file (:attr:`sha256`), and a check that the file is still the one hashed.
+
+    A trainer may save a new ``best.pth`` between the moment the hash is taken and the moment the
+    weights are loaded; :meth:`check_unchanged` after loading makes sure that the recorded hash is
+    that of the weights in use (an atomic save replaces the file: another inode; a save in place
+    changes the size or the modification time).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._identity = _file_identity(self.path)
+        self.sha256 = file_sha256(self.path)
+        self.check_unchanged()
+
+    def check_unchanged(self) -> None:
+        """``ValueError`` when the file was replaced or rewritten since it was hashed."""
+        if _file_identity(self.path) != self._identity:
+            raise ValueError(f"{self.path}: the file changed while this run read it (a training "
+                             "run saving it?); run again once it is written")
+
+
+def _describe_difference(key: str, old, new) -> str:
+    if key != CHECKPOINT_HASH_KEY:
+        return f"{key}: {old!r} -> {new!r}"
+    if old is None:
+        return ("the run that wrote it did not record the checkpoint's content (an older "
+                "version of this tool), so its outputs may come from other weights")
+    return (f"the checkpoint's content changed (sha256 {str(old)[:12]}... -> "
+            f"{str(new)[:12]}...): its outputs were made with other weights")
+
 
 def check_run_settings(out_dir: str | os.PathLike, settings: dict, overwrite: bool) -> None:
     """Refuse to resume into ``out_dir`` when it was written with other ``settings``.
 
     Without ``overwrite``, existing outputs are kept and reused; mixing, say, CRF and plain
-    predictions in one directory would silently corrupt the scores, so differing settings raise
-    ``ValueError`` naming the keys. With ``overwrite`` everything is recomputed anyway. The caller
-    writes the new settings (:func:`write_atomic` of ``json.dumps(settings)``) once all processes
-    have checked.
+    predictions, or the predictions of two sets of weights, in one directory would silently
+    corrupt the scores, so differing settings raise ``ValueError`` naming the keys. The
+    checkpoint is compared by its content (``settings["checkpoint_sha256"]``), not by its path
+    (:data:`RECORDED_ONLY`): new weights saved over ``best.pth`` are refused, the same file moved
+    elsewhere resumes. With ``overwrite`` everything is recomputed anyway. The caller writes the
+    new settings (:func:`write_atomic` of ``json.dumps(settings)``) once all processes have
+    checked.
     """
     path = Path(out_dir) / SETTINGS_FILE
     if overwrite or not path.is_file():
@@ -291,9 +353,9 @@ def check_run_settings(out_dir: str | os.PathLike, settings: dict, overwrite: bo
         raise ValueError(f"{path}: not a JSON settings file ({err}); pass --overwrite") from err
     normalised = json.loads(json.dumps(settings))  # tuples -> lists, as stored
     differing = sorted(key for key in set(old) | set(normalised)
-                       if old.get(key) != normalised.get(key))
+                       if key not in RECORDED_ONLY and old.get(key) != normalised.get(key))
     if differing:
-        details = "; ".join(f"{key}: {old.get(key)!r} -> {normalised.get(key)!r}"
+        details = "; ".join(_describe_difference(key, old.get(key), normalised.get(key))
                             for key in differing)
         raise ValueError(f"{path}: {out_dir} holds outputs of a run with other settings "
                          f"({details}); pass --overwrite to recompute them or pick another "

@@ -5,6 +5,7 @@ resume."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,28 @@ def test_resume_skips_finished_images_and_scores_them_again(run, capsys):
               for p in (run["out"] / kind).iterdir()}
     assert stamps == {0}
     assert (run["out"] / "scores.json").read_text() == scores
+
+
+def test_new_weights_at_the_same_checkpoint_path_are_refused(run, tmp_path, capsys):
+    """A checkpoint rewritten in place (best.pth after more training) used to have its old
+    labels reused as if they were its own; reuse now follows the file's content, not its path."""
+    best = tmp_path / "best.pth"
+    torch.save({"model": run["model"].state_dict()}, best)
+    argv = list(run["argv"])
+    argv[argv.index("--checkpoint") + 1] = str(best)
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / "out")
+    assert infer_cam.main(argv) == 0
+    moved = tmp_path / "elsewhere.pth"
+    shutil.copy(best, moved)
+    torch.manual_seed(1)
+    newer = AFANet("mit_b0", num_classes=NUM_CLASSES, embedding_dim=32).eval()
+    torch.save({"model": newer.state_dict()}, best)
+    capsys.readouterr()
+    assert infer_cam.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's content changed" in err and "--overwrite" in err
+
+    # The first weights again, under another name: every label is reused.
+    argv[argv.index("--checkpoint") + 1] = str(moved)
+    assert infer_cam.main(argv) == 0
+    assert "0 of 4 images processed" in capsys.readouterr().out

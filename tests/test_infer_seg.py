@@ -273,3 +273,45 @@ def test_help_says_what_each_protocol_sets(capsys):
                     "infer.crf_bilateral_compat=4.0"):
         assert setting in text
     assert "66.0" in text
+
+
+def test_new_weights_at_the_same_path_are_never_mixed_with_old_outputs(setup, tmp_path, capsys):
+    """best.pth overwritten by more training: a rerun used to reuse every old prediction and
+    print the old scores ("0 predicted"). Outputs are tied to the checkpoint's content (its
+    SHA-256 in run.json), not its path: new weights are refused, a moved identical file resumes."""
+    best = tmp_path / "best.pth"
+    shutil.copy(setup["root"] / "ours.pth", best)
+    out = tmp_path / "out"
+    assert infer_seg.main(_argv(setup, out, "--no-overlay", checkpoint=best)) == 0
+    old_preds = {n: np.array(Image.open(out / "pred" / f"{n}.png")) for n in _val_names(setup)}
+    torch.manual_seed(1)
+    newer = AFANet("mit_b0", num_classes=NUM_CLASSES, embedding_dim=32).eval()
+    torch.save({"model": newer.state_dict(), "iteration": 9}, best)
+    _age(out)
+    capsys.readouterr()
+    assert infer_seg.main(_argv(setup, out, "--no-overlay", checkpoint=best)) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's content changed" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert set(_mtimes(out).values()) == {0}  # nothing was written or reused
+
+    assert infer_seg.main(_argv(setup, out, "--no-overlay", "--overwrite", checkpoint=best)) == 0
+    changed = 0
+    for name in _val_names(setup):
+        image = read_image(setup["data"] / "JPEGImages" / f"{name}.jpg")
+        expected = predict_seg_logits(newer, normalize(image)[None], SCALES, True, LONG_SIDE)
+        pred = np.array(Image.open(out / "pred" / f"{name}.png"))
+        np.testing.assert_array_equal(pred, expected[0].argmax(0).numpy())
+        changed += int((pred != old_preds[name]).any())
+    assert changed  # the new weights do predict otherwise: the refusal mattered
+
+    # The same file under another name: its outputs are reused, and run.json names the new path.
+    moved = tmp_path / "elsewhere" / "renamed.pth"
+    moved.parent.mkdir()
+    shutil.move(best, moved)
+    _age(out)
+    assert infer_seg.main(_argv(setup, out, "--no-overlay", checkpoint=moved)) == 0
+    assert "0 of 3 images predicted" in capsys.readouterr().out
+    assert set(_mtimes(out).values()) == {0}
+    run = json.loads((out / "run.json").read_text())
+    assert run["checkpoint"] == str(moved.resolve()) and len(run["checkpoint_sha256"]) == 64

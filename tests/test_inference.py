@@ -2,6 +2,8 @@
 model, and the helpers the inference tools share (inputs, resume guard, pseudo-label scoring).
 The comparison with the authors' protocol on real photos is tests/test_authors_protocol.py."""
 
+import hashlib
+import json
 import os
 from types import SimpleNamespace
 
@@ -15,9 +17,9 @@ from afa.atomic import write_atomic
 from afa.data import DataError
 from afa.data.synthetic import make_demo_dataset
 from afa.data import VOCStyleDataset
-from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
-                           mask_ignored, predict_seg_logits, resize_long_side, save_npy_atomic,
-                           seg_logits)
+from afa.inference import (FileFingerprint, ImageSet, OutputFiles, check_run_settings,
+                           file_sha256, likely_classes, mask_ignored, predict_seg_logits,
+                           resize_long_side, save_npy_atomic, seg_logits)
 from afa.models import AFANet
 
 STRIDE = 4
@@ -251,3 +253,35 @@ def test_output_files_done_needs_every_kind(tmp_path):
     assert not files.done("a")
     files.path("logits", "a").write_bytes(b"")
     assert files.done("a")
+
+
+def test_run_settings_compare_the_checkpoint_content_not_its_path(tmp_path):
+    settings = {"checkpoint": "/runs/a/best.pth", "checkpoint_sha256": "ab" * 32, "crf": None}
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    # The same weights moved elsewhere: their outputs are still theirs.
+    check_run_settings(tmp_path, dict(settings, checkpoint="/b/renamed.pth"), overwrite=False)
+    # Other weights at the same path: refused, saying why in one line.
+    with pytest.raises(ValueError, match=r"the checkpoint's content changed.*--overwrite") as info:
+        check_run_settings(tmp_path, dict(settings, checkpoint_sha256="cd" * 32), overwrite=False)
+    assert "\n" not in str(info.value)
+    # A directory written before the content was recorded cannot vouch for its weights.
+    del settings["checkpoint_sha256"]
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="did not record the checkpoint's content"):
+        check_run_settings(tmp_path, dict(settings, checkpoint_sha256="cd" * 32), overwrite=False)
+
+
+def test_file_fingerprint_hashes_in_chunks_and_sees_a_replaced_file(tmp_path):
+    path = tmp_path / "best.pth"
+    data = os.urandom(3 * 1024 + 17)
+    path.write_bytes(data)
+    assert file_sha256(path, chunk_size=1024) == hashlib.sha256(data).hexdigest()
+    fingerprint = FileFingerprint(path)
+    assert fingerprint.sha256 == hashlib.sha256(data).hexdigest()
+    fingerprint.check_unchanged()
+    # A trainer saving a new best.pth (atomically: a new file renamed over it) meanwhile.
+    new = tmp_path / "tmp.pth"
+    new.write_bytes(data[::-1])
+    os.replace(new, path)
+    with pytest.raises(ValueError, match="changed while"):
+        fingerprint.check_unchanged()

@@ -29,7 +29,7 @@ Such images have no image-level labels, so the classes whose CAMs are taken come
 
 Per image, at its own size, with its image-level labels (from ``<data.list_dir>/cls_labels.json``
 when it lists the id, else from the ground-truth mask; with ``--images`` the classes chosen as
-above), exactly as one training iteration makes them (DESIGN.md section 3):
+above), exactly as one training iteration makes them (its steps named below):
 
     cam_label/<id>.png  the multi-scale CAM (``cam.scales``) thresholded at ``cam.bkg_score``
                         (step 3)
@@ -53,6 +53,7 @@ above), exactly as one training iteration makes them (DESIGN.md section 3):
     classes.json        with --images: {id: [class names]} of all images, largest logit first
     scores.json         mIoU of each kind over the images that have a ground-truth mask
     config.yaml, run.json   the merged config and the settings the outputs were made with
+                        (the checkpoint's path and the SHA-256 of its content)
 
 With ``--images`` an image whose long side exceeds ``--max-side`` (default 512) is shrunk to it
 for the CAMs, PAR and the random walk (the affinity of a 12-megapixel photo would not fit in
@@ -67,7 +68,9 @@ where the label is 255), and the fraction of valid ground-truth pixels the label
 reported beside it; a label is only as good as both numbers together.
 
 A rerun skips images whose outputs all exist (their saved labels are still scored) unless
-``--overwrite``; it refuses to mix outputs of other settings.
+``--overwrite``; it refuses to mix outputs of other settings or of other weights (the checkpoint
+is compared by the SHA-256 of its content, not by its path: a rewritten ``best.pth`` is refused,
+the same file moved elsewhere resumes).
 """
 
 from __future__ import annotations
@@ -94,9 +97,9 @@ from afa.data import DataError, class_names, denormalize, normalize, write_mask
 from afa.data.folder import ImageFolder
 from afa.engine import distributed as D
 from afa.engine.run_config import model_config_from_checkpoint
-from afa.inference import (ImageSet, OutputFiles, check_run_settings, classes_from_logits,
-                           long_side_size, mask_ignored, run_sharded, save_npy_atomic,
-                           write_rgb_png_atomic)
+from afa.inference import (FileFingerprint, ImageSet, OutputFiles, check_run_settings,
+                           classes_from_logits, long_side_size, mask_ignored, run_sharded,
+                           save_npy_atomic, write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_table
 from afa.models import PAR, AFANet
@@ -379,9 +382,14 @@ def main(argv=None) -> int:
             images = ImageSet(**C.image_set_kwargs(cfg, label))
             source = {"split": label}
         model = AFANet(**C.model_kwargs(cfg))
+        # The outputs are tied to the weights, not to the path (best.pth is rewritten as
+        # training goes on): hash the file, load it, and make sure it is still the one hashed.
+        checkpoint = FileFingerprint(args.checkpoint)
         model.load_weights(args.checkpoint)
+        checkpoint.check_unchanged()
         c = cfg.cam
         settings = {"tool": "infer_cam", "checkpoint": str(Path(args.checkpoint).resolve()),
+                    "checkpoint_sha256": checkpoint.sha256,
                     **source, "cam_scales": list(c.scales), "bkg_score": c.bkg_score,
                     "high": c.high, "low": c.low, "radius": c.radius,
                     "par": {k: list(v) if isinstance(v, tuple) else v
@@ -418,7 +426,8 @@ def main(argv=None) -> int:
             print(format_table({k: scores[k]["iou"] for k in KINDS}, names, {
                 "mIoU": [scores[k]["miou"] for k in KINDS],
                 "ignored": [scores[k]["ignored_fraction"] for k in KINDS]}))
-            result = {**source, "num_images": total, "num_scored": scored, **scores}
+            result = {**source, "checkpoint_sha256": settings["checkpoint_sha256"],
+                      "num_images": total, "num_scored": scored, **scores}
             write_atomic(args.out_dir / "scores.json",
                          lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
         elif not args.images:  # a folder has no masks: nothing to say

@@ -41,7 +41,7 @@ CRF on. Both set ``infer.long_side=512``, ``infer.flip=true`` and the authors' C
 Gaussian sxy 3 compat 3, bilateral sxy 64 srgb 5 compat 4):
 
     paper        infer.scales=[1.0,0.5,0.75]: the authors' released test script; with --crf
-                 it is the protocol of the paper's 66.0 mIoU on VOC val (DESIGN.md section 5).
+                 it is the protocol of the paper's 66.0 mIoU on VOC val.
                  The config defaults are these values.
     maintainers  infer.scales=[0.5,0.75,1.0,1.25,1.5]: the scales the first author named when
                  asked how the paper's VOC results were tested (github.com/rulixiang/afa
@@ -61,14 +61,17 @@ Writes under ``--out-dir``:
     scores.json         mIoU etc. over the images that have a ground-truth mask (with
                         "subset_note" when the name list is a subset, see below)
     config.yaml, run.json   the merged config and the settings the outputs were made with
+                        (the checkpoint's path and the SHA-256 of its content)
 
 When the name list has a ``left_out.json`` beside it that names it (``tools/prepare_voc.py
 --skip-missing`` left bad ids out), the run starts by printing ``<list>: N of M listed ids (K left
 out by prepare_voc --skip-missing, see <path>)``: the scores are then over a subset of the split.
 
 A rerun skips images whose outputs all exist (their saved predictions are still scored) unless
-``--overwrite``; it refuses to mix outputs of other settings (checkpoint, scales, CRF, ...). Accepts
-our checkpoints and the authors' (``module.``-prefixed) ones.
+``--overwrite``; it refuses to mix outputs of other settings (scales, CRF, ...) or of other
+weights: the checkpoint is compared by the SHA-256 of its content, so a ``best.pth`` that further
+training rewrote is refused (pass ``--overwrite`` or another ``--out-dir``), and the same file
+moved or renamed resumes. Accepts our checkpoints and the authors' (``module.``-prefixed) ones.
 """
 
 from __future__ import annotations
@@ -96,9 +99,9 @@ from afa.data.folder import ImageFolder
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
 from afa.engine.run_config import model_config_from_checkpoint
-from afa.inference import (ImageSet, OutputFiles, check_run_settings, likely_classes,
-                           predict_seg_logits, run_sharded, save_npy_atomic, seg_input_sizes,
-                           write_rgb_png_atomic)
+from afa.inference import (FileFingerprint, ImageSet, OutputFiles, check_run_settings,
+                           likely_classes, predict_seg_logits, run_sharded, save_npy_atomic,
+                           seg_input_sizes, write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_scores
 from afa.models import AFANet
@@ -342,7 +345,11 @@ def main(argv=None) -> int:
         if note and main_process:
             print(note, flush=True)
         model = AFANet(**C.model_kwargs(cfg))
+        # The outputs are tied to the weights, not to the path (best.pth is rewritten as
+        # training goes on): hash the file, load it, and make sure it is still the one hashed.
+        checkpoint = FileFingerprint(args.checkpoint)
         model.load_weights(args.checkpoint)
+        checkpoint.check_unchanged()
         if args.crf:
             import_densecrf()
         protocol = protocol_of(cfg)
@@ -353,6 +360,7 @@ def main(argv=None) -> int:
                 print(f"note: overrides change {', '.join(changed)} of --protocol "
                       f"{args.protocol}: recorded as protocol {protocol!r}", flush=True)
         settings = {"tool": "infer_seg", "checkpoint": str(Path(args.checkpoint).resolve()),
+                    "checkpoint_sha256": checkpoint.sha256,
                     **source, "protocol": protocol, "long_side": cfg.infer.long_side,
                     "scales": list(cfg.infer.scales), "flip": cfg.infer.flip,
                     "crf": C.crf_kwargs(cfg) if args.crf else None,
@@ -381,8 +389,8 @@ def main(argv=None) -> int:
             scores = job.matrix.compute(class_names(cfg))
             print(format_scores(scores))
             result = {**source, "num_images": total, "num_scored": scored,
-                      **{k: settings[k] for k in ("protocol", "long_side", "scales", "flip",
-                                                  "crf")},
+                      **{k: settings[k] for k in ("checkpoint_sha256", "protocol", "long_side",
+                                                  "scales", "flip", "crf")},
                       "seg": scores.to_dict()}
             if note:
                 result["subset_note"] = note
