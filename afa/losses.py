@@ -1,19 +1,16 @@
-"""AFA's training losses (DESIGN.md section 3, steps 7, 10, 11 and 12).
+"""AFA's training losses (steps 7, 10, 11 and 12 of the method's training iteration).
 
 - ``classification_loss``: multi-label soft margin on the image-level logits.
 - ``affinity_loss``: pulls the predicted affinity to 1 on same-label pairs and to 0 across labels.
 - ``balanced_seg_loss``: cross-entropy averaged separately over background and foreground pixels.
 - ``DenseCRFLoss``: the regularized (DenseCRF) loss of Tang et al. as gated by AFA, with the
-  bilateral filter evaluated on the permutohedral lattice of ``pydensecrf2``.
+  bilateral filter evaluated on the permutohedral lattice of ``pydensecrf2``, in worker processes
+  of :mod:`afa.worker_pool` (they ignore stop signals and die with the trainer).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import multiprocessing as mp
-import signal
-import threading
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -24,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afa.cam import box_mask, host_to_device
-from afa.constants import IGNORE_INDEX, STOP_SIGNALS
+from afa.constants import IGNORE_INDEX
+from afa.worker_pool import children_ignore_stop_signals, kill_pool, make_pool
 
 try:
     import pydensecrf.densecrf as dcrf
@@ -156,34 +154,6 @@ class _DenseEnergy(torch.autograd.Function):
 log = logging.getLogger(__name__)
 
 
-def _ignore_signals() -> None:
-    """Pool initializer: stop signals are the training process's to handle (see the trainer)."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _children_ignore_stop_signals():
-    """Processes started inside ignore the stop signals from birth.
-
-    A signal to the whole process group (Ctrl-C, SLURM's SIGTERM) during the seconds a spawned
-    filter process takes to start would kill it before its initializer runs, break the pool and
-    lose the step. An ignored disposition survives exec; a handler does not. The signals are
-    blocked meanwhile, so one that arrives is delivered to this process afterwards, not lost.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread; the initializer still protects
-        return
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-
 class PendingCRFLoss:
     """A regularized loss whose bilateral filtering has started (:meth:`DenseCRFLoss.start`).
 
@@ -215,7 +185,7 @@ class PendingCRFLoss:
 
 
 class DenseCRFLoss(nn.Module):
-    """Regularized (DenseCRF) loss on the segmentation softmax (DESIGN step 12).
+    """Regularized (DenseCRF) loss on the segmentation softmax (step 12 of the training iteration).
 
     Args:
         sigma_rgb: bilateral kernel width in 0-255 intensity units.
@@ -225,7 +195,9 @@ class DenseCRFLoss(nn.Module):
         ignore_index: pixels with this pseudo label get the full gate of 1.
         workers: processes that run the bilateral filter (on the CPU, one image each) while the
             caller goes on (:meth:`start`); 0 filters in this process, at once. The numbers are
-            the same either way.
+            the same either way. The processes (:func:`afa.worker_pool.make_pool`) ignore the
+            stop signals, which the trainer handles, and end when the process that started
+            them ends, however it ends (``kill -9`` included).
 
     The filter runs on the CPU (``pydensecrf2``'s permutohedral lattice). The trainer starts it
     right after the training forward, so that on a GPU it overlaps with the multi-scale CAM and
@@ -248,9 +220,7 @@ class DenseCRFLoss(nn.Module):
 
     def _executor(self) -> ProcessPoolExecutor | None:
         if self.workers and self._pool is None:
-            # spawn: safe in a process that uses CUDA or threads.
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=_ignore_signals)
+            self._pool = make_pool(self.workers)
             # Without an explicit close(), the processes end with this module object.
             weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
         return self._pool
@@ -264,18 +234,16 @@ class DenseCRFLoss(nn.Module):
     def _discard_broken_pool(self) -> None:
         """A filter process died: end the others and start a new pool at the next step.
 
-        The pool's own clean-up of a broken pool sends SIGTERM, which its processes ignore
-        (:func:`_ignore_signals`), and would then wait for them forever, as would this
-        process's exit: they are killed instead. The current step filters in this process.
+        The pool's own clean-up of a broken pool sends SIGTERM, which its processes ignore, and
+        would then wait for them forever, as would this process's exit: they are killed instead
+        (:func:`afa.worker_pool.kill_pool`). The current step filters in this process.
         """
         pool, self._pool = self._pool, None
         if pool is None:
             return
         log.warning("A filter process of the regularized loss died; this step filters in the "
                     "training process (the same numbers), and new processes start at the next")
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        kill_pool(pool)
 
     def start(self, rgb: torch.Tensor, probs: torch.Tensor,
               boxes: torch.Tensor) -> PendingCRFLoss:
@@ -304,7 +272,7 @@ class DenseCRFLoss(nn.Module):
             filtered = [bilateral_filter(*args) for args in inputs]
             return PendingCRFLoss(self, probs, filtered, inputs)
         try:
-            with _children_ignore_stop_signals():  # the pool starts its processes on submit
+            with children_ignore_stop_signals():  # the pool starts its processes on submit
                 work = [pool.submit(bilateral_filter, *args) for args in inputs]
         except BrokenProcessPool:  # broken since the last step: filter here, renew next step
             self._discard_broken_pool()
