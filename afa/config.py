@@ -18,7 +18,9 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["Config", "ConfigError", "load_config", "save_config"]
+from afa.constants import CLASS_NAME_SETS
+
+__all__ = ["Config", "ConfigError", "config_warnings", "load_config", "save_config"]
 
 
 @dataclass
@@ -215,6 +217,109 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
+# Bounds of numeric settings: key -> (least, greatest, whether the least is excluded). A value out
+# of them would crash deep inside a run or train nothing; None (where allowed) is not checked.
+_RANGES = {
+    "seed": (0, None, False),
+    "model.embedding_dim": (1, None, False),
+    "model.drop_path_rate": (0, 1, False),
+    "data.crop_size": (16, None, False),  # one stage-4 token at stride 16
+    "data.num_workers": (0, None, False),
+    "data.val_max_images": (1, None, False),
+    "data.val_batch": (1, None, False),
+    "optim.lr": (0, None, True),
+    "optim.weight_decay": (0, None, False),
+    "optim.warmup_iters": (0, None, False),
+    "optim.warmup_ratio": (0, 1, False),
+    "optim.power": (0, None, False),
+    "optim.lr_mults.backbone": (0, None, False),
+    "optim.lr_mults.backbone_norm": (0, None, False),
+    "optim.lr_mults.heads": (0, None, False),
+    "optim.lr_mults.decoder": (0, None, False),
+    "train.max_iters": (1, None, False),
+    "train.global_batch": (1, None, False),
+    "train.cam_iters": (0, None, False),
+    "train.aff_switch_iter": (0, None, False),
+    "train.eval_iters": (1, None, False),
+    "train.log_iters": (1, None, False),
+    "train.ckpt_iters": (1, None, False),
+    "train.keep_last": (0, None, False),  # 0 keeps every checkpoint
+    "train.image_log_iters": (0, None, False),  # 0: no image grids
+    "cam.bkg_score": (0, 1, False),
+    "cam.high": (0, 1, False),
+    "cam.low": (0, 1, False),
+    "cam.radius": (1, None, False),
+    "cam.ignore_index": (0, 255, False),  # masks are 8-bit PNGs
+    "par.num_iter": (0, None, False),
+    "par.w1": (0, None, True),
+    "par.w2": (0, None, True),
+    "par.w3": (0, None, False),
+    "loss.w_seg": (0, None, False),
+    "loss.w_aff": (0, None, False),
+    "loss.w_reg": (0, None, False),
+    "loss.reg_rgb_sigma": (0, None, True),
+    "loss.reg_xy_sigma": (0, None, True),
+    "loss.reg_scale": (0, 1, True),
+    "loss.reg_workers": (0, None, False),
+    "infer.long_side": (16, None, False),
+    "infer.crf_iters": (0, None, False),
+    "infer.crf_gauss_sxy": (0, None, True),
+    "infer.crf_bilateral_sxy": (0, None, True),
+    "infer.crf_bilateral_srgb": (0, None, True),
+}
+# Lists whose every element must be positive, and the least length.
+_POSITIVE_LISTS = {"data.scale_range": 2, "cam.scales": 1, "par.dilations": 1, "infer.scales": 1,
+                   "optim.betas": 2}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """One-line ConfigErrors for values no run can use (see ``_RANGES``)."""
+    for key, (least, greatest, open_below) in _RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        too_low = value <= least if open_below else value < least
+        if too_low or (greatest is not None and value > greatest):
+            bound = (f"> {least}" if open_below else f">= {least}") + (
+                f" and <= {greatest}" if greatest is not None else "")
+            raise ConfigError(f"'{key}' must be {bound}, got {value}")
+    for key, length in _POSITIVE_LISTS.items():
+        value = list(OmegaConf.select(cfg, key))
+        if len(value) < length or min(value) <= 0:
+            raise ConfigError(f"'{key}' must hold at least {length} positive values, got {value}")
+    if len(cfg.data.scale_range) != 2 or cfg.data.scale_range[0] > cfg.data.scale_range[1]:
+        raise ConfigError(f"'data.scale_range' must be [low, high] with low <= high, got "
+                          f"{list(cfg.data.scale_range)}")
+    if max(cfg.optim.betas) >= 1 or len(cfg.optim.betas) != 2:
+        raise ConfigError(f"'optim.betas' must be two values in (0, 1), got "
+                          f"{list(cfg.optim.betas)}")
+    if not cfg.cam.low <= cfg.cam.high:
+        raise ConfigError(f"'cam.low' ({cfg.cam.low}) must not exceed 'cam.high' "
+                          f"({cfg.cam.high}): low marks sure background, high sure foreground")
+
+
+def config_warnings(cfg: DictConfig) -> list[str]:
+    """Settings that run but are probably not what was meant (the trainer logs them)."""
+    o, t = cfg.optim, cfg.train
+    found = []
+    # With optim.joint_lr the first schedule ends at cam_iters (see the trainer's _lr_at).
+    schedule_end = t.max_iters if o.joint_lr is None else t.cam_iters
+    if o.warmup_iters >= schedule_end:
+        from afa.engine.optim import lr_at
+
+        peak = lr_at(schedule_end - 1, o.lr, schedule_end, o.warmup_iters, o.warmup_ratio)
+        end = "train.max_iters" if o.joint_lr is None else "train.cam_iters"
+        found.append(f"optim.warmup_iters={o.warmup_iters} is not below {end}={schedule_end}: "
+                     f"the learning rate stays in warm-up for the whole schedule and peaks at "
+                     f"{peak:.3g} instead of optim.lr={o.lr:g}; lower optim.warmup_iters for a "
+                     "short run")
+    if t.cam_iters >= t.max_iters:
+        found.append(f"train.cam_iters={t.cam_iters} is not below train.max_iters="
+                     f"{t.max_iters}: only the classification loss is trained (no pseudo "
+                     "labels, segmentation or affinity)")
+    return found
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DictConfig:
     """Defaults -> YAML ``path`` -> ``overrides`` (``["train.max_iters=10", ...]``)."""
     cfg = OmegaConf.structured(Config)
@@ -246,10 +351,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
     if cfg.cam.update_decoder_bn and cfg.cam.reuse_train_forward:
         raise ConfigError("'cam.update_decoder_bn' and 'cam.reuse_train_forward' exclude each "
                           "other: the reused forward's decoder saw no flipped copy; set one false")
-    for key, least in (("data.val_batch", 1), ("loss.reg_workers", 0)):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and value < least:
-            raise ConfigError(f"'{key}' must be >= {least}, got {value}")
+    _check_ranges(cfg)
+    names = CLASS_NAME_SETS[cfg.data.name]
+    if cfg.data.num_classes != len(names):
+        raise ConfigError(f"'data.num_classes' is {cfg.data.num_classes}, but data.name="
+                          f"{cfg.data.name} has {len(names)} classes (background included): "
+                          f"drop the override or set data.num_classes={len(names)}")
     for key in ("model.stride", "train.cls_phase_stride"):
         value = OmegaConf.select(cfg, key)
         if value is not None and (len(value) != 4 or min(value) < 1):

@@ -54,17 +54,23 @@ def test_config_lr_mults_override_the_groups():
         build_optimizer(model.param_groups(), 1e-3, 0.01, lr_mults={"classifier": 1.0})
 
 
+def _training_state(iteration: int) -> dict:
+    return {"model": {}, "optimizer": {}, "iteration": iteration, "config": {}, "rng": [],
+            "data": {}}
+
+
 def test_checkpoint_manager_keeps_last_and_best(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2)
-    assert manager.resolve("auto") is None and manager.resolve(None) is None
+    assert manager.find_resume("auto") is None and manager.find_resume(None) is None
     for it in (2, 4, 6):
-        manager.save({"iteration": it}, it, is_best=it == 4)
+        manager.save(_training_state(it), it, is_best=it == 4)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best.pth", "iter_000004.pth", "iter_000006.pth"]
-    assert torch.load(tmp_path / "best.pth")["iteration"] == 4
-    assert manager.resolve("auto") == tmp_path / "iter_000006.pth"
+    assert torch.load(tmp_path / "best.pth", weights_only=True)["iteration"] == 4
+    found = manager.find_resume("auto")
+    assert found.path == tmp_path / "iter_000006.pth" and found.state["iteration"] == 6
     with pytest.raises(FileNotFoundError, match="missing.pth"):
-        manager.resolve(str(tmp_path / "missing.pth"))
+        manager.find_resume(str(tmp_path / "missing.pth"))
 
 
 def _stream(world, batch, global_batch, batches_per_rank, start=0):

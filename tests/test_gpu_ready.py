@@ -315,7 +315,7 @@ def test_skipped_steps_are_reported_at_the_log_interval(tiny_data, tmp_path, mon
     train(cfg)
     log = (tmp_path / "train.log").read_text()
     assert "Non-finite loss or gradient at iteration 0" in log
-    state = torch.load(tmp_path / "checkpoints" / "iter_000002.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "iter_000002.pth", weights_only=True)
     assert int(state["optimizer"]["state"][0]["step"]) == 1
 
 

@@ -51,7 +51,7 @@ def test_a_few_iterations_write_every_artefact(tiny_data, tmp_path, device):
     assert not [n for n in ckpts if ".tmp" in n]
     assert len([n for n in ckpts if n.startswith("iter_")]) <= 2  # keep_last
     state = torch.load(tmp_path / "checkpoints" / "iter_000004.pth", map_location="cpu",
-                       weights_only=False)
+                       weights_only=True)
     assert state["iteration"] == 4 and not any(k.startswith("module.") for k in state["model"])
     assert {"model", "optimizer", "scaler", "rng", "data", "config", "best"} <= set(state)
     assert list((tmp_path / "tb").iterdir())
@@ -102,7 +102,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, device):
         train(cfg)
     killer.join()
     stopped_at = torch.load(CheckpointManager(work / "checkpoints").latest(),
-                            map_location="cpu", weights_only=False)["iteration"]
+                            map_location="cpu", weights_only=True)["iteration"]
     assert 1 <= stopped_at < 4
     resumed = _params(train(cfg, resume="auto").model)
     _assert_same_run(resumed, reference, device)

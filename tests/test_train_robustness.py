@@ -50,7 +50,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same arithmetic as the in-pro
 
 def _final_model(work_dir: Path, iteration: int) -> dict:
     return torch.load(work_dir / "checkpoints" / f"iter_{iteration:06d}.pth",
-                      weights_only=False)["model"]
+                      weights_only=True)["model"]
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:
@@ -257,7 +257,7 @@ def test_stop_during_validation_takes_effect_at_the_next_image(tiny_data, tmp_pa
     with pytest.raises(TrainingInterrupted, match="during the validation of iteration 2"):
         train(tiny_config(tiny_data, work, **common))
     assert wrapped[0].reads == 1  # stopped before scoring a second image
-    state = torch.load(work / "checkpoints" / "iter_000002.pth", weights_only=False)
+    state = torch.load(work / "checkpoints" / "iter_000002.pth", weights_only=True)
     assert state["iteration"] == 2 and state["validated"] is False
     assert not [r for r in _records(work) if "val/seg" in r]
 
@@ -332,7 +332,7 @@ def test_mis_sized_validation_mask(tiny_data, tmp_path):
                                         r"checkpoint of iteration 2 is saved"):
         train(tiny_config(data, work, **common))
     assert torch.load(work / "checkpoints" / "iter_000002.pth",
-                      weights_only=False)["validated"] is False
+                      weights_only=True)["validated"] is False
 
     result = train(tiny_config(data, work, **common, **{"data.skip_bad": "true"}),
                    resume="auto", allow_config_change=["data.skip_bad"])
@@ -478,7 +478,7 @@ def test_non_finite_gradient_stops_after_a_finite_checkpoint(tiny_data, tmp_path
                                                  r"cls_loss=[0-9.]+.*dropped.*checkpoint of "
                                                  r"iteration 2"):
         train(cfg)
-    state = torch.load(tmp_path / "checkpoints" / "iter_000002.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "iter_000002.pth", weights_only=True)
     assert int(state["optimizer"]["state"][0]["step"]) == 1  # the dropped step did not count
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -493,7 +493,7 @@ def test_skipped_step_restores_batchnorm_statistics(tiny_data, tmp_path, monkeyp
                                               "train.eval_iters": 100})
     result = train(cfg)
     assert non_finite_tensors(result.model) == []
-    state = torch.load(tmp_path / "checkpoints" / "iter_000002.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoints" / "iter_000002.pth", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert [r["train/skipped_steps"] for r in _records(tmp_path)
             if "train/skipped_steps" in r] == [0, 1]

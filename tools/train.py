@@ -25,7 +25,14 @@ checkpoint in the work dir; the config must be the checkpoint's, except for keys
 ``--allow-config-change``. A fresh run refuses a work dir that holds another run's checkpoints or
 metrics unless ``--overwrite`` is given.
 
-Exit status: 0 done; 2 bad config, data or weights (named; after a checkpoint when found mid-run);
+A work dir holds one run at a time: a second trainer started on it is refused at once, naming the
+process that holds it (the lock ends with that process, however it ends). Checkpoints are read
+as data only: a file that would run code when unpickled is refused, as is a truncated one (with
+``--resume auto`` the newest readable checkpoint is taken, and the skipped ones named).
+
+Exit status: 0 done (also when ``--resume auto`` finds the run finished: the log says so); 2 bad
+config, data, weights or checkpoint, a work dir in use, a file that cannot be written (named;
+after a checkpoint when found mid-run);
 3 non-finite loss or gradient (after a checkpoint of the last finite state); 128 + N stopped by
 signal N.
 """
@@ -37,8 +44,10 @@ import sys
 
 from afa.config import ConfigError, load_config
 from afa.data import DataError
+from afa.engine.run_lock import WorkDirBusy
 from afa.engine.trainer import TrainingInterrupted, train
 from afa.models import WeightsError
+from afa.safe_load import CheckpointError
 
 
 def parse_args(argv=None):
@@ -76,8 +85,13 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         train(cfg, resume=args.resume, overwrite=args.overwrite,
               allow_config_change=args.allow_config_change)
-    except (ConfigError, DataError, WeightsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, WeightsError, CheckpointError, WorkDirBusy,
+            FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only or missing folder: the path and the cause
+        print(f"error: cannot write or read '{err.filename}': {err.strerror}" if err.filename
+              else f"error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from afa.atomic import write_atomic
 
-__all__ = ["RunLogger", "progress_enabled", "run_record", "setup_logging"]
+__all__ = ["RunLogger", "progress_enabled", "record_failure", "run_record", "setup_logging"]
 
 
 def progress_enabled() -> bool:
@@ -58,6 +58,17 @@ def setup_logging(work_dir: Path | None, main: bool) -> logging.Logger:
         file.setFormatter(fmt)
         logger.addHandler(file)
     return logger
+
+
+def record_failure(err: BaseException) -> None:
+    """Write why a run ended into ``train.log`` (the file handlers of the ``afa`` logger only:
+    the tool prints the same message on the terminal)."""
+    logger = logging.getLogger("afa")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run ended: %s: %s",
+                               (type(err).__name__, err), None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _git_commit(repo: Path) -> str:

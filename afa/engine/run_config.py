@@ -26,14 +26,13 @@ Checkpoints without a saved config (the authors', or a bare state dict) change n
 from __future__ import annotations
 
 import copy
-import pickle
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from afa.config import ConfigError
+from afa.safe_load import CheckpointError, read_torch_file
 
 __all__ = ["MATCHED_KEYS", "MODEL_KEYS", "CheckpointError", "CheckpointSettings",
            "model_config_from_checkpoint", "read_checkpoint"]
@@ -47,10 +46,6 @@ MATCHED_KEYS = ("data.num_classes",)
 _ABSENT = object()
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be read; the message names the file."""
-
-
 class CheckpointSettings(NamedTuple):
     cfg: DictConfig  # read-only, like load_config's
     # {key: (value in the config, value taken from the checkpoint)} for every key that changed
@@ -59,16 +54,10 @@ class CheckpointSettings(NamedTuple):
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """``torch.load`` of a checkpoint onto the CPU, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: '{path}'")
-    try:
-        # weights_only=False: our checkpoints hold RNG states and NumPy arrays besides tensors.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
-        raise CheckpointError(f"Cannot read checkpoint '{path}' ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0] if str(err) else 'empty'})") from None
+    """A checkpoint read onto the CPU as data only (``afa.safe_load``), with errors that name
+    the file: ``FileNotFoundError``, :class:`CheckpointError` (``UnsafeFileError`` for a file that
+    holds code)."""
+    state = read_torch_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"Checkpoint '{path}' holds a {type(state).__name__}, not a dict "
                               "of weights")

@@ -35,9 +35,11 @@ from afa.engine import distributed as D
 from afa.engine.checkpoint import (CheckpointManager, capture_rng_state, load_scaler_state,
                                    non_finite_tensors, restore_rng_state, unwrap_model)
 from afa.engine.data_order import ResumableSampler, SeededDataset, stream_seed
-from afa.engine.logger import RunLogger, progress_enabled, run_record, setup_logging
+from afa.engine.logger import (RunLogger, progress_enabled, record_failure, run_record,
+                               setup_logging)
 from afa.engine.precision import autocast, precision_warning, resolve_amp, set_tf32
 from afa.engine.optim import build_optimizer, load_optimizer_state, lr_at, set_lr
+from afa.engine.run_lock import WorkDirBusy, WorkDirLock
 from afa.engine.validate import ValidationStopped, format_table, validate
 from afa.host_memory import keep_freed_host_memory
 from afa.models import PAR, AFANet, convert_sync_batchnorm
@@ -295,11 +297,26 @@ def train(cfg: DictConfig, resume: str | None = None, *, overwrite: bool = False
     info = D.init_distributed(cfg.device)
     main = info.rank == 0
     work_dir = Path(cfg.work_dir)
+    lock = WorkDirLock(work_dir)
     try:
+        busy = None
+        if main:  # before anything in the work dir is read, written or removed
+            try:
+                lock.acquire()
+            except WorkDirBusy as err:
+                busy = err
+        if D.any_rank([busy is not None])[0]:
+            raise busy or WorkDirBusy(f"{work_dir} is in use by another training run (the "
+                                      "first process says by which)")
         _prepare_work_dir(work_dir, resume, overwrite, main)
         log = setup_logging(work_dir, main)
-        return _train(cfg, resume, tuple(allow_config_change), info, main, work_dir, log)
+        try:
+            return _train(cfg, resume, tuple(allow_config_change), info, main, work_dir, log)
+        except (Exception, TrainingInterrupted) as err:
+            record_failure(err)  # train.log keeps why the run ended, not only the terminal
+            raise
     finally:
+        lock.release()
         D.cleanup()
 
 
@@ -346,6 +363,8 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
     slow = precision_warning(info.device, amp)
     if slow:
         log.warning("%s", slow)
+    for warning in C.config_warnings(cfg):
+        log.warning("%s", warning)
     torch.manual_seed(cfg.seed + info.rank)
 
     train_set, val_set = build_datasets(cfg)
@@ -355,10 +374,7 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
             log.warning("%s", note)
         for _, problem in dataset.skipped:  # data.skip_bad: ids left out before the run
             log.warning("left out (data.skip_bad): %s", problem)
-    names = class_names(cfg)
-    if len(names) != cfg.data.num_classes:
-        raise ValueError(f"data.name={cfg.data.name} has {len(names)} classes but "
-                         f"data.num_classes={cfg.data.num_classes}")
+    names = class_names(cfg)  # as many as data.num_classes: load_config checks it
     if cfg.data.val_max_images:
         val_set = Subset(val_set, range(min(cfg.data.val_max_images, len(val_set))))
 
@@ -389,9 +405,9 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
 
     ckpt = CheckpointManager(work_dir / "checkpoints", keep_last=t.keep_last)
     start_iter, best, pending_validation = 0, -1.0, False
-    resume_path = ckpt.resolve(resume)
-    if resume_path is not None:
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
+    resume_point = ckpt.find_resume(resume, log)
+    if resume_point is not None:
+        resume_path, state = resume_point
         _check_resume_config(state["config"], cfg, allowed, resume_path, log)
         if state["data"]["global_batch"] != t.global_batch:
             raise C.ConfigError(f"{resume_path} was trained with global batch "
@@ -412,6 +428,12 @@ def _train(cfg, resume, allowed, info, main, work_dir, log) -> TrainResult:
                      "restored (the data order and augmentations do not depend on them)",
                      len(state["rng"]), world)
         log.info("Resumed from %s at iteration %d", resume_path, start_iter)
+        if start_iter >= t.max_iters and not pending_validation:
+            log.info("This run is already finished: %s is iteration %d of train.max_iters=%d, "
+                     "nothing is left to train (raise it with train.max_iters=N "
+                     "--allow-config-change train.max_iters to train on)", resume_path.name,
+                     start_iter, t.max_iters)
+        del state
     if main:
         C.save_config(cfg, work_dir / "config.yaml")
 

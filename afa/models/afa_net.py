@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afa.models import mix_transformer
+from afa.safe_load import CheckpointError, read_torch_file
 from afa.models.segformer_head import SegFormerHead
 
 __all__ = ["AFANet", "AFAOutput", "CAMForward", "load_state_dict_flexible"]
@@ -171,9 +172,10 @@ def load_state_dict_flexible(model: nn.Module, checkpoint: str | Path | dict) ->
     source = "the given state dict"
     if not isinstance(checkpoint, dict):
         source = f"'{checkpoint}'"
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"Checkpoint not found: '{checkpoint}'")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_torch_file(checkpoint)  # data only: a file that holds code is refused
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f"Checkpoint {source} holds a {type(checkpoint).__name__}, "
+                                  "not a dict of weights")
     state_dict = checkpoint
     for key in ("model", "state_dict"):
         if key in state_dict and isinstance(state_dict[key], dict):
