@@ -1,9 +1,9 @@
 """Read a PyTorch file a user names as data, never as code.
 
-``torch.load`` unpickles: a file can name any Python callable, and a plain (``weights_only=False``)
-load calls it. Checkpoints are exchanged by link, so every checkpoint or weight file afa opens goes
-through :func:`read_torch_file`, which loads with ``weights_only=True``: tensors, numbers, strings
-and plain containers only. Everything afa writes is of that kind (the RNG states included, see
+``torch.load`` unpickles: a file can name any Python callable, and a load without the
+``weights_only`` restriction calls it. Checkpoints are exchanged by link, so every checkpoint or
+weight file afa opens goes through :func:`read_torch_file`, which loads with
+``weights_only=True``: tensors, numbers, strings and plain containers only. Everything afa writes is of that kind (the RNG states included, see
 ``afa.engine.checkpoint``), so no allow-list of classes is needed.
 
 A file that holds anything else is refused before a byte of it runs (:class:`UnsafeFileError`,

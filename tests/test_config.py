@@ -1,0 +1,58 @@
+"""Config values: out-of-range settings are one-line errors where the config is loaded, and
+settings that run but probably mislead are warned about in train.log."""
+
+import pytest
+
+from afa.config import ConfigError, config_warnings, load_config
+from afa.engine.trainer import train
+from conftest import DEMO_CONFIG, REPO, load_tool, tiny_config
+
+train_tool = load_tool("train")
+VOC = REPO / "configs" / "voc.yaml"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=-1", "'optim.lr' must be > 0, got -1.0"),
+    ("data.crop_size=0", "'data.crop_size' must be >= 16, got 0"),
+    ("train.global_batch=0", "'train.global_batch' must be >= 1, got 0"),
+    ("train.max_iters=0", "'train.max_iters' must be >= 1, got 0"),
+    ("train.max_iters=-5", "'train.max_iters' must be >= 1, got -5"),
+    ("data.num_classes=0", "'data.num_classes' is 0, but data.name=voc has 21 classes"),
+    ("data.num_classes=5", "'data.num_classes' is 5, but data.name=voc has 21 classes"),
+    ("cam.scales=[]", "'cam.scales' must hold at least 1 positive values, got []"),
+    ("data.scale_range=[2.0,0.5]", "'data.scale_range' must be [low, high] with low <= high"),
+    ("optim.betas=[0.9,1.0]", "'optim.betas' must be two values in (0, 1)"),
+    ("cam.low=0.6", "'cam.low' (0.6) must not exceed 'cam.high' (0.55)"),
+    ("loss.reg_scale=0", "'loss.reg_scale' must be > 0 and <= 1, got 0.0"),
+])
+def test_a_value_no_run_can_use_is_one_line_and_exit_2(override, message, tmp_path, capsys):
+    with pytest.raises(ConfigError) as caught:
+        load_config(VOC, [override])
+    assert message in str(caught.value)
+    assert train_tool.main(["--config", str(VOC), "--work-dir", str(tmp_path), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not any(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_the_shipped_configs_pass_without_warnings():
+    for name in ("voc", "coco", "demo", "demo_full"):
+        assert config_warnings(load_config(REPO / "configs" / f"{name}.yaml")) == []
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, **{"train.max_iters": 2, "optim.warmup_iters": 5,
+                                              "train.eval_iters": 100})
+    train(cfg)
+    log = (tmp_path / "train.log").read_text()
+    peak = cfg.optim.lr * (1e-6 + (1 - 1e-6) * 1 / 5)  # lr_at(1): the last step's rate
+    assert (f"WARNING optim.warmup_iters=5 is not below train.max_iters=2: the learning rate "
+            f"stays in warm-up for the whole schedule and peaks at {peak:.3g} instead of "
+            f"optim.lr={cfg.optim.lr:g}") in log
+
+
+def test_the_paper_schedule_cut_short_names_the_peak():
+    (warning, cam_only) = config_warnings(load_config(VOC, ["train.max_iters=300"]))
+    assert "optim.warmup_iters=1500 is not below train.max_iters=300" in warning
+    assert "peaks at 1.2e-05 instead of optim.lr=6e-05" in warning
+    assert "train.cam_iters=2000 is not below train.max_iters=300" in cam_only
