@@ -355,6 +355,17 @@ def test_a_second_run_in_one_work_dir_is_refused_until_the_first_dies(tiny_data,
             line = _error_line(err)
             assert line.startswith(f"error: {work} is in use by another training run (pid "
                                    f"{first.pid} on "), line
+        # Under torchrun rank 0 holds the lock; every rank leaves with the refusal, none hangs.
+        ranks = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "tools/train.py", "--config", str(DEMO_CONFIG), "--resume", "auto",
+             *tiny_overrides(tiny_data, work, device="cpu")], cwd=REPO, text=True,
+            capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert ranks.returncode != 0
+        assert ranks.stderr.count(f"error: {work} is in use by another training run (pid "
+                                  f"{first.pid} on ") == 1, ranks.stderr
+        assert ranks.stderr.count("error: ") == 2  # the other rank names rank 0's message
+        assert first.poll() is None  # the first run went on
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         # The kernel drops the lock with the process: the next run starts at once.
