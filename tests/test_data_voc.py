@@ -321,3 +321,21 @@ def test_label_out_of_range_and_missing_label_file(tree):
         VOCStyleDataset(root, names, root / "nope.json", NUM_CLASSES)
     with pytest.raises(ValueError, match="needs a label_file"):
         VOCStyleDataset(root, names, None, NUM_CLASSES)
+
+
+def test_16_bit_and_oversized_images_in_a_split(tmp_path):
+    """The VOC and COCO layouts read images with the same reader as a folder of photos: a 16-bit
+    greyscale image keeps its values (x >> 8; PIL alone turned it white), and one over the pixel
+    limit is a DataError naming the file, not PIL's DecompressionBombError traceback."""
+    root, names, labels = make_tree(tmp_path, split="train", mask_dir="SegmentationClass")
+    image_dir = root / "JPEGImages" / "train"
+    grey16 = (np.arange(20 * 20, dtype=np.uint32) * 160).reshape(20, 20).astype(np.uint16)
+    Image.fromarray(grey16).save(image_dir / "img_c.jpg", format="PNG")
+    ds = VOCStyleDataset(root, names, labels, NUM_CLASSES, split="train",
+                         mask_dir="SegmentationClass", mode="seg")
+    np.testing.assert_array_equal(ds.image("img_c"),
+                                  np.repeat((grey16 >> 8).astype(np.uint8)[..., None], 3, 2))
+    Image.new("1", (14000, 14000)).save(image_dir / "img_b.jpg", format="PNG")
+    with pytest.raises(DataError, match=f"{image_dir / 'img_b.jpg'}: 14000x14000 image .*"
+                                        "AFA_MAX_IMAGE_PIXELS=196000000"):
+        ds[1]

@@ -521,3 +521,30 @@ def test_voc_mini_photos_by_a_glob(voc_mini, tmp_path):
                             "--max-width", "320"]) == 0
     with Image.open(gif) as animation:  # photos of different sizes: padded to one
         assert animation.n_frames == len(names) and animation.size[0] <= 320
+
+
+def test_a_16_bit_greyscale_photo_keeps_its_values(tmp_path):
+    """A 16-bit greyscale PNG used to come out 99.6 % white (PIL clips at 255): now x >> 8."""
+    depth = (np.arange(48 * 64, dtype=np.uint32) * 21).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    image = ImageFolder(tmp_path).image("depth")
+    np.testing.assert_array_equal(image, np.repeat((depth >> 8).astype(np.uint8)[..., None], 3, 2))
+
+
+def test_an_image_over_the_pixel_limit_is_named_with_exit_status_2(setup, tmp_path, capsys):
+    """A 14000 x 14000 PNG (24 KB on disk) used to stop the tools with PIL's
+    DecompressionBombError traceback; now one line names it, its size and the way out."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _save(photos / "a_small.png", np.zeros((40, 40, 3), np.uint8))
+    huge = photos / "huge.png"
+    Image.new("1", (14000, 14000)).save(huge)
+    expected = (f"error (rank 0): {huge}: 14000x14000 image (196 megapixels) is larger than the "
+                "limit of 178956970 pixels")
+    for tool, argv in ((infer_seg, _seg_argv(setup, photos, tmp_path / "seg", "--no-overlay")),
+                       (infer_cam, _cam_argv(setup, photos, tmp_path / "cam"))):
+        assert tool.main(argv) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line]  # not the progress bar
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert errors[0].startswith(expected) and "AFA_MAX_IMAGE_PIXELS=196000000" in errors[0]

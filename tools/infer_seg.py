@@ -15,11 +15,12 @@ no name list, no masks, nothing scored; ``--split`` and ``--images`` exclude eac
         --images my_photos/ --out-dir out/my_photos [--crf]
     python tools/infer_seg.py ... --images 'frames/**/*.jpg' --out-dir out/frames
 
-JPEG and PNG files of any size and mode (greyscale, RGBA and palette images are read as RGB,
-EXIF-rotated photos upright); an image's id is its file stem, or its path below the pattern's
-fixed folder for ``dir/**/*.jpg`` (``afa/data/folder.py``). The config still gives the class names
-(``data.name``) and, with our checkpoints, the network settings; the outputs are those of a split
-run, at each image's own size.
+JPEG and PNG files of any mode (greyscale, 16-bit, RGBA and palette images are read as 8-bit RGB,
+EXIF-rotated photos upright) up to 179 megapixels (``AFA_MAX_IMAGE_PIXELS=N`` in the environment
+lifts that; the error naming a larger image says so); an image's id is its file stem, or its
+path below the pattern's fixed folder for ``dir/**/*.jpg`` (``afa/data/folder.py``). The config
+still gives the class names (``data.name``) and, with our checkpoints, the network settings; the
+outputs are those of a split run, at each image's own size.
 
 Several processes (images sharded by rank, confusion matrices summed; gloo on CPU, NCCL on GPU):
 

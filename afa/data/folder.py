@@ -22,9 +22,13 @@ matched in any case (``.JPG``).
 Ids are sorted by name with digit runs compared as numbers (``frame2`` before ``frame10``), so
 that the frames of a video keep their order whether or not their numbers are zero-padded.
 
-Images are read as RGB whatever their mode (greyscale, RGBA with the alpha dropped, palette) and
-turned upright by their EXIF orientation, as image viewers show them. An unreadable file raises
-:class:`afa.data.DataError` naming it when it is read; a source without images raises it at once.
+Images are read as 8-bit RGB whatever their mode and turned upright by their EXIF orientation,
+as image viewers show them (:func:`afa.data.read_image`: greyscale in all three channels, 16-bit
+images by their high byte ``x >> 8``, alpha dropped, the colours under transparent pixels kept).
+An unreadable file, one whose pixels have no known range (floating point), or one larger than
+``afa.data.voc.MAX_IMAGE_PIXELS`` (179 megapixels; the environment variable
+``AFA_MAX_IMAGE_PIXELS`` lifts it) raises :class:`afa.data.DataError` naming it when it is read;
+a source without images raises it at once.
 """
 
 from __future__ import annotations

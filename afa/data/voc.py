@@ -45,9 +45,11 @@ per sample (resumable data order).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import threading
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -63,6 +65,8 @@ from afa.data.transforms import Augment, normalize
 
 __all__ = [
     "DataError",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_PIXELS_ENV",
     "read_image",
     "read_mask",
     "write_mask",
@@ -91,21 +95,120 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+# The largest image read_image decodes, in pixels: PIL's own refusal threshold (twice its
+# Image.MAX_IMAGE_PIXELS default of 89,478,485), so that every image PIL read before is still
+# read. A larger size in a header is refused before decoding, naming the file, its size and the
+# environment variable that lifts the limit: a few kilobytes of PNG can claim gigapixels, and
+# inference then holds (classes x H x W) float32 logits as well.
+MAX_IMAGE_PIXELS = 178_956_970
+MAX_IMAGE_PIXELS_ENV = "AFA_MAX_IMAGE_PIXELS"  # a pixel count; 0 reads images of any size
+
+# PIL's own check reads a module global when a file is opened; it is switched off for the open
+# (read_image checks the size itself), and the lock keeps two threads of this process from
+# restoring it under each other.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _max_image_pixels(path) -> int | None:
+    """The pixel limit in force (None: none), from :data:`MAX_IMAGE_PIXELS_ENV` if set."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(text.replace("_", ""))
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise DataError(f"{path}: {MAX_IMAGE_PIXELS_ENV}={text!r} is not a pixel count (a whole "
+                        "number; 0 for no limit)")
+    return limit or None
+
+
+@contextlib.contextmanager
+def _pil_size_check_off():
+    with _PIL_LIMIT_LOCK:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _grey16_to_rgb(values: np.ndarray) -> np.ndarray:
+    """16-bit intensities -> (H, W, 3) uint8: the high byte (``x >> 8``), which is what PIL
+    keeps of 16-bit colour PNGs, so a grey and a colour 16-bit image read alike."""
+    grey = (values.astype(np.uint32) >> 8).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _to_rgb(img: Image.Image, file_format: str | None, path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded image of any mode, or DataError where there is no
+    right answer (see :func:`read_image`); ``file_format``: PIL's name of the file's format."""
+    mode = img.mode
+    if mode.startswith("I;16"):  # 16-bit greyscale (PNG, TIFF): PIL's convert clips it at 255
+        return _grey16_to_rgb(np.asarray(img))
+    if mode == "I":  # 32-bit integers: how PIL before 10 opens a 16-bit greyscale PNG
+        values = np.asarray(img)
+        if file_format != "PNG":
+            raise DataError(f"{path}: {file_format or 'image'} of 32-bit integer pixels (mode "
+                            "I), whose range cannot be known; save it as an 8- or 16-bit image")
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{path}: mode I pixel values span {values.min()}..{values.max()}, "
+                            "beyond the 16 bits of a PNG")
+        return _grey16_to_rgb(values)
+    if mode == "F":
+        raise DataError(f"{path}: floating-point pixels (mode F) have no fixed range to map to "
+                        "0..255; save it as an 8- or 16-bit image")
+    if mode in ("P", "PA") or "transparency" in img.info:
+        # Through RGBA: PIL warns when it drops a palette's transparency on the way to RGB.
+        return np.ascontiguousarray(np.asarray(img.convert("RGBA"))[..., :3])
+    return np.asarray(img.convert("RGB"))
+
+
 def read_image(path: str | os.PathLike, exif_transpose: bool = False) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB, whatever its mode (grey, RGBA, palette, CMYK).
+    """Read an image as (H, W, 3) uint8 RGB, whatever its mode.
+
+    - 8-bit and fewer bits (``1``, ``L``, ``P``, ``RGB``, ...): PIL's conversion; greyscale is
+      repeated in the three channels, 1-bit pixels become 0 or 255.
+    - 16-bit (greyscale ``I;16``, or ``I`` from a PNG; 16-bit colour PNGs, which PIL opens as
+      ``RGB``/``RGBA``): the high byte, ``x >> 8`` (within 1 of ``round(x / 257)``).
+    - Alpha (``RGBA``, ``LA``, ``PA``, a palette or colour key with transparency): dropped. The
+      colours stored under transparent pixels are kept, not composited on any background.
+    - ``CMYK``: PIL's conversion, without the file's ICC profile.
+    - Pixels whose range cannot be known (floating-point ``F``, 32-bit ``I`` other than a PNG's)
+      raise :class:`DataError` naming the file rather than being guessed at.
+
+    An image of more than :data:`MAX_IMAGE_PIXELS` pixels (its header's size) raises
+    :class:`DataError` naming the file, its size and how to lift the limit (the environment
+    variable :data:`MAX_IMAGE_PIXELS_ENV`), before any decoding.
 
     EXIF orientation is not applied by default: dataset masks are aligned with the stored pixels.
     ``exif_transpose=True`` turns the image upright as viewers show it (photos without masks,
-    :class:`afa.data.folder.ImageFolder`). An alpha channel is dropped.
+    :class:`afa.data.folder.ImageFolder`).
+
+    Every image of the project is read here (splits, COCO after ``tools/prepare_coco.py``,
+    folders of photos), so a file reads the same whichever way it comes in.
     """
     if not os.path.isfile(path):
         raise DataError(f"{path}: image file not found")
+    limit = _max_image_pixels(path)
     try:
-        with Image.open(path) as img:
+        with _pil_size_check_off():
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            if limit is not None and width * height > limit:
+                raise DataError(
+                    f"{path}: {width}x{height} image ({width * height / 1e6:.0f} megapixels) is "
+                    f"larger than the limit of {limit} pixels, a guard against decompression "
+                    f"bombs; set {MAX_IMAGE_PIXELS_ENV}={width * height} (0: no limit) to read it")
             img.load()
+            file_format = img.format  # a transposed copy has none
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
-            return np.asarray(img.convert("RGB"))
+            return _to_rgb(img, file_format, path)
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for corrupt/truncated data
         raise DataError(f"{path}: cannot decode image ({exc})") from exc
 
