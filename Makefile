@@ -24,14 +24,13 @@ install: $(STAMP)
 # (the set is made at data.crop_size pixels; 128 px: 22.4 minutes, every target in six runs of
 # nine; README, "The demos").
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash launch/run_demo.sh $(DEMO_ARGS)
+	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
 # All of AFA's training, the affinity branch included, on 144-px images (README, "The demos"):
 # 33.7 minutes on 2 AMD EPYC cores with AVX-512 (37-41 on slower mornings), every target of
 # #15 in six float32 runs of eight.
 demo-full: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_CONFIG=configs/demo_full.yaml bash launch/run_demo.sh \
-		$(DEMO_ARGS)
+	DEMO_CONFIG=configs/demo_full.yaml $(PY) tools/run_demo.py $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -19,9 +19,16 @@ background, ``--size`` high and ``--width`` wide, as ``OUT/frame_NNN.png``; the 
     python tools/make_demo_data.py --frames 24 --width 160 --out data/demo_frames
 
 Whether OUT already holds the set some flags make (exit 0 if so, 1 if not; writes nothing;
-``launch/run_demo.sh`` asks before it reuses a set)::
+``tools/run_demo.py``, behind ``make demo``, asks before it reuses a set)::
 
     python tools/make_demo_data.py --out data/demo --num-train 12000 --check
+
+What OUT may hold beforehand. A set goes only into a folder that is absent, empty, or a demo set
+this generator wrote (its ``meta.json`` says so, and the folder holds nothing else), which is
+removed first, so no image of a larger earlier set is left behind; frames go only into an absent
+or empty folder or one of ``frame_NNN.png`` files alone (an earlier sequence, replaced). Any other
+folder, a user's data, a VOC root or a folder of VOC lists, is left as it is: the tool names it
+and what is in the way on one line and exits with status 2.
 
 Deterministic: the same ``--seed`` and sizes give byte-identical files. The data design (why it is
 hard for WSSS yet learnable quickly) is described in ``afa/data/synthetic.py``. The defaults take
@@ -30,6 +37,7 @@ about 8 s on one CPU core.
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -40,10 +48,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afa.data.synthetic import (  # noqa: E402
     DEMO_CLASSES,
     ELLIPSE_TEXTURES,
+    NotADemoSet,
+    check_demo_args,
     demo_meta,
     make_demo_dataset,
     make_demo_frames,
+    remove_demo_set,
 )
+
+# make_demo_frames's names; a folder of these alone is taken for an earlier sequence.
+_FRAME = re.compile(r"frame_\d{3,}\.png")
+
+
+def _earlier_frames(out: Path) -> list[Path]:
+    """The frames of an earlier sequence in ``out`` (none when it is absent or empty); raises
+    :class:`NotADemoSet` when it holds anything else."""
+    if not out.exists() and not out.is_symlink():
+        return []
+    if not out.is_dir():
+        raise NotADemoSet(out, "is not a folder")
+    entries = sorted(out.iterdir())
+    foreign = [p.name for p in entries
+               if p.is_symlink() or not p.is_file() or not _FRAME.fullmatch(p.name)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise NotADemoSet(out, f"holds {foreign[0]}{more}, which is no frame of an earlier "
+                               "--frames run")
+    return entries
+
+
+def _refuse(err: NotADemoSet) -> int:
+    print(f"make_demo_data.py: {err}; nothing written there: give another --out, or empty the "
+          "folder yourself", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -81,25 +118,44 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.check and args.frames is not None:
         parser.error("--check applies to the set, not to --frames")
+    out = Path(args.out)
     meta_args = dict(seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                      size=args.size, parts=args.parts, parts_share=args.parts_share,
                      ellipse_texture=args.ellipse_texture)
+    if args.frames is None:
+        try:  # before --check too: a flag that makes no set must not count as "another set"
+            check_demo_args(args.size, args.parts, args.parts_share, args.ellipse_texture)
+        except ValueError as err:
+            parser.error(str(err))
     if args.check:
         try:
-            held = json.loads((Path(args.out) / "meta.json").read_text())
+            held = json.loads((out / "meta.json").read_text())
         except (OSError, ValueError):
             held = None
-        same = held == demo_meta(**meta_args)
+        expected = demo_meta(**meta_args)
+        # A set written before meta.json carried "generator" has the same images: still reused.
+        unmarked = {k: v for k, v in expected.items() if k != "generator"}
+        same = held in (expected, unmarked)
         print(f"{args.out} {'holds' if same else 'does not hold'} the set these flags make")
         return 0 if same else 1
     if args.frames is not None:
+        try:
+            earlier = _earlier_frames(out)
+        except NotADemoSet as err:
+            return _refuse(err)
         start = time.time()
         paths = make_demo_frames(args.out, args.frames, args.size, args.width or args.size,
                                  seed=args.seed, noise=args.frame_noise)
+        for path in set(earlier) - set(paths):  # a longer sequence's tail would play on
+            path.unlink()
         print(f"wrote {len(paths)} frames of {args.width or args.size}x{args.size} px to "
               f"{args.out} in {time.time() - start:.1f} s")
         return 0
 
+    try:
+        remove_demo_set(out)
+    except NotADemoSet as err:
+        return _refuse(err)
     start = time.time()
     labels = make_demo_dataset(args.out, **meta_args)
     counts = Counter(c for classes in labels.values() for c in classes)

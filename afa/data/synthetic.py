@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -62,20 +63,28 @@ from afa.data.voc import labels_from_mask, write_label_file, write_mask, write_n
 
 __all__ = [
     "DEMO_VERSION",
+    "DEMO_GENERATOR",
     "DEMO_CLASSES",
     "CLASS_TEXTURES",
     "ELLIPSE_TEXTURES",
     "CO_OCCURRING",
     "demo_meta",
+    "check_demo_args",
     "render_sample",
     "render_frames",
     "make_demo_frames",
     "generate_split",
     "make_demo_dataset",
+    "NotADemoSet",
+    "demo_set_contents",
+    "remove_demo_set",
 ]
 
 # Bumped whenever the generated images change; written to meta.json so stale sets can be detected.
 DEMO_VERSION = 3
+# meta.json's "generator": how a tool knows a folder for one this module wrote before it removes
+# it to write another set (demo_set_contents); no one else's folder carries it.
+DEMO_GENERATOR = "afa.data.synthetic"
 
 CLASS_TEXTURES = (
     None, "dots", "checker", "stripes", "bricks", "grid", "noise", "zigzag", "concentric",
@@ -424,9 +433,11 @@ def demo_meta(seed: int = 0, num_train: int = 3000, num_val: int = 300, size: in
               parts: float = 0.0, parts_share: float = 1.0,
               ellipse_texture: str = ELLIPSE_TEXTURES[0]) -> dict:
     """The ``meta.json`` that :func:`make_demo_dataset` writes for these arguments. A set whose
-    ``meta.json`` equals it is byte for byte the set they make (``make_demo_data.py --check``)."""
-    meta = {"version": DEMO_VERSION, "classes": list(DEMO_CLASSES),
-            "num_classes": len(DEMO_CLASSES), "seed": seed,
+    ``meta.json`` equals it is byte for byte the set they make (``make_demo_data.py --check``);
+    one whose ``meta.json`` equals it less ``"generator"`` was written before that field was, and
+    holds the same images, masks and lists."""
+    meta = {"generator": DEMO_GENERATOR, "version": DEMO_VERSION,
+            "classes": list(DEMO_CLASSES), "num_classes": len(DEMO_CLASSES), "seed": seed,
             "num_train": num_train, "num_val": num_val, "size": size}
     if parts:  # options at their defaults are left out, so older sets' meta.json still match
         meta["parts"] = parts
@@ -435,6 +446,21 @@ def demo_meta(seed: int = 0, num_train: int = 3000, num_val: int = 300, size: in
     if ellipse_texture != ELLIPSE_TEXTURES[0]:
         meta["ellipse_texture"] = ellipse_texture
     return meta
+
+
+def check_demo_args(size: int = 128, parts: float = 0.0, parts_share: float = 1.0,
+                    ellipse_texture: str = ELLIPSE_TEXTURES[0]) -> None:
+    """Raise ``ValueError`` for arguments :func:`make_demo_dataset` makes no set of; a tool asks
+    before it removes an earlier set, which a bad flag must not cost."""
+    if size < 32:
+        raise ValueError(f"size must be at least 32 pixels, got {size}")
+    if not 0 <= parts <= 1:
+        raise ValueError(f"parts must lie in [0, 1], got {parts}")
+    if not 0 <= parts_share <= 1:
+        raise ValueError(f"parts_share must lie in [0, 1], got {parts_share}")
+    if ellipse_texture not in ELLIPSE_TEXTURES:
+        raise ValueError(f"ellipse_texture must be one of {ELLIPSE_TEXTURES}, got "
+                         f"{ellipse_texture!r}")
 
 
 def make_demo_dataset(
@@ -457,19 +483,18 @@ def make_demo_dataset(
     Besides ``JPEGImages/`` and ``SegmentationClassAug/`` it writes what ``tools/prepare_voc.py``
     would write for it, inside ``root`` itself: ``train_aug.txt``, ``val.txt``, ``cls_labels.json``;
     plus ``ImageSets/Segmentation/{train_aug,val}.txt`` (so ``prepare_voc.py --root root`` works
-    on it too) and ``meta.json`` (class names and generation parameters).
+    on it too) and ``meta.json`` (class names and generation parameters, marked with
+    :data:`DEMO_GENERATOR`). ``root`` is written into as it is: whether it may be (a folder of
+    someone else's) is for the caller to ask, see :func:`demo_set_contents`.
     """
-    if size < 32:
-        raise ValueError(f"size must be at least 32 pixels, got {size}")
-    if not 0 <= parts <= 1:
-        raise ValueError(f"parts must lie in [0, 1], got {parts}")
-    if not 0 <= parts_share <= 1:
-        raise ValueError(f"parts_share must lie in [0, 1], got {parts_share}")
-    if ellipse_texture not in ELLIPSE_TEXTURES:
-        raise ValueError(f"ellipse_texture must be one of {ELLIPSE_TEXTURES}, got "
-                         f"{ellipse_texture!r}")
+    check_demo_args(size, parts, parts_share, ellipse_texture)
     textures = CLASS_TEXTURES[:-1] + (ellipse_texture,)
     root = Path(root)
+    meta = demo_meta(seed, num_train, num_val, size, parts, parts_share, ellipse_texture)
+    # Marked first, as unfinished: a run stopped half-way leaves a folder that is known to be
+    # this module's (so make demo may replace it) and that no check takes for a finished set.
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "meta.json").write_text(json.dumps({**meta, "complete": False}, indent=2) + "\n")
     labels = {}
     lists = {}
     for split, num, list_name in (("train", num_train, "train_aug"), ("val", num_val, "val")):
@@ -481,6 +506,98 @@ def make_demo_dataset(
         write_name_list(root / f"{list_name}.txt", names)
         write_name_list(root / "ImageSets" / "Segmentation" / f"{list_name}.txt", names)
     write_label_file(root / "cls_labels.json", labels)
-    meta = demo_meta(seed, num_train, num_val, size, parts, parts_share, ellipse_texture)
     (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return labels
+
+
+# --------------------------------------------------------------------------------------------
+# Knowing a folder for a demo set before replacing it
+# --------------------------------------------------------------------------------------------
+
+
+class NotADemoSet(ValueError):
+    """``root`` holds something the demo generator did not write; ``reason`` says what."""
+
+    def __init__(self, root: str | os.PathLike, reason: str):
+        super().__init__(f"{root} {reason}")
+        self.root, self.reason = Path(root), reason
+
+
+# Every path make_demo_dataset writes, relative to the root; nothing else may be removed.
+_SET_FILE = re.compile(r"meta\.json|train_aug\.txt|val\.txt|cls_labels\.json"
+                       r"|ImageSets/Segmentation/(train_aug|val)\.txt"
+                       r"|JPEGImages/(train|val)_\d{5,}\.jpg"
+                       r"|SegmentationClassAug/(train|val)_\d{5,}\.png")
+_SET_DIRS = frozenset({"JPEGImages", "SegmentationClassAug", "ImageSets", "ImageSets/Segmentation"})
+# meta.json as written before it carried DEMO_GENERATOR: exactly these keys, no others.
+_OLD_META_KEYS = frozenset({"classes", "num_classes", "seed", "num_train", "num_val", "size"})
+_OLD_META_OPTIONS = frozenset({"version", "parts", "parts_share", "ellipse_texture"})
+
+
+def _is_demo_meta(meta: object) -> bool:
+    if not isinstance(meta, dict):
+        return False
+    if "generator" in meta:
+        return meta["generator"] == DEMO_GENERATOR
+    keys = set(meta)
+    return (_OLD_META_KEYS <= keys <= _OLD_META_KEYS | _OLD_META_OPTIONS
+            and isinstance(meta["classes"], list) and meta["num_classes"] == len(meta["classes"]))
+
+
+def demo_set_contents(root: str | os.PathLike) -> list[Path]:
+    """What :func:`remove_demo_set` would remove from ``root``: the files and folders of a demo
+    set, deepest first; none for an absent or empty folder.
+
+    Raises :class:`NotADemoSet` unless ``root`` is absent, empty, or a set this module wrote: its
+    ``meta.json`` marked with :data:`DEMO_GENERATOR` (or in the form written before the mark, a
+    finished set of the same layout) and every entry under it one of the names it writes. So a
+    folder of someone's own files, a VOC root or a folder of VOC lists (no such ``meta.json``),
+    and a demo set to which anything was added, all stay untouched. Links count as foreign.
+    """
+    root = Path(root)
+    if not root.exists() and not root.is_symlink():
+        return []
+    if not root.is_dir():
+        raise NotADemoSet(root, "is not a folder")
+    ours, foreign = [], []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        for name in sorted(dirs):
+            rel = (here / name).relative_to(root).as_posix()
+            if rel in _SET_DIRS and not (here / name).is_symlink():
+                ours.append(here / name)
+            else:
+                foreign.append(rel)
+                dirs.remove(name)  # not ours: nothing under it is looked at, nor removed
+        for name in sorted(files):
+            rel = (here / name).relative_to(root).as_posix()
+            if _SET_FILE.fullmatch(rel) and not (here / name).is_symlink():
+                ours.append(here / name)
+            else:
+                foreign.append(rel)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise NotADemoSet(root, f"holds {sorted(foreign)[0]}{more}, which the demo generator "
+                                "did not write")
+    if not ours:
+        return []
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not _is_demo_meta(meta):
+        raise NotADemoSet(root, "holds files named as a demo set's but no meta.json of the demo "
+                                "generator, so they may be someone's own")
+    # Deepest first, so each folder is empty when its turn comes; meta.json last, so a removal
+    # cut short leaves a folder that is still known for a demo set.
+    return sorted(ours, key=lambda p: (p == root / "meta.json", -len(p.parts), p))
+
+
+def remove_demo_set(root: str | os.PathLike) -> None:
+    """Remove the demo set under ``root``, leaving the folder itself, empty; raises
+    :class:`NotADemoSet` (and removes nothing) when ``root`` holds anything else."""
+    for path in demo_set_contents(root):
+        if path.is_dir():
+            path.rmdir()  # fails, rather than deletes, if anything appeared in it meanwhile
+        else:
+            path.unlink()
