@@ -65,6 +65,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "device: takes the device fixture (runs on TORCH_DEVICE)")
     config.addinivalue_line("markers", "cpu_only: runs on the CPU whatever TORCH_DEVICE says "
                                        "(gloo DDP, pydensecrf, signals and bit-exact resume)")
+    config.addinivalue_line("markers", "slurm: needs a running SLURM cluster (make test-slurm); "
+                                       "skipped unless AFA_SLURM_TESTS=1")
 
 
 @pytest.hookimpl(tryfirst=True)
