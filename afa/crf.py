@@ -16,6 +16,7 @@ without it.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -25,6 +26,7 @@ from types import ModuleType
 import numpy as np
 
 from afa.engine.distributed import usable_cpus
+from afa.worker_pool import die_with_parent
 
 __all__ = ["import_densecrf", "dense_crf", "dense_crf_many"]
 
@@ -131,7 +133,9 @@ def dense_crf_many(
     max_pending = max_pending or 2 * workers
     pending: deque[Future] = deque()
     context = multiprocessing.get_context(mp_context)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    # The workers end with this process, however it ends: a killed tool leaves no CRF processes.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                               initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         for pair in pairs:
             if len(pending) >= max_pending:

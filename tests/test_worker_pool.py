@@ -158,3 +158,43 @@ def test_filter_workers_die_when_the_trainer_is_killed(tiny_data, tmp_path):
         trainer.wait()
         trainer.stderr.close()
         _kill_leftovers([(pid, start) for pid, start, _ in children])
+
+
+# A tool running the dense CRF over a lazy input, stuck waiting for its next image: its CRF
+# workers idle on the pool's queue when the tool is killed.
+_CRF_HELPER = textwrap.dedent("""
+    import os, time
+    import numpy as np
+    from afa.crf import dense_crf_many
+
+    def pairs():
+        image = np.zeros((8, 8, 3), np.uint8)
+        probs = np.full((2, 8, 8), 0.5, np.float32)
+        yield image, probs
+        yield image, probs
+        time.sleep(120)
+
+    if __name__ == "__main__":
+        for _ in dense_crf_many(pairs(), workers=2, max_pending=1):
+            print("done", flush=True)
+""")
+
+
+def test_crf_workers_die_when_their_tool_is_killed(tmp_path):
+    script = tmp_path / "crf_tool.py"
+    script.write_text(_CRF_HELPER)
+    tool = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=REPO)
+    workers = []
+    try:
+        assert tool.stdout.readline().strip() == "done"  # the pool is up and has worked
+        workers = [(pid, start) for pid, start, command in _children(tool.pid)
+                   if "multiprocessing" in command and "resource_tracker" not in command]
+        assert workers
+        tool.kill()
+        tool.wait()
+        assert not _wait_until_dead(workers, 5.0), "CRF workers outlived their killed tool"
+    finally:
+        tool.kill()
+        tool.wait()
+        _kill_leftovers(workers)
