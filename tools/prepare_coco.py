@@ -71,7 +71,7 @@ def convert_image(job: dict) -> tuple[str, list[int] | None, str | None]:
     try:
         with Image.open(job["src"]) as img:  # reads the header only
             size = img.size
-    except OSError as exc:
+    except (OSError, Image.DecompressionBombError) as exc:  # the size alone can refuse it
         return name, None, f"{job['src']}: cannot read image ({exc})"
     if size != (job["width"], job["height"]):
         return name, None, (f"{job['src']}: image size {size} differs from the annotated "
