@@ -35,5 +35,18 @@ demo-full: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# launch/slurm_voc.sh against a real one-node SLURM cluster (tests/test_slurm_cluster.py). As root:
+# launch/slurm_local_cluster.sh installs slurm-wlm and munge with apt-get when missing and starts
+# the cluster under SLURM_DIR (a start that fails stops make with the reason); the cluster is
+# stopped afterwards, whatever the tests' outcome (also one that was already running there).
+# --basetemp: the jobs' files stay put while other pytest sessions clean their temporary dirs.
+SLURM_DIR ?= /tmp/afa-slurm
+.PHONY: test-slurm
+test-slurm: $(STAMP)
+	bash launch/slurm_local_cluster.sh start $(SLURM_DIR)
+	SLURM_CONF=$(SLURM_DIR)/etc/slurm.conf AFA_SLURM_TESTS=1 $(PY) -m pytest -q -m slurm \
+		--basetemp=$(SLURM_DIR)/pytest tests/test_slurm_cluster.py; \
+	status=$$?; bash launch/slurm_local_cluster.sh stop $(SLURM_DIR); exit $$status
+
 clean:
 	rm -rf $(VENV) *.egg-info

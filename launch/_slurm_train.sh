@@ -47,12 +47,17 @@ wait "$srun_pid" || status=$?
 
 # 138 = 128 + SIGUSR1: the trainer saved a checkpoint on the time-limit signal. Anything else
 # (0 done, 2 config or data error, 1 crash, 143 SIGTERM) ends the job; see slurm_voc.sh for why.
+# srun also returns 138 when SIGUSR1 killed a task outside the trainer's handler, i.e. while it
+# was starting or after its last checkpoint (seen on a real cluster: a signal due at the start of
+# a short job came after the final validation). Requeueing is right then too: the next run
+# resumes from the latest checkpoint, or finds the run finished and exits 0.
 if ((status != 138)); then
     echo "$(date '+%F %T') srun exited with status $status; the job is not requeued"
     exit "$status"
 fi
-echo "$(date '+%F %T') srun exited with status 138 (stopped by SIGUSR1 before the time limit," \
-     "checkpoint saved): requeueing job $SLURM_JOB_ID, whose next run resumes from it"
+echo "$(date '+%F %T') srun exited with status 138 (SIGUSR1, sent before the time limit; the" \
+     "trainer saves a checkpoint on it): requeueing job $SLURM_JOB_ID, whose next run resumes" \
+     "from the latest checkpoint"
 if ! scontrol requeue "$SLURM_JOB_ID"; then
     echo "error: scontrol requeue $SLURM_JOB_ID failed; resubmit the job to resume" >&2
     exit 138

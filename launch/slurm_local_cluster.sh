@@ -47,14 +47,22 @@ die() {
     exit 1
 }
 
-# Log tails for a failure message: the reason is usually in one of them.
+# Log tails for a failure message: the reason is usually in one of them (a daemon's console
+# file has what it printed before its log file was open, e.g. a slurm.conf error).
 show_logs() {
     local log
-    for log in "$dir"/log/*.log; do
+    for log in "$dir"/log/*; do
         [[ -f $log ]] || continue
         echo "--- last lines of $log:" >&2
         tail -n 15 "$log" >&2
     done
+}
+
+# A start that failed half-way: the reason, the logs, and no daemon left behind.
+fail_start() {
+    show_logs
+    stop_daemons quiet
+    die "$@"
 }
 
 pid_alive() {  # pid_alive NAME: the daemon NAME that this script started is running
@@ -116,6 +124,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
+MailProg=/bin/true
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
@@ -131,14 +140,14 @@ start_daemon() {  # start_daemon NAME COMMAND...: in the background, its pid in 
     local name=$1
     shift
     # setsid: the daemon outlives this script and the terminal or make that started it.
-    setsid "$@" >>"$dir/log/$name.log" 2>&1 </dev/null &
+    setsid "$@" >>"$dir/log/$name.console" 2>&1 </dev/null &
     echo $! >"$dir/run/$name.pid"
 }
 
 start() {
     [[ $EUID -eq 0 ]] || die "run as root: the daemons run as root (SlurmUser=root) and" \
                              "missing packages are installed with apt-get"
-    if pid_alive slurmctld && pid_alive slurmd && [[ $(node_state) == idle* ]]; then
+    if pid_alive slurmctld && pid_alive slurmd && [[ -n $(node_state) ]]; then
         echo "already running (SLURM_CONF=$conf)"
         return 0
     fi
@@ -155,14 +164,14 @@ start() {
     chmod 600 "$dir/etc/munge.key"
     start_daemon munged munged --foreground --force --key-file="$dir/etc/munge.key" \
         --socket="$dir/run/munge.socket" --pid-file="$dir/run/munged-own.pid" \
-        --seed-file="$dir/state/munged.seed" --log-file="$dir/log/munged-own.log"
+        --seed-file="$dir/state/munged.seed" --log-file="$dir/log/munged.log"
     local i
     for ((i = 0; i < 50; i++)); do
         [[ -S $dir/run/munge.socket ]] && break
-        pid_alive munged || { show_logs; die "munged exited"; }
+        pid_alive munged || fail_start "munged exited"
         sleep 0.2
     done
-    [[ -S $dir/run/munge.socket ]] || { show_logs; die "munged made no socket in 10 s"; }
+    [[ -S $dir/run/munge.socket ]] || fail_start "munged made no socket in 10 s"
 
     # -i: a state directory left by an earlier cluster is not an error; -c: clear it, no job of
     # an earlier session comes back.
@@ -170,16 +179,15 @@ start() {
     start_daemon slurmd slurmd -D -f "$conf"
     local state=
     for ((i = 0; i < 120; i++)); do
-        pid_alive slurmctld || { show_logs; die "slurmctld exited"; }
-        pid_alive slurmd || { show_logs; die "slurmd exited"; }
+        pid_alive slurmctld || fail_start "slurmctld exited"
+        pid_alive slurmd || fail_start "slurmd exited"
         state=$(node_state) || true
         [[ $state == idle* ]] && break
         sleep 0.5
     done
     if [[ $state != idle* ]]; then
-        show_logs
         sinfo --Node --long >&2 || true
-        die "the node is not idle 60 s after the start (state: '${state:-no answer}')"
+        fail_start "the node is not idle 60 s after the start (state: '${state:-no answer}')"
     fi
     echo "one-node SLURM cluster running: $(sinfo --noheader --Node --format='%N %c CPUs %T')"
     echo "export SLURM_CONF=$conf"

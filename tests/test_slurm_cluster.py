@@ -21,13 +21,15 @@ one thread per process.
 
 Timing. SLURM sends the --signal warning at its next time-limit check, which runs every 30 s, and
 may do so up to 30 s before the requested time (slurmctld's send_job_warn_signal). With --time=1
-and --signal=USR1@20 the signal is due 10 s after the start, once the trainer is running, and
-arrives 10 to 41 s after it; the training run is therefore sized, from a measured 40-iteration
-run, to last TRAIN_SECONDS. Its second run would be signalled as early, so the test extends the
-requeued job's time limit (scontrol update) to let it finish: the job itself requeues as often as
-needed, but a test with a third or fourth run would only take longer. The requeued job waits
-cred_expire + 1 s before it runs again (6 s with the cluster's AuthInfo=cred_expire=5; SLURM's
-default is 120 s). Measured on 2 shared cores (AMD EPYC, gVisor): the file takes about TODO.
+and --signal=USR1@10 the signal is due 20 s after the job's start and arrives 20 to 51 s after
+it. Before 20 s it could reach a trainer that has not yet installed its handler (7-8 s after the
+start on 2 busy cores), which SIGUSR1 would kill; after 51 s the trainer must still be training,
+so the run is sized, from a measured 40-iteration run, to train for TRAIN_SECONDS. Its second run
+would be signalled as early, so the test extends the requeued job's time limit (scontrol update)
+to let it finish: the job would requeue itself as often as needed, but each run more would cost
+the test ~30 s. The requeued job waits cred_expire + 1 s before it runs again (6 s with the
+cluster's AuthInfo=cred_expire=5; SLURM's default is 120 s). Measured on 2 shared cores (AMD
+EPYC, gVisor): the file takes about TODO.
 """
 
 import json
@@ -45,9 +47,9 @@ import torch
 import conftest
 
 REPO = Path(__file__).resolve().parents[1]
-# Seconds of training for the time-limit test: the signal arrives at most 41 s after the job's
-# start, and the trainer needs a few seconds to start (more when the cores are busy).
-TRAIN_SECONDS = 50
+# Seconds of training for the time-limit test: the signal arrives at most 51 s after the job's
+# start, and the trainer starts training 4-8 s after it.
+TRAIN_SECONDS = 55
 
 pytestmark = [
     pytest.mark.slurm,
@@ -190,12 +192,11 @@ def requeued_job(cluster, tiny_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("time_limit")
     iterations = _iterations_for(TRAIN_SECONDS, tiny_data, tmp)
     job = Job(cluster, tmp, "time-limit", _overrides(tiny_data, tmp / "slurm", iterations),
-              "--ntasks-per-node=1", "--time=1", "--signal=USR1@20")
+              "--ntasks-per-node=1", "--time=1", "--signal=USR1@10")
     reference = _train(tiny_data, tmp / "plain", iterations)
     try:
         job.wait_for("requeue", lambda: job.info().get("Restarts") == "1", 120)
-        # Run 2 would get its warning as early as run 1 did; the job requeues itself again then,
-        # but two runs are enough to test, and each more costs the test ~20 s.
+        # Run 2 would get its warning as early as run 1 did (see the module's docstring).
         update = _run("scontrol", "update", f"JobId={job.id}", "TimeLimit=10")
         assert update.returncode == 0, update.stderr
         state = job.wait_until_ended(300)
@@ -260,8 +261,11 @@ def test_scancel_usr1_requeues_and_plain_scancel_stops_for_good(cluster, tiny_da
     result = _run("scancel", job.id)
     assert result.returncode == 0, result.stderr
     assert job.wait_until_ended(60) == "CANCELLED"
-    # Longer than a requeued job waits to run again (6 s) plus two scheduler passes.
-    time.sleep(12)
+    # A requeue would have happened before the job's processes were gone; wait for that, then
+    # longer than a requeued job waits to run again (6 s) plus a scheduler pass.
+    job.wait_for("end of the processes", lambda: not _run(
+        "squeue", "--noheader", f"--jobs={job.id}").stdout.strip(), 60)
+    time.sleep(9)
     info = job.info()
     assert info.get("JobState") == "CANCELLED" and info.get("Restarts") == "1", info
     assert job.runs() == ["1", "2"], job.log()[-4000:]
