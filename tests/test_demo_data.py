@@ -144,7 +144,7 @@ def test_ellipse_texture_changes_the_ellipses_pixels_and_nothing_else():
 
 
 def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
-    """``make_demo_data.py --check`` (what run_demo.sh asks before reusing a set): every flag
+    """``make_demo_data.py --check`` (what run_demo.py asks before reusing a set): every flag
     counts, the seed and the generator options included."""
     tool = load_tool("make_demo_data")
     same = ["--out", str(demo), "--seed", "3", "--num-train", "24", "--num-val", "8"]
@@ -227,3 +227,126 @@ def test_parts_are_recorded_and_checked(tmp_path):
     with pytest.raises(ValueError, match="parts_share must lie in"):
         make_demo_dataset(tmp_path / "r", num_train=1, num_val=1, size=32, parts=0.5,
                           parts_share=2)
+
+
+def _snapshot(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*")
+            if p.is_file()}
+
+
+def _thesis(folder):
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("chapter 1\n")
+
+
+def _voc_root(folder):
+    """A VOC root: demo-like folders and list names, no demo meta.json."""
+    (folder / "JPEGImages").mkdir(parents=True)
+    (folder / "JPEGImages" / "2007_000032.jpg").write_bytes(b"jpeg")
+    (folder / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (folder / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000032\n")
+
+
+def _voc_lists(folder):
+    folder.mkdir()
+    for name in ("train_aug.txt", "val.txt", "cls_labels.json"):
+        (folder / name).write_text("{}\n" if name.endswith(".json") else "2007_000032\n")
+
+
+def _set_and_notes(folder):
+    make_demo_dataset(folder, num_train=2, num_val=1, size=32, progress=False)
+    (folder / "JPEGImages" / "notes.txt").write_text("mine\n")
+
+
+def _foreign_meta(folder):
+    folder.mkdir()
+    (folder / "meta.json").write_text('{"author": "me"}\n')
+
+
+@pytest.mark.parametrize("fill, named", [
+    (_thesis, "holds thesis.txt"), (_voc_root, "holds JPEGImages/2007_000032.jpg"),
+    (_voc_lists, "no meta.json of the demo generator"),
+    (_set_and_notes, "holds JPEGImages/notes.txt"), (_foreign_meta, "no meta.json"),
+])
+def test_out_leaves_a_folder_the_generator_did_not_write_alone(tmp_path, capsys, fill, named):
+    """``--out`` into someone's folder wrote the set among their files (a VOC root's val.txt
+    overwritten); now only an absent or empty folder or a set the generator wrote is written."""
+    tool = load_tool("make_demo_data")
+    out = tmp_path / "mine"
+    fill(out)
+    before = _snapshot(out)
+    argv = ["--out", str(out), "--num-train", "3", "--num-val", "1", "--size", "32"]
+    assert tool.main(argv) == 2
+    assert _snapshot(out) == before
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(out) in err and named in err and "another --out" in err
+    assert tool.main(["--frames", "2", "--size", "32", "--out", str(out)]) == 2
+    assert _snapshot(out) == before
+
+
+def test_out_replaces_a_set_the_generator_wrote(tmp_path):
+    """An earlier set, finished or cut short, marked or from before the mark, is removed first:
+    no image of a larger set stays behind."""
+    from afa.data.synthetic import DEMO_GENERATOR
+
+    tool = load_tool("make_demo_data")
+    out = tmp_path / "set"
+    small = ["--out", str(out), "--num-train", "2", "--num-val", "1", "--size", "32"]
+    assert tool.main(["--out", str(out), "--num-train", "4", "--num-val", "2", "--size", "32"]) == 0
+    assert tool.main(small) == 0
+    assert sorted(p.name for p in (out / "JPEGImages").iterdir()) == [
+        "train_00000.jpg", "train_00001.jpg", "val_00000.jpg"]
+    made = _snapshot(out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["generator"] == DEMO_GENERATOR and meta["num_train"] == 2
+    for stale in ({k: v for k, v in meta.items() if k != "generator"} | {"num_train": 5},
+                  meta | {"complete": False}):  # from before the mark; stopped half-way
+        (out / "meta.json").write_text(json.dumps(stale))
+        (out / "JPEGImages" / "train_00004.jpg").write_bytes(b"old")
+        assert tool.main([*small, "--check"]) == 1
+        assert tool.main(small) == 0
+        assert _snapshot(out) == made
+
+
+def test_a_set_from_before_the_mark_is_still_the_set_the_flags_make(tmp_path):
+    """Its images are those the flags make: reused, not made again."""
+    from afa.data.synthetic import demo_set_contents
+
+    tool = load_tool("make_demo_data")
+    argv = ["--out", str(tmp_path), "--num-train", "2", "--num-val", "1", "--size", "32"]
+    make_demo_dataset(tmp_path, num_train=2, num_val=1, size=32, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    del meta["generator"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    assert tool.main([*argv, "--check"]) == 0
+    assert len(demo_set_contents(tmp_path)) == 16  # 12 files, 4 folders: the generator's
+    assert tool.main([*argv[:-1], "33", "--check"]) == 1
+
+
+def test_a_flag_that_makes_no_set_removes_nothing(tmp_path):
+    """Checked before the earlier set goes, and --check says so too (exit 2, not 1)."""
+    tool = load_tool("make_demo_data")
+    make_demo_dataset(tmp_path, num_train=2, num_val=1, size=32, progress=False)
+    before = _snapshot(tmp_path)
+    for bad in (["--size", "16"], ["--parts", "1.5"], ["--size", "16", "--check"]):
+        with pytest.raises(SystemExit) as stop:
+            tool.main(["--out", str(tmp_path), "--num-train", "2", *bad])
+        assert stop.value.code == 2, bad
+    assert _snapshot(tmp_path) == before
+
+
+def test_frames_replace_an_earlier_sequence_only(tmp_path, capsys):
+    tool = load_tool("make_demo_data")
+    out = tmp_path / "frames"
+    assert tool.main(["--frames", "4", "--size", "32", "--out", str(out)]) == 0
+    assert tool.main(["--frames", "2", "--size", "32", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["frame_000.png", "frame_001.png"]
+    (out / "clip.mp4").write_bytes(b"mine")
+    assert tool.main(["--frames", "3", "--size", "32", "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["clip.mp4", "frame_000.png", "frame_001.png"]
+    assert "holds clip.mp4" in capsys.readouterr().err
+    # Frames are no set, and a set is no sequence: neither replaces the other.
+    assert tool.main(["--out", str(out), "--num-train", "2", "--num-val", "1", "--size", "32"]) == 2
+    demo = tmp_path / "demo"
+    make_demo_dataset(demo, num_train=2, num_val=1, size=32, progress=False)
+    assert tool.main(["--frames", "2", "--size", "32", "--out", str(demo)]) == 2

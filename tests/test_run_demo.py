@@ -1,15 +1,18 @@
-"""launch/run_demo.sh (``make demo``, ``make demo-full``) end to end on a tiny set: it generates the
-data, trains, writes results.json from the run's own validation, keeps a finished run's minutes
-when run again, scores with tools/evaluate.py when the validation is missing, and makes the set
-again when it is not the one the flags make."""
+"""launch/run_demo.sh, which runs tools/run_demo.py (``make demo``, ``make demo-full``), end to
+end on a tiny set: it generates the data, trains, writes results.json from the run's own
+validation, keeps a finished run's minutes when run again, scores with tools/evaluate.py when the
+validation is missing, makes the set again when it is not the one the flags make, and leaves
+alone, with exit status 2, a folder that holds anything the generator did not write."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import tiny_overrides
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
@@ -96,10 +99,15 @@ def test_run_demo_generates_trains_scores_and_is_rerunnable(tmp_path):
     assert json.loads((work / "eval.json").read_text())["num_images"] == 3
 
     # A set from another generator version is made again, and so is one of another image size.
+    # This one's meta.json is in the form written before it carried the generator's mark, and an
+    # image it held beyond the flags' count goes with it.
     meta["version"] = -1
+    del meta["generator"]
     (data / "meta.json").write_text(json.dumps(meta))
+    shutil.copy(data / "JPEGImages" / "train_00000.jpg", data / "JPEGImages" / "train_00012.jpg")
     _run(tmp_path, "configs/demo_full.yaml")
     assert json.loads((data / "meta.json").read_text())["version"] != -1
+    assert not (data / "JPEGImages" / "train_00012.jpg").exists()
     meta = json.loads((data / "meta.json").read_text())
     meta["size"] = 32
     (data / "meta.json").write_text(json.dumps(meta))
@@ -118,10 +126,73 @@ def test_run_demo_generates_trains_scores_and_is_rerunnable(tmp_path):
     assert (data / "meta.json").stat().st_mtime_ns == stamp
 
 
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _own_files(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("chapter 1\n")
+
+
+def _voc_lists(folder: Path) -> None:
+    """What tools/prepare_voc.py leaves in a list folder: the demo set's own file names."""
+    folder.mkdir()
+    (folder / "train_aug.txt").write_text("2007_000032\n")
+    (folder / "val.txt").write_text("2007_000033\n")
+    (folder / "cls_labels.json").write_text('{"2007_000032": [1]}\n')
+
+
+def _demo_set_and_notes(folder: Path) -> None:
+    """A set the generator made (of other flags: it would be made again), with a file added."""
+    from afa.data.synthetic import make_demo_dataset
+
+    make_demo_dataset(folder, seed=1, num_train=2, num_val=1, size=32, progress=False)
+    (folder / "notes.txt").write_text("which run used this set\n")
+
+
+@pytest.mark.parametrize("place, fill, named", [
+    ("data.root", _own_files, "thesis.txt"),
+    ("DEMO_DATA", _own_files, "thesis.txt"),
+    ("data.root", _voc_lists, "meta.json"),
+    ("DEMO_DATA", _demo_set_and_notes, "notes.txt"),
+])
+def test_run_demo_leaves_a_folder_it_did_not_make_alone(tmp_path, place, fill, named):
+    """`make demo DEMO_ARGS="data.root=$HOME/thesis_data"` removed the folder and made the set in
+    its place (exit 0); only a set the generator wrote, and nothing else beside it, may be made
+    again. Anything else stops the run before the trainer, with one line naming the folder, what
+    is in the way and the way out."""
+    folder = tmp_path / "thesis_data"
+    fill(folder)
+    before = _files(folder)
+    if place == "DEMO_DATA":
+        done = _run(tmp_path, check=False, DEMO_DATA=str(folder))
+    else:
+        done = _run(tmp_path, check=False, DEMO_DATA="",
+                    args=(f"data.root={folder}", f"data.list_dir={folder}"))
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _files(folder) == before
+    message = done.stderr.strip()
+    assert "\n" not in message, message
+    assert f"{place} {folder}" in message and named in message
+    assert f"pick another {place}" in message and "remove the folder yourself" in message
+    assert not (tmp_path / "work").exists()
+
+
+def test_run_demo_refuses_generator_flags_that_choose_the_place(tmp_path):
+    """--out in DEMO_DATA_ARGS would make the set in one place and train on another (argparse
+    takes --o for it too)."""
+    elsewhere = tmp_path / "elsewhere"
+    for flag in ("--out", "--o"):
+        done = _run(tmp_path, check=False, DEMO_DATA_ARGS=f"--num-val 3 {flag} {elsewhere}")
+        assert done.returncode == 2 and "must not set --out" in done.stderr
+    assert not elsewhere.exists() and not (tmp_path / "data").exists()
+
+
 def test_the_two_demos_keep_their_sets_apart():
     """`make demo` (128 px) and `make demo-full` (144 px) each make the set their config names, at
     its data.crop_size; were one data.root asked for at two sizes, each target would remove and
-    make again the other's 12,000 images (launch/run_demo.sh checks the size in meta.json)."""
+    make again the other's 12,000 images (tools/run_demo.py checks the size in meta.json)."""
     from afa.config import load_config
 
     demo = load_config(REPO / "configs" / "demo.yaml").data
