@@ -13,8 +13,8 @@ finished one and keeps its minutes.
 
 Relative paths (the config, DEMO_DATA, DEMO_WORK_DIR, data.root) are the repository's, wherever
 it is run from. The data set is made in the config's ``data.root`` (after the arguments), its
-images ``data.crop_size`` pixels square. Environment variables, for other places and sizes (the tests
-use them):
+images ``data.crop_size`` pixels square. Environment variables, for other places and sizes (the
+tests use them):
 
     DEMO_CONFIG     the config (default configs/demo.yaml)
     DEMO_DATA       the set's folder instead of data.root (refused together with a data.root= or
@@ -102,7 +102,7 @@ def _run(cmd: list[str], quiet: bool = False) -> int:
             signal.signal(sig, handler)
     if status < 0:
         status = 128 - status
-    if received and status == 0:  # stopped just as the step finished: stop all the same
+    if received and status < 128:  # asked to stop as the step finished: stop all the same
         status = 128 + received[0]
     return status
 
@@ -114,14 +114,16 @@ def _latest_checkpoint(work: Path) -> Path | None:
 
 def _prepare_data(data: str, place: str, make_data: list[str]) -> int:
     """Reuse the set in ``data`` or make it again; 0 when it is ready to train on."""
-    # Imported here: afa.data loads torch, which the refusals before this need not wait for.
-    from afa.data.synthetic import NotADemoSet, demo_set_contents
     held = _run([*make_data, "--check"], quiet=True)
-    if held == 0:
-        return 0
+    if held == 0 or held >= 128:  # the set to reuse, or stopped by a signal
+        return held
     if held != 1:  # a flag the generator rejects: stop before anything is removed
         return _fail(f"tools/make_demo_data.py rejected its flags ({shlex.join(make_data[2:])}); "
                      "nothing was removed", held)
+    # Imported only now: afa.data loads torch, which neither the refusals above nor a reused
+    # set need wait for.
+    from afa.data.synthetic import NotADemoSet, demo_set_contents
+
     try:
         demo_set_contents(data)
     except NotADemoSet as err:

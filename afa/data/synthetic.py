@@ -587,7 +587,7 @@ def demo_set_contents(root: str | os.PathLike) -> list[Path]:
         meta = None
     if not _is_demo_meta(meta):
         raise NotADemoSet(root, "holds files named as a demo set's but no meta.json of the demo "
-                                "generator, so they may be someone's own")
+                                "generator (they may be someone's own data)")
     # Deepest first, so each folder is empty when its turn comes; meta.json last, so a removal
     # cut short leaves a folder that is still known for a demo set.
     return sorted(ours, key=lambda p: (p == root / "meta.json", -len(p.parts), p))
