@@ -84,7 +84,8 @@ def _refuse(err: NotADemoSet) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # Named, since tools/run_demo.py calls main() too: its errors must name this tool.
+    parser = argparse.ArgumentParser(prog="make_demo_data.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="data/demo", help="output root (default: data/demo)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the generator's seed: another seed, another set (default 0)")

@@ -42,6 +42,9 @@ that of the first step that failed (the trainer's 128 + N when stopped by signal
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import shlex
@@ -83,7 +86,7 @@ def _own_flag(data_args: list[str]) -> str | None:
     return None
 
 
-def _run(cmd: list[str], quiet: bool = False) -> int:
+def _run(cmd: list[str]) -> int:
     """Run one step and return its exit status (128 + N when killed by signal N, as a shell
     reports it).
 
@@ -95,7 +98,7 @@ def _run(cmd: list[str], quiet: bool = False) -> int:
     previous = {sig: signal.signal(sig, lambda sig, frame: received.append(sig))
                 for sig in STOP_SIGNALS}
     try:
-        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if quiet else None)
+        child = subprocess.Popen(cmd)
         status = child.wait()
     finally:
         for sig, handler in previous.items():
@@ -112,17 +115,30 @@ def _latest_checkpoint(work: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _check_set(flags: list[str]) -> int:
+    """``tools/make_demo_data.py FLAGS --check``'s exit status (0 the set is there, 1 it is not,
+    2 a flag it rejects, on standard error), asked in this process: the generator's imports take
+    seconds (torch), and the ownership check after it needs them too."""
+    spec = importlib.util.spec_from_file_location("make_demo_data",
+                                                  REPO / "tools" / "make_demo_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            return tool.main([*flags, "--check"])
+        except SystemExit as stop:  # argparse's error, already printed
+            return stop.code if isinstance(stop.code, int) else 2
+
+
 def _prepare_data(data: str, place: str, make_data: list[str]) -> int:
     """Reuse the set in ``data`` or make it again; 0 when it is ready to train on."""
-    held = _run([*make_data, "--check"], quiet=True)
-    if held == 0 or held >= 128:  # the set to reuse, or stopped by a signal
-        return held
+    held = _check_set(make_data[2:])
+    if held == 0:
+        return 0
     if held != 1:  # a flag the generator rejects: stop before anything is removed
         return _fail(f"tools/make_demo_data.py rejected its flags ({shlex.join(make_data[2:])}); "
                      "nothing was removed", held)
-    # Imported only now: afa.data loads torch, which neither the refusals above nor a reused
-    # set need wait for.
-    from afa.data.synthetic import NotADemoSet, demo_set_contents
+    from afa.data.synthetic import NotADemoSet, demo_set_contents  # loaded by the check
 
     try:
         demo_set_contents(data)
