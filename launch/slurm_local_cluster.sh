@@ -10,7 +10,7 @@
 #   sudo bash launch/slurm_local_cluster.sh stop [DIR]    # cancels the jobs, stops the daemons
 #
 # start installs Debian's slurm-wlm and munge with apt-get when a command is missing, writes
-# DIR/etc/slurm.conf for this host (`hostname -s`, the CPUs `slurmd -C` finds), starts munged,
+# DIR/etc/slurm.conf for this host (`hostname -s`, the CPU count of `nproc`), starts munged,
 # slurmctld -D and slurmd -D in the background and waits until sinfo shows the node idle. All
 # state, spool, log and pid files stay under DIR; the system's /etc/slurm and /etc/munge are left
 # alone (munged gets its own key and socket), so the cluster can be thrown away with DIR.
@@ -94,13 +94,11 @@ install_packages() {
 }
 
 write_conf() {
-    local host hw
+    local host cpus
     host=$(hostname -s)
-    # The hardware line of `slurmd -C` ("NodeName=vm CPUs=2 Boards=1 ..."), less RealMemory: the
-    # node must not be declared bigger than slurmd finds, or it is drained, and no job here
-    # asks for memory.
-    hw=$(slurmd -C | head -n 1 | sed -e 's/ RealMemory=[0-9]*//')
-    [[ $hw == "NodeName=$host "* ]] || die "slurmd -C says '$hw', expected NodeName=$host ..."
+    # The CPUs this shell may use (a container's CPU set, not the host's). No sockets, cores or
+    # memory: a node declared bigger than slurmd finds is drained, and CR_CPU needs none of them.
+    cpus=$(nproc)
     cat >"$conf" <<EOF
 # Written by launch/slurm_local_cluster.sh for one node, $host; its header says why each
 # setting differs from SLURM's default.
@@ -131,7 +129,7 @@ SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
-$hw NodeAddr=127.0.0.1 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -154,6 +152,7 @@ start() {
     stop_daemons quiet
     install_packages
     mkdir -p "$dir"/{etc,state,spool,log,run}
+    rm -f "$dir"/log/*  # a failure shows the logs of this start only
     chmod 755 "$dir" "$dir/run"  # munged refuses a socket directory others may write to
     write_conf
 
