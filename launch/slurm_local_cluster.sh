@@ -14,8 +14,9 @@
 # slurmctld -D and slurmd -D in the background and waits until sinfo shows the node idle. All
 # state, spool, log and pid files stay under DIR; the system's /etc/slurm and /etc/munge are left
 # alone (munged gets its own key and socket), so the cluster can be thrown away with DIR.
-# Exit status: 0 running, 1 it could not start (the reason and the daemons' log tails are
-# printed), 2 usage.
+# AFA_SLURM_PORT=N moves slurmctld to port N and slurmd to N + 1 (default 6817, 6818, SLURM's own)
+# where a system SLURM holds them. Exit status: 0 running, 1 it could not start (the reason and
+# the daemons' log tails are printed), 2 usage.
 #
 # Settings that differ from SLURM's defaults, and why:
 # - ProctrackType=proctrack/linuxproc, TaskPlugin=task/none: no cgroups, which containers and CI
@@ -113,6 +114,7 @@ CredType=cred/munge
 AuthInfo=socket=$dir/run/munge.socket,cred_expire=5
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
+# The daemons' own pid files; run/NAME.pid are the start script's.
 SlurmctldPidFile=$dir/run/slurmctld-own.pid
 SlurmdPidFile=$dir/run/slurmd-own.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
@@ -163,7 +165,7 @@ start() {
     chmod 600 "$dir/etc/munge.key"
     start_daemon munged munged --foreground --force --key-file="$dir/etc/munge.key" \
         --socket="$dir/run/munge.socket" --pid-file="$dir/run/munged-own.pid" \
-        --seed-file="$dir/state/munged.seed" --log-file="$dir/log/munged.log"
+        --seed-file="$dir/state/munged.seed"
     local i
     for ((i = 0; i < 50; i++)); do
         [[ -S $dir/run/munge.socket ]] && break

@@ -1,7 +1,8 @@
-"""launch/slurm_voc.sh under a real SLURM: sbatch, srun, scontrol and scancel of a one-node cluster.
+"""launch/slurm_voc.sh and slurm_coco.sh under a real SLURM: a one-node cluster's sbatch, srun,
+scontrol and scancel.
 
-tests/test_slurm_scripts.py runs the scripts against stand-ins; these tests submit the real
-script with the real sbatch and check what only a real SLURM shows: that the time-limit signal
+tests/test_slurm_scripts.py runs the scripts against stand-ins; these tests submit them with the
+real sbatch and check what only a real SLURM shows: that the time-limit signal
 reaches the trainer, that `scontrol requeue` puts the job back and its next run resumes onto the
 same weights as an uninterrupted run, that scancel with and without --signal=USR1 requeues or
 stops, that every run appends to one log, and that two tasks of one job train together over gloo.
@@ -10,14 +11,15 @@ They need a running cluster whose node has at least 2 CPUs and are skipped unles
 AFA_SLURM_TESTS=1 (then a cluster that does not answer is an error, not a skip):
 
     make test-slurm     # starts one (root; launch/slurm_local_cluster.sh), runs these, stops it
-    sudo bash launch/slurm_local_cluster.sh start && export SLURM_CONF=/tmp/afa-slurm/etc/slurm.conf
+    sudo bash launch/slurm_local_cluster.sh start     # or by hand, then
+    export SLURM_CONF=/tmp/afa-slurm/etc/slurm.conf
     AFA_SLURM_TESTS=1 .venv/bin/pytest -q -m slurm tests/test_slurm_cluster.py
 
-The jobs are the script as users submit it (from the repository root, CONFIG=configs/demo.yaml,
-config overrides as its arguments), with #SBATCH options overridden on the command line where a
-CPU node needs it: --gpus-per-node=0, one CPU per task, a short --time and --output in the test's
-directory. The model is the tests' tiny MiT-b0 on 64-px generated images (conftest.tiny_overrides),
-one thread per process.
+The jobs are the scripts as users submit them (slurm_voc.sh, and slurm_coco.sh for the two-task
+job; from the repository root, CONFIG=configs/demo.yaml, config overrides as arguments), with
+#SBATCH options overridden on the command line where a CPU node needs it: --gpus-per-node=0, one
+CPU per task, a short --time and --output in the test's directory. The model is the tests' tiny
+MiT-b0 on 64-px generated images (conftest.tiny_overrides), one thread per process.
 
 Timing. SLURM sends the --signal warning at its next time-limit check, which runs every 30 s, and
 may do so up to 30 s before the requested time (slurmctld's send_job_warn_signal). With --time=1
@@ -101,14 +103,15 @@ def cluster():
 
 
 class Job:
-    """A job submitted with the real sbatch: launch/slurm_voc.sh and its command-line options."""
+    """A job submitted with the real sbatch: a launch/slurm_*.sh script (slurm_voc.sh unless
+    ``script`` says otherwise) and its command-line options."""
 
     def __init__(self, submitted: list, tmp_path: Path, name: str, overrides: list,
-                 *options: str):
+                 *options: str, script: str = "slurm_voc.sh"):
         pattern = tmp_path / f"{name}-%j.out"
         result = _run("sbatch", "--parsable", f"--job-name=afa-test-{name}", "--gpus-per-node=0",
                       "--cpus-per-task=1", f"--output={pattern}", *options,
-                      "launch/slurm_voc.sh", *overrides)
+                      f"launch/{script}", *overrides)
         assert result.returncode == 0, result.stderr
         self.id = result.stdout.strip().split(";")[0]
         submitted.append(self.id)
@@ -283,9 +286,10 @@ def test_two_tasks_on_one_node_train_together_over_gloo(cluster, tiny_data, tmp_
     if int(cpus) < 2:
         pytest.fail(f"node {node} has {cpus} CPU: a job of two 1-CPU tasks would never start")
     work = tmp_path / "work"
+    # slurm_coco.sh: the other script under the real sbatch (its 4 tasks per node overridden)
     job = Job(cluster, tmp_path, "two-tasks",
               _overrides(tiny_data, work, 4, **{"train.global_batch": 4}),
-              "--ntasks-per-node=2", "--time=5")
+              "--ntasks-per-node=2", "--time=5", script="slurm_coco.sh")
     assert job.wait_until_ended(180) == "COMPLETED", job.log()[-4000:]
     log = job.log()
     assert "2 processes x 2 per batch x 1 accumulation = global batch 4" in log
