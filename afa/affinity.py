@@ -1,6 +1,6 @@
 """Affinity between stage-4 positions: radius mask, affinity labels and random-walk propagation.
 
-DESIGN.md section 3, steps 6 and 8. Positions are the tokens of the stride-16 grid (h, w), flattened
+docs/method.md, steps 6 and 8. Positions are the tokens of the stride-16 grid (h, w), flattened
 row-major (index ``y * w + x``), so an affinity matrix is (B, N, N) with N = h * w.
 """
 
@@ -45,7 +45,7 @@ def token_labels(label: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 def affinity_label(label: torch.Tensor, grid: tuple[int, int], radius: int = 8,
                    ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Pairwise affinity targets from a pseudo label (DESIGN step 6).
+    """Pairwise affinity targets from a pseudo label (docs/method.md, step 6).
 
     Args:
         label: (B, H, W) integer pseudo label with ``ignore_index``.
@@ -64,7 +64,8 @@ def affinity_label(label: torch.Tensor, grid: tuple[int, int], radius: int = 8,
 
 
 def random_walk(scores: torch.Tensor, aff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One random-walk step of ``scores`` (B, K, N) with affinity ``aff`` (B, N, N) (DESIGN step 8).
+    """One random-walk step of ``scores`` (B, K, N) with affinity ``aff`` (B, N, N)
+    (docs/method.md, step 8).
 
     The affinity is restricted to ``mask`` (N, N), squared to sharpen it, and each column j is
     divided by its sum + 0.1: the extra 0.1 lets weakly connected positions keep less mass instead
@@ -77,7 +78,7 @@ def random_walk(scores: torch.Tensor, aff: torch.Tensor, mask: torch.Tensor) -> 
 
 def propagate_cams(cams: torch.Tensor, labels: torch.Tensor, aff: torch.Tensor,
                    grid: tuple[int, int], bkg_score: float, radius: int = 8) -> torch.Tensor:
-    """Random-walk propagation of CAMs with a constant background channel (DESIGN step 8).
+    """Random-walk propagation of CAMs with a constant background channel (docs/method.md, step 8).
 
     Args:
         cams: (B, C-1, H, W) normalised CAMs in [0, 1].

@@ -1,6 +1,6 @@
 """Class activation maps and the pseudo labels derived from them.
 
-DESIGN.md section 3: multi-scale CAM (step 2), CAM label (step 3), PAR-refined pseudo label
+docs/method.md: multi-scale CAM (step 2), CAM label (step 3), PAR-refined pseudo label
 (step 4) and the affinity pseudo label from propagated CAMs (step 9).
 
 Box convention: ``boxes`` is (B, 4) integer ``[y0, y1, x0, x1]``, half-open, in pixels of the
@@ -50,7 +50,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
                     scales: Sequence[float] = (1.0, 0.5, 1.5), *,
                     aff_scale: float | None = None, scale1=None,
                     update_decoder_bn: bool = False, with_aff: bool = True) -> MultiScaleCAM:
-    """Multi-scale + flip CAM (DESIGN step 2), and the affinity of one of its scales.
+    """Multi-scale + flip CAM (docs/method.md, step 2), and the affinity of one of its scales.
 
     Args:
         model: exposes ``cam_forward(x, return_aff) -> CAMForward`` (``afa.models.AFANet``) and,
@@ -148,7 +148,7 @@ def cam_to_label(cam: torch.Tensor, labels: torch.Tensor, bkg_score: float = 0.4
                  high: float | None = None, low: float | None = None,
                  boxes: torch.Tensor | None = None,
                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Hard label from CAMs (DESIGN step 3).
+    """Hard label from CAMs (docs/method.md, step 3).
 
     Args:
         cam: (B, C-1, H, W) normalised CAMs.
@@ -271,7 +271,7 @@ def refine_cams_with_par(par: nn.Module, rgb: torch.Tensor, cams: torch.Tensor,
                          labels: torch.Tensor, boxes: torch.Tensor, high: float = 0.55,
                          low: float = 0.35, ignore_index: int = IGNORE_INDEX,
                          down_scale: int = 2, *, max_present: int | None = None) -> torch.Tensor:
-    """PAR-refined pseudo label from CAMs (DESIGN step 4), all images of the batch at once.
+    """PAR-refined pseudo label from CAMs (docs/method.md, step 4), all images of the batch at once.
 
     Args:
         par: a ``PAR`` module.
@@ -352,7 +352,7 @@ def refine_propagated_cams(par: nn.Module, rgb: torch.Tensor, walked_high: torch
                            ignore_index: int = IGNORE_INDEX, down_scale: int = 2, *,
                            box_list: Sequence[Sequence[int]] | None = None,
                            max_present: int | None = None) -> torch.Tensor:
-    """Affinity pseudo label: PAR on random-walk-propagated maps (DESIGN step 9).
+    """Affinity pseudo label: PAR on random-walk-propagated maps (docs/method.md, step 9).
 
     Args:
         par: a ``PAR`` module.

@@ -5,8 +5,8 @@ command line. Unknown keys and values of the wrong type are errors that name the
 config is saved into the work dir as ``config.yaml``. Modules never read the config: functions in
 this file (``*_kwargs``) turn its sections into keyword arguments.
 
-The defaults are the paper's VOC setting (DESIGN.md sections 3-4); ``configs/*.yaml`` override
-what differs.
+The defaults are the paper's VOC setting (docs/method.md, steps 1-12 and 'Schedule');
+``configs/*.yaml`` override what differs.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def classification_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch
 
 def affinity_loss(aff_pred: torch.Tensor, aff_label: torch.Tensor,
                   background_pairs: torch.Tensor | None = None) -> torch.Tensor:
-    """Affinity loss (DESIGN step 7): (B, N, N) predictions in (0, 1), labels in {0, 1, ignore}.
+    """Affinity loss (docs/method.md, step 7): (B, N, N) predictions in (0, 1), labels in
+    {0, 1, ignore}.
 
     Positive and negative pairs are averaged separately (the +1 guards empty sets) so that the many
     same-label pairs of a large object do not drown the few boundary pairs.
@@ -80,7 +81,7 @@ def _masked_mean_ce(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tens
 
 def balanced_seg_loss(seg_logits: torch.Tensor, target: torch.Tensor,
                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean of the background CE and the foreground CE (DESIGN step 10).
+    """Mean of the background CE and the foreground CE (docs/method.md, step 10).
 
     Args:
         seg_logits: (B, C, h, w) logits, upsampled (bilinear) to the label size here.

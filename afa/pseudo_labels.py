@@ -1,4 +1,4 @@
-"""Pseudo labels (DESIGN.md section 3, steps 3-9) and one training iteration's losses (7-12).
+"""Pseudo labels (docs/method.md, steps 3-9) and one training iteration's losses (7-12).
 
 ``make_pseudo_labels`` is the one path from CAMs (and an affinity) to the CAM label, the
 PAR-refined label and the affinity pseudo label: training, validation and ``tools/infer_cam.py``
@@ -162,7 +162,7 @@ def compute_afa_losses(
         crf_loss: a ``DenseCRFLoss`` to add the regularized loss, or one already started on
             ``seg_probs(seg_logits, rgb.shape[-2:])`` (``DenseCRFLoss.start``: the trainer
             starts its filter before the multi-scale CAM), or None.
-        bkg_score, high, low: CAM thresholds (DESIGN section 3).
+        bkg_score, high, low: CAM thresholds (docs/method.md, steps 1-12).
         radius: Chebyshev radius of the affinity on the stride-16 grid.
         w_seg, w_aff, w_reg: loss weights after ``cam_iters``.
         aff_balance: average the affinity loss's background and foreground positive pairs

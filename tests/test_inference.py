@@ -55,8 +55,8 @@ def _model(num_classes=5, seed=0):
 
 
 def _by_hand(model, image, scales, flip, long_side):
-    """DESIGN section 5 (the authors' script) written out plainly: one forward per scale and per
-    flip; every scale's logits resized to the grid of the first scale listed, flip pair averaged,
+    """docs/method.md, 'Inference' (the authors' script) written out plainly: one forward per
+    scale and per flip; every scale's logits resized to the grid of the first scale listed, flip pair averaged,
     maximum over scales there, then one upsampling to the image."""
     height, width = image.shape[-2:]
     ratio = long_side / max(height, width)

@@ -92,7 +92,7 @@ def test_bilateral_filter_matches_dense_gaussian_up_to_a_constant():
 
 
 def _brute_force_crf_loss(rgb, probs, label, boxes, sigma_rgb=15.0, sigma_xy=100.0):
-    """DESIGN step 12 with a dense (N, N) Gaussian, energy_scale 1."""
+    """docs/method.md, step 12 with a dense (N, N) Gaussian, energy_scale 1."""
     size = (rgb.shape[-2] // 2, rgb.shape[-1] // 2)
     image = F.interpolate(rgb * 255, size=size, mode="bilinear", align_corners=False)
     s = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)

@@ -1,4 +1,4 @@
-"""The optimised pseudo-label path equals a plain per-image reading of DESIGN.md section 3.
+"""The optimised pseudo-label path equals a plain per-image reading of docs/method.md, steps 1-12.
 
 The product batches the flip copies, runs fused attention where no affinity is needed, gathers only
 the present classes, refines both background stacks in one PAR call and shifts views instead of
@@ -127,7 +127,8 @@ def plain_par(rgb, masks):
     k_rgb = -((rgb_nbrs - rgb[:, None]).abs() / (sigma + 1e-8) / W1) ** 2
     k_rgb = k_rgb.mean(dim=0)  # (48, H, W): averaged over the colour channels
     dist = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets])  # d or sqrt(2) d
-    # torch.std is the unbiased estimate, as for sigma_i (DESIGN says "the std" here).
+    # torch.std is the unbiased estimate, as for sigma_i (docs/method.md: "the standard
+    # deviation" here).
     k_pos = -(dist / (dist.std() + 1e-8) / W2) ** 2
     alpha = k_rgb.softmax(dim=0) + W3 * k_pos.softmax(dim=0)[:, None, None]  # (48, H, W)
 
@@ -265,7 +266,8 @@ def plain_balanced_seg_loss(seg_logits, target):
                             ("fg", (target[b] != 0) & (target[b] != IGNORE_INDEX))):
             sums[part] += ce[where].sum()
             counts[part] += int(where.sum())
-    # DESIGN leaves an empty part open (the product counts it as 0); this batch has both parts.
+    # docs/method.md leaves an empty part open (the product counts it as 0); this batch has
+    # both parts.
     assert counts["bkg"] > 0 and counts["fg"] > 0
     return 0.5 * (sums["bkg"] / counts["bkg"] + sums["fg"] / counts["fg"])
 

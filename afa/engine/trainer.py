@@ -1,7 +1,7 @@
 """The AFA training loop: one plain, iteration-counted function for VOC, COCO and the demo.
 
-Per iteration (DESIGN.md sections 3-4): forward with gradients, multi-scale CAM without them,
-pseudo labels and losses (``afa.pseudo_labels.compute_afa_losses``), backward, AdamW step. The
+Per iteration (docs/method.md, steps 1-12 and 'Schedule'): forward with gradients, multi-scale
+CAM without them, pseudo labels and losses (``afa.pseudo_labels.compute_afa_losses``), backward, AdamW step. The
 learning rate is a pure function of the iteration, gradients are accumulated so that the config's
 global batch holds for any number of processes, and a checkpoint captures everything needed to
 continue bit-for-bit (``afa.engine.checkpoint``).

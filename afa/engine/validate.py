@@ -1,9 +1,10 @@
-"""Validation during training (DESIGN.md section 3, step 13), sharded across ranks.
+"""Validation during training (docs/method.md, step 13), sharded across ranks.
 
 Each rank runs every ``world_size``-th validation image at its own size (single-scale forward and
 the multi-scale CAM), images of equal size together in batches of up to ``batch_size``;
 confusion matrices and F1 sums are added across ranks, so every rank ends with the scores of the
-whole set. The network runs under the training's precision (``amp``), the pseudo labels in fp32. Five label maps are scored against the ground truth:
+whole set. The network runs under the training's precision (``amp``), the pseudo labels in fp32.
+Five label maps are scored against the ground truth:
 
 - ``cam``: the multi-scale CAM thresholded at ``bkg_score``;
 - ``refined``: the same CAMs refined by PAR (background score ``bkg_score``), the refined pseudo
