@@ -1,8 +1,10 @@
 """tools/plot_metrics.py: a run's metrics.jsonl becomes one readable PNG; bad input exits 2."""
 
 import json
+import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import load_tool
@@ -83,3 +85,81 @@ def test_bad_input_is_named_and_exits_2(tmp_path, capsys):
     assert plot_metrics.main(["--metrics", str(garbage)]) == 2
     assert f"No records in '{garbage}' (2 unreadable line(s))" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.png"))
+
+
+def _val_lines(fig):
+    """label -> (iterations, values) of every line of the validation panel."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in fig.axes[2].get_lines()}
+
+
+def test_the_authors_voc_log_is_drawn_up_to_the_run(tmp_path):
+    """A run at 5,000 iterations sees the authors' curve at 2,000, 4,000 and 6,000 (the next
+    validation), values in %, beside its own curves."""
+    series, _ = plot_metrics.read_metrics(_write_run(tmp_path))
+    series = {key: {it * 125: v for it, v in points.items()} for key, points in series.items()}
+    reference = plot_metrics.read_reference("voc")
+    fig = plot_metrics.plot_metrics(series, tmp_path / "m.png", "run", reference)
+    assert (tmp_path / "m.png").is_file()
+    lines = _val_lines(fig)
+    # The published values (docs/RESULTS.md), not read back from the data file.
+    assert lines["cam, authors' VOC log"] == ([2000, 4000, 6000], [47.02, 58.33, 59.37])
+    assert lines["aff_cam, authors' VOC log"] == ([2000, 4000, 6000], [29.06, 61.27, 63.19])
+    assert lines["seg, authors' VOC log"] == ([2000, 4000, 6000], [0.81, 54.82, 58.88])
+    # The run's own curves are still there, in % too, and the axis holds both.
+    iters, values = lines["seg mIoU"]
+    assert iters == [1250, 2500, 3750, 5000]
+    assert values[-1] == pytest.approx(100 * (0.2 + 0.01 * 40 - 0.05))
+    assert fig.axes[2].get_ylim()[1] >= 59.37
+
+
+def test_a_finished_run_gets_the_whole_reference(tmp_path):
+    series = {"val/seg": {20000: 0.6}, "train/total": {25000: 0.1}}
+    fig = plot_metrics.plot_metrics(series, tmp_path / "m.png", "run",
+                                    plot_metrics.read_reference("voc"))
+    iters, values = _val_lines(fig)["seg, authors' VOC log"]
+    assert iters == list(range(2000, 20001, 2000))
+    assert values[-2:] == [63.85, 63.11]
+
+
+def test_reference_option_and_unknown_name(tmp_path, capsys):
+    _write_run(tmp_path / "run")
+    out = tmp_path / "run" / "metrics.png"
+    assert plot_metrics.main(["--work-dir", str(tmp_path / "run"), "--reference", "voc"]) == 0
+    assert Image.open(out).size == (plot_metrics.WIDTH_PX, plot_metrics.HEIGHT_PX)
+    out.unlink()
+    capsys.readouterr()
+    assert plot_metrics.main(["--work-dir", str(tmp_path / "run"), "--reference", "coco"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown reference 'coco' (known: voc)\n"
+    assert not out.exists()
+
+
+def test_the_reference_file_matches_docs_results(tmp_path):
+    """docs/data/authors_voc_log.json and the table of docs/RESULTS.md say the same."""
+    table = (plot_metrics.REPO / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| ([\d,]+) \| \**([\d.]+)\** \| \**([\d.]+)\** \| \**([\d.]+)\** \|",
+                      table, flags=re.MULTILINE)
+    published = {int(i.replace(",", "")): (float(c), float(a), float(s)) for i, c, a, s in rows}
+    reference = plot_metrics.read_reference("voc").series
+    assert sorted(published) == list(range(2000, 20001, 2000))
+    assert {i: (reference["cam"][i], reference["aff_cam"][i], reference["seg"][i])
+            for i in reference["seg"]} == published
+
+
+def test_constant_zero_and_negative_losses_are_named_as_they_are(tmp_path):
+    """A loss that is 0 in every record is left out and named; the regularized loss, negative
+    when on, is drawn sign-flipped under its own name."""
+    series, _ = plot_metrics.read_metrics(_write_run(tmp_path))
+    series["train/reg_loss"] = {i: (0.0 if i <= 10 else -2.0 - 0.01 * i) for i in range(1, 41)}
+    series["train/extra_loss"] = {i: 0.0 for i in range(1, 41)}
+    fig = plot_metrics.plot_metrics(series, tmp_path / "m.png", "run")
+    loss_ax = fig.axes[0]
+    lines = {line.get_label(): line for line in loss_ax.get_lines()}
+    assert "-reg_loss" in lines and "reg_loss" not in lines
+    assert list(lines["-reg_loss"].get_xdata()) == list(range(11, 41))
+    assert list(lines["-reg_loss"].get_ydata())[0] == pytest.approx(2.11)
+    legend = loss_ax.get_legend()
+    assert legend.get_title().get_text() == "0 in every record, not drawn: extra_loss"
+    assert {t.get_text() for t in legend.get_texts()} == {
+        "total", "cls_loss", "seg_loss", "aff_loss", "-reg_loss"}
