@@ -1,8 +1,9 @@
-"""The figure gain_vs_cam.png: for every whole `configs/demo_full.yaml` run (radius 2) kept in
-logs/, the affinity CAM's lead over the CAM and the segmentation against the CAM, read from the
-final validation line of each train.log.
+"""The figure logs/bubbles_20261201/gain_vs_cam.png: for every whole `configs/demo_full.yaml` run
+(radius 2) kept in logs/, the affinity CAM's lead over the CAM and the segmentation against the
+CAM, read from the final validation line of each train.log; the demo's targets (a lead of 2, a
+segmentation of 60) as dashed lines.
 
-    python logs/bubbles_20261201/plot_gain_vs_cam.py      (from the repository root)
+    python research/plot_gain_vs_cam.py      (from anywhere; reads and writes under logs/)
 """
 
 import re
@@ -13,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOGS = Path(__file__).resolve().parents[1]
+LOGS = Path(__file__).resolve().parents[1] / "logs"
 RUNS = {  # group: train.logs
     "128 px, concentric rings": sorted((LOGS / "demo_full_20261201").glob("radius2_*seed*.log")),
     "160 px, concentric rings": sorted((LOGS / "affinity_probes_20261201").glob("size160_*.log")),
@@ -53,13 +54,13 @@ def main() -> None:
     left.axhline(2, color="red", lw=0.8, ls="--")
     right.axhline(60, color="red", lw=0.8, ls="--")
     left.set(xlabel="CAM, val mIoU (%)", ylabel="affinity CAM - CAM (points)",
-             title="the walk's lead (#15 target: 2)")
+             title="the walk's lead (demo target: 2)")
     right.set(xlabel="CAM, val mIoU (%)", ylabel="segmentation, val mIoU (%)",
-              title="the segmentation (#15 target: 60)")
+              title="the segmentation (demo target: 60)")
     left.legend(fontsize=8)
     fig.suptitle("make demo-full runs (radius 2); arrows: the same set with bubbles", fontsize=10)
     fig.tight_layout()
-    out = Path(__file__).with_name("gain_vs_cam.png")
+    out = LOGS / "bubbles_20261201" / "gain_vs_cam.png"
     fig.savefig(out, dpi=90)
     print(f"wrote {out}")
 

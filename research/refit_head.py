@@ -1,6 +1,6 @@
 """Can the affinity head alone make the walk beat no walk? (logs/head_refit_20261202/README.md)
 
-    python logs/head_refit_20261202/refit_head.py CHECKPOINT N_TRAIN {train,bce} [key=value ...]
+    python research/refit_head.py CHECKPOINT N_TRAIN {train,bce} [key=value ...]
 
 Keeps the trained network and refits only its affinity head ``attn_proj`` (16 weights and a
 bias: affinity = sigmoid(w . (A + A^T) + b) over the stage-4 attention logits A) by L-BFGS on the
@@ -8,14 +8,17 @@ ground-truth pairs within ``cam.radius`` of the first N_TRAIN training images, w
 loss (``train``: loss.aff_balance's 1 - s on background and object pairs averaged separately, s on
 pairs across labels) or a balanced binary cross-entropy (``bce``). Then scores the val walk with
 the checkpoint's head and with the refitted one (tools/ablate_affinity.py's rows, mIoU %).
-Run from the repository root with the demo's data in data/demo."""
+Run from the repository root. The runs it was made for were 128-px ones: add
+``data.root=data/demo data.list_dir=data/demo data.crop_size=128`` (configs/demo_full.yaml now
+trains on 144 px)."""
 import sys, torch
+from pathlib import Path
 from afa import config as C
 from afa.config import load_config
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.data import build_datasets, class_names
 from afa.models import PAR, AFANet
-sys.path.insert(0, "tools")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from ablate_affinity import PAIRS, ablate, pair_groups
 
 ckpt, n_train, loss_kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
