@@ -350,3 +350,51 @@ def test_frames_replace_an_earlier_sequence_only(tmp_path, capsys):
     demo = tmp_path / "demo"
     make_demo_dataset(demo, num_train=2, num_val=1, size=32, progress=False)
     assert tool.main(["--frames", "2", "--size", "32", "--out", str(demo)]) == 2
+
+
+def test_progress_bars_only_on_a_terminal(tmp_path):
+    """Redirected to a file, the tool writes its summary and no progress bar (tqdm redraws a bar
+    with carriage returns: a log would get one line per update); on a terminal it still draws."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    from conftest import REPO
+
+    argv = [sys.executable, str(REPO / "tools" / "make_demo_data.py"), "--num-train", "6",
+            "--num-val", "2", "--size", "32", "--out"]
+    log = tmp_path / "make_demo_data.log"
+    with open(log, "wb") as out:
+        subprocess.run([*argv, str(tmp_path / "logged")], stdout=out, stderr=out, check=True,
+                       timeout=120)
+    text = log.read_bytes()
+    assert b"wrote 6 train + 2 val images" in text
+    assert b"\r" not in text and b"img/s" not in text, text.decode(errors="replace")
+
+    leader, follower = pty.openpty()  # stderr a terminal, stdout the file as before
+    # A new terminal is 0 columns wide, in which tqdm draws an empty bar.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        with open(log, "wb") as out:
+            subprocess.run([*argv, str(tmp_path / "terminal")], stdout=out, stderr=follower,
+                           check=True, timeout=120)
+        os.close(follower)
+        follower = None
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal has no writer left
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        if follower is not None:
+            os.close(follower)
+        os.close(leader)
+    assert b"\r" in drawn and b"demo train" in drawn

@@ -32,7 +32,8 @@ and what is in the way on one line and exits with status 2.
 
 Deterministic: the same ``--seed`` and sizes give byte-identical files. The data design (why it is
 hard for WSSS yet learnable quickly) is described in ``afa/data/synthetic.py``. The defaults take
-about 8 s on one CPU core.
+about 8 s on one CPU core. Progress bars are drawn only when stderr is a terminal: output
+redirected to a log holds the summary lines alone.
 """
 
 import argparse

@@ -24,8 +24,8 @@ What makes it a WSSS problem rather than a colour-threshold one:
   bands; dots and concentric rings are both curved), so shape and context still matter. Away
   from their centre the ellipse's rings are nearly straight bands, like the stripes of the
   triangle it co-occurs with: ``ellipse_texture="bubbles"`` (hollow circles, curved everywhere)
-  gives the ellipse a texture no band shares, the same set otherwise (README, "Bubbles for the
-  ellipse", says what it changed in training);
+  gives the ellipse a texture no band shares, the same set otherwise (docs/demo.md, "Earlier
+  studies", says what it changed in training);
 - 1-3 objects per image from 1-2 classes, diameters 30-65% of the image side, random rotation and
   position (objects may be cut by the border), later objects partially occlude earlier ones (each
   keeps at least half of its visible area), and sometimes a thin occluding stick crosses the scene;
@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import cv2
@@ -408,12 +409,15 @@ def _sample_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random
 
 
 def generate_split(
-    root: str | os.PathLike, split: str, num: int, seed: int, size: int, progress: bool = True,
-    parts: float = 0.0, parts_share: float = 1.0,
+    root: str | os.PathLike, split: str, num: int, seed: int, size: int,
+    progress: bool | None = None, parts: float = 0.0, parts_share: float = 1.0,
     textures: tuple[str | None, ...] = CLASS_TEXTURES,
 ) -> dict[str, list[int]]:
     """Write ``num`` images and masks of ``split`` under ``root``; returns ``{id: classes}``.
-    ``parts``, ``parts_share``, ``textures``: see :func:`render_sample`."""
+    ``progress``: see :func:`make_demo_dataset`; ``parts``, ``parts_share``, ``textures``: see
+    :func:`render_sample`."""
+    if progress is None:
+        progress = _interactive()
     root = Path(root)
     (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (root / "SegmentationClassAug").mkdir(parents=True, exist_ok=True)
@@ -427,6 +431,12 @@ def generate_split(
         write_mask(root / "SegmentationClassAug" / f"{name}.png", mask)
         labels[name] = labels_from_mask(mask, len(DEMO_CLASSES))
     return labels
+
+
+def _interactive() -> bool:
+    """Whether stderr, where tqdm draws, is a terminal: a bar redrawn with carriage returns would
+    fill a redirected log with one line per update."""
+    return sys.stderr.isatty()
 
 
 def demo_meta(seed: int = 0, num_train: int = 3000, num_val: int = 300, size: int = 128,
@@ -469,12 +479,15 @@ def make_demo_dataset(
     num_train: int = 3000,
     num_val: int = 300,
     size: int = 128,
-    progress: bool = True,
+    progress: bool | None = None,
     parts: float = 0.0,
     parts_share: float = 1.0,
     ellipse_texture: str = ELLIPSE_TEXTURES[0],
 ) -> dict[str, list[int]]:
     """Write the demo set under ``root`` in the VOC layout; returns the labels of all ids.
+
+    ``progress``: draw a progress bar per split on stderr; ``None`` (default): only when stderr is
+    an interactive terminal, as the trainer decides (``afa.engine.logger.progress_enabled``).
 
     ``parts`` > 0 (at most 1): objects textured only in part, each with probability
     ``parts_share`` (see :func:`render_sample`); ``ellipse_texture``: one of
