@@ -1,5 +1,4 @@
-"""Shared test helpers: the device, tiny inputs, fixed seeds, tool loading, and the optional
-../shared data.
+"""Shared test helpers: the device, tiny inputs, fixed seeds, tool loading, and real photos.
 
 The device. Tests of the network, the pseudo labels, the losses and the trainer run on the device
 that ``TORCH_DEVICE`` names (default ``cpu``, what CI runs), as timm's tests do::
@@ -15,6 +14,13 @@ pydensecrf CRF, signals and bit-exact resume) run on the CPU whatever ``TORCH_DE
 ``TORCH_DEVICE=cuda`` without a usable GPU stops pytest before any test runs (exit status 4),
 rather than testing the CPU in its place. ``benchmarks/gpu_check.sh`` runs the device tests and
 the GPU benchmarks in one go.
+
+Real photos. ``voc_photos`` is ``tests/data/voc_photos``: 18 PASCAL VOC 2012 photos with their
+masks, in the VOC layout, part of the repository (its README says which and why), so the tests of
+real shapes run in every clone. ``voc_mini`` is an optional larger set of the same kind (60 photos
+in ``shared/data/voc_mini/VOC2012`` beside the repository; ``AFA_SHARED_DATA`` names another
+folder in place of ``shared``, and one that does not exist turns the set off): tests that use it
+skip without it. ``voc_set`` runs a test on each of the two.
 """
 
 import importlib.util
@@ -26,10 +32,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# Real VOC photos with masks: a small set in the repository, and an optional larger one beside it.
+VOC_PHOTOS = REPO / "tests" / "data" / "voc_photos"
+SHARED = Path(os.environ.get("AFA_SHARED_DATA") or REPO.parent / "shared")
 VOC_MINI = SHARED / "data" / "voc_mini" / "VOC2012"
 # State-dict names and shapes of the official MiT ImageNet weights and of the authors' AFA
-# checkpoint, copied from ../shared/reference so that the layout tests run in any clone.
+# checkpoint, kept in the repository so that the layout tests run in any clone.
 REFERENCE = REPO / "tests" / "reference"
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -151,11 +159,27 @@ def reference_dir():
     return REFERENCE
 
 
-@pytest.fixture
-def voc_mini():
+@pytest.fixture(scope="session")
+def voc_photos() -> Path:
+    """``tests/data/voc_photos``: 18 VOC 2012 photos and masks, part of the repository, so never
+    skipped. Tests must not modify it."""
+    assert (VOC_PHOTOS / "JPEGImages").is_dir(), f"{VOC_PHOTOS} is missing from the checkout"
+    return VOC_PHOTOS
+
+
+@pytest.fixture(scope="session")
+def voc_mini() -> Path:
+    """The optional larger set of the same kind (60 photos); skips when it is absent."""
     if not VOC_MINI.is_dir():
-        pytest.skip(f"{VOC_MINI} is absent")
+        pytest.skip(f"the larger photo set is absent ({VOC_MINI}; AFA_SHARED_DATA names "
+                    "another place)")
     return VOC_MINI
+
+
+@pytest.fixture(scope="session", params=["voc_photos", "voc_mini"])
+def voc_set(request) -> Path:
+    """Each photo set in turn: the one in the repository, then the larger optional one."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="session")

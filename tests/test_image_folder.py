@@ -1,6 +1,6 @@
 """A folder of images or video frames through the inference tools (``--images``) and
 tools/make_video.py: ids and order, odd sizes and modes, the outputs and their sizes and palette,
-classes taken from the classifier, resume, torchrun sharding, the GIF, and bad input; voc_mini
+classes taken from the classifier, resume, torchrun sharding, the GIF, and bad input; real
 photos by a glob. A tiny random model throughout."""
 
 import json
@@ -491,10 +491,17 @@ def test_an_empty_folder_is_named_with_exit_status_2(setup, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 
-def test_voc_mini_photos_by_a_glob(voc_mini, tmp_path):
-    pattern = f"{voc_mini}/JPEGImages/2009_00[34]*.jpg"  # four photos, one a portrait
+@pytest.mark.parametrize("voc_set, glob, expected", [
+    # Five sizes, two of them portraits.
+    ("voc_photos", "2009_*.jpg",
+     ["2009_000488", "2009_001008", "2009_003904", "2009_004193", "2009_005158"]),
+    # Four photos, one a portrait.
+    ("voc_mini", "2009_00[34]*.jpg", ["2009_003063", "2009_003350", "2009_003904", "2009_004193"]),
+], indirect=["voc_set"], ids=["voc_photos", "voc_mini"])
+def test_real_photos_by_a_glob(voc_set, glob, expected, tmp_path):
+    pattern = f"{voc_set}/JPEGImages/{glob}"
     names = ImageFolder(pattern).names
-    assert names == ["2009_003063", "2009_003350", "2009_003904", "2009_004193"]
+    assert names == expected
     torch.manual_seed(0)
     model = AFANet("mit_b0", num_classes=21, embedding_dim=32).eval()
     torch.save({"model": model.state_dict()}, tmp_path / "voc.pth")
@@ -507,7 +514,7 @@ def test_voc_mini_photos_by_a_glob(voc_mini, tmp_path):
                            "--top-k", "1", *overrides]) == 0
     assert list(json.loads((tmp_path / "cam" / "classes.json").read_text())) == names
     for name in names:
-        with Image.open(voc_mini / "JPEGImages" / f"{name}.jpg") as photo:
+        with Image.open(voc_set / "JPEGImages" / f"{name}.jpg") as photo:
             size = photo.size
         for path in (tmp_path / "seg" / "pred" / f"{name}.png",
                      tmp_path / "cam" / "affinity" / f"{name}.png"):

@@ -104,10 +104,8 @@ def test_par_default_dilations_exceeding_the_image():
     np.testing.assert_allclose(out[0], ref, rtol=1e-4, atol=1e-6)
 
 
-def test_par_on_real_photo_with_flat_saturated_region(voc_mini):
-    path = voc_mini / "JPEGImages" / PHOTO
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+def test_par_on_real_photo_with_flat_saturated_region(voc_photos):
+    path = voc_photos / "JPEGImages" / PHOTO
     from PIL import Image
 
     y0, y1, x0, x1 = PHOTO_CROP

@@ -1,4 +1,5 @@
-"""tools/prepare_voc.py: lists and labels on a tiny tree with known answers, and on voc_mini."""
+"""tools/prepare_voc.py: lists and labels on a tiny tree with known answers, and on real VOC photos
+(each photo set of conftest.py)."""
 
 import json
 from pathlib import Path
@@ -100,17 +101,17 @@ def test_unusable_layout_exits_2(tmp_path, capsys):
     assert prepare_voc.main(argv) == 2
 
 
-def test_voc_mini_labels_are_the_classes_in_each_mask(voc_mini, tmp_path):
+def test_real_photo_labels_are_the_classes_in_each_mask(voc_set, tmp_path):
     out = tmp_path / "voc"
-    assert prepare_voc.main(["--root", str(voc_mini), "--out", str(out), "--workers", "2"]) == 0
+    assert prepare_voc.main(["--root", str(voc_set), "--out", str(out), "--workers", "2"]) == 0
     lists, labels = _read(out)
-    sets = voc_mini / "ImageSets" / "Segmentation"
+    sets = voc_set / "ImageSets" / "Segmentation"
     assert lists["val"] == sets.joinpath("val.txt").read_text().split()
     assert lists["train_aug"] == sorted(sets.joinpath("train_aug.txt").read_text().split())
-    assert "train" not in lists  # voc_mini ships no train.txt
+    assert "train" not in lists  # neither set ships a train.txt
     assert set(labels) == set(lists["val"]) | set(lists["train_aug"])
     for name, classes in labels.items():
-        with Image.open(voc_mini / "SegmentationClassAug" / f"{name}.png") as png:
+        with Image.open(voc_set / "SegmentationClassAug" / f"{name}.png") as png:
             values = np.unique(np.asarray(png))
         assert classes == [int(v) for v in values if 0 < v < 255], name
 

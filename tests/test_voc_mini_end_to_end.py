@@ -1,9 +1,11 @@
-"""Every tool a user runs on real photos, on the voc_mini photos (portraits, landscapes, odd
-sizes) with a tiny random model: the trainer's validation, infer_cam, infer_seg and show_affinity,
-each on one photo of each of their 21 sizes and on those that broke a tool (their shape bugs
-depend on the size only).
+"""Every tool a user runs on real photos (portraits, landscapes, odd sizes) with a tiny random
+model: the trainer's validation, infer_cam, infer_seg and show_affinity, each on one photo of each
+size and on those that broke a tool (their shape bugs depend on the size only).
 The aspect-ratio grid guess used to stop infer_cam on 2009_003904 and 2010_006026 and the
-validation on thin images. Skips when ../shared is absent."""
+validation on thin images.
+
+Run on each photo set (conftest.py): the 18 photos in the repository (12 sizes) everywhere, and the
+larger optional set (60 photos, 21 sizes) where it is present."""
 
 from pathlib import Path
 
@@ -24,44 +26,46 @@ VOC_CONFIG = REPO / "configs" / "voc.yaml"
 BROKE = ("2009_003904", "2010_006026", "2008_003238", "2009_005158")
 
 
-@pytest.fixture(scope="module")
-def mini(tmp_path_factory):
-    from conftest import VOC_MINI
+# Photos and distinct sizes of each set.
+SET_SIZE = {"voc_photos": (18, 12), "voc_mini": (60, 21)}
 
-    if not VOC_MINI.is_dir():
-        pytest.skip(f"{VOC_MINI} is absent")
-    root = tmp_path_factory.mktemp("voc_mini_e2e")
+
+@pytest.fixture(scope="module", params=list(SET_SIZE))
+def mini(request, tmp_path_factory):
+    data = request.getfixturevalue(request.param)
+    root = tmp_path_factory.mktemp(f"{request.param}_e2e")
     lists = root / "lists"
-    assert load_tool("prepare_voc").main(["--root", str(VOC_MINI), "--out", str(lists),
+    assert load_tool("prepare_voc").main(["--root", str(data), "--out", str(lists),
                                           "--workers", "1"]) == 0
     names = sorted(read_name_list(lists / "train_aug.txt") + read_name_list(lists / "val.txt"))
-    assert len(names) == 60
+    num_photos, num_sizes = SET_SIZE[request.param]
+    assert len(names) == num_photos
     torch.manual_seed(0)
     model = AFANet("mit_b0", num_classes=21, embedding_dim=32, drop_path_rate=0.0).eval()
     torch.save({"model": model.state_dict()}, root / "model.pth")
     # Shapes are what this test is about; CAM scales (1.0, 0.5) and a lighter PAR keep it within
     # a minute or two on 2 cores (tests/test_real_shapes.py covers the grid at every scale).
-    overrides = [f"data.root={VOC_MINI}", f"data.list_dir={lists}", "model.backbone=mit_b0",
+    overrides = [f"data.root={data}", f"data.list_dir={lists}", "model.backbone=mit_b0",
                  "model.embedding_dim=32", "model.pretrained=null", "device=cpu",
                  "cam.scales=[1.0,0.5]", "par.num_iter=3"]
-    shape_of = {n: read_image(VOC_MINI / "JPEGImages" / f"{n}.jpg").shape[:2] for n in names}
-    # The tools' shape bugs depend on the photo's size only: the tools run on one photo of each of
-    # the 21 sizes (36 of the 60 are 500 x 375), plus the photos that broke them.
+    shape_of = {n: read_image(data / "JPEGImages" / f"{n}.jpg").shape[:2] for n in names}
+    # The tools' shape bugs depend on the photo's size only: the tools run on one photo of each
+    # size (of the larger set's 60, 36 are 500 x 375), plus the photos that broke them.
     first = {}
     for name in names:
         first.setdefault(shape_of[name], name)
     per_shape = sorted(set(first.values()) | set(BROKE))
     (lists / "per_shape.txt").write_text("".join(f"{n}\n" for n in per_shape))
-    return {"root": root, "lists": lists, "names": names, "model": model, "data": VOC_MINI,
+    return {"root": root, "lists": lists, "names": names, "model": model, "data": data,
             "overrides": overrides, "shape_of": shape_of, "shapes": set(shape_of.values()),
-            "per_shape": per_shape}
+            "per_shape": per_shape, "num_sizes": num_sizes}
 
 
-def test_voc_mini_holds_the_shapes_that_broke(mini):
+def test_the_photos_hold_the_shapes_that_broke(mini):
     assert set(BROKE) <= set(mini["names"])
     assert any(h > w for h, w in mini["shapes"]) and any(h % 16 for h, _ in mini["shapes"])
     shapes = {mini["shape_of"][n] for n in mini["per_shape"]}
-    assert shapes == mini["shapes"] and len(shapes) >= 20
+    assert shapes == mini["shapes"] and len(shapes) == mini["num_sizes"]
 
 
 def test_validation_on_every_photo_shape(mini):
