@@ -16,6 +16,7 @@ import torch
 from afa.engine.checkpoint import capture_rng_state
 from afa.models import AFANet, PretrainedWeights, WeightsError, load_pretrained
 from afa.models import mix_transformer as mit
+from afa.models import weights
 
 
 def _official(encoder, wrap=False):
@@ -81,7 +82,7 @@ def test_reference_shapes_tell_every_official_variant(reference_dir):
     reference = json.loads((reference_dir / "mit_imagenet_state_dict_shapes.json").read_text())
     for name, shapes in reference.items():
         state = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
-        assert mit._describe(state) == (name, f"{name} weights")
+        assert weights._describe(state) == (name, f"{name} weights")
 
 
 def _trainer_checkpoint(model):
@@ -181,8 +182,8 @@ def test_sha256_prefix_reads_in_chunks(tmp_path):
     data = bytes(range(256)) * 5000  # 1.28 MB: several chunks of 64 KiB
     (tmp_path / "blob").write_bytes(data)
     expected = hashlib.sha256(data).hexdigest()
-    assert mit.sha256_prefix(tmp_path / "blob", chunk_bytes=1 << 16) == expected[:12]
-    assert mit.sha256_prefix(tmp_path / "blob", digits=64) == expected
+    assert weights.sha256_prefix(tmp_path / "blob", chunk_bytes=1 << 16) == expected[:12]
+    assert weights.sha256_prefix(tmp_path / "blob", digits=64) == expected
 
 
 def test_afanet_keeps_the_record(tmp_path):

@@ -1,11 +1,9 @@
-"""Networks of AFA: the MiT encoder, the SegFormer decoder, AFANet and PAR."""
+"""Networks of AFA: the MiT encoder (and its pretrained-weight loader), the SegFormer decoder,
+AFANet and PAR."""
 
 from afa.models.afa_net import AFANet, AFAOutput, CAMForward, load_state_dict_flexible
 from afa.models.mix_transformer import (
     MixVisionTransformer,
-    PretrainedWeights,
-    WeightsError,
-    load_pretrained,
     mit_b0,
     mit_b1,
     mit_b2,
@@ -15,6 +13,7 @@ from afa.models.mix_transformer import (
 )
 from afa.models.par import PAR
 from afa.models.segformer_head import SegFormerHead, convert_sync_batchnorm
+from afa.models.weights import PretrainedWeights, WeightsError, load_pretrained
 
 __all__ = [
     "AFANet",

@@ -1,4 +1,4 @@
-"""Read MiT weights from a Hugging Face ``nvidia/mit-b*`` directory into SegFormer key names.
+"""Rename the MiT weights of a Hugging Face ``nvidia/mit-b*`` download to SegFormer key names.
 
 Hugging Face renames the official SegFormer keys and splits ``kv`` into ``key`` and ``value``. The
 mapping (Hugging Face name -> official name), per stage ``i`` (0-based) and block ``j``:
@@ -14,16 +14,17 @@ mapping (Hugging Face name -> official name), per stage ``i`` (0-based) and bloc
     ....mlp.dense1 / .mlp.dwconv.dwconv / .mlp.dense2  -> ....mlp.fc1 / .mlp.dwconv.dwconv / .mlp.fc2
     segformer.encoder.layer_norm.{i}                   -> norm{i+1}
     classifier.*                                       -> dropped (ImageNet head)
+
+Reading the download's weight file (and its checks) is :mod:`afa.models.weights`' job.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
-__all__ = ["convert_hf_mit_keys", "hf_weight_file", "load_hf_mit_state_dict"]
+__all__ = ["convert_hf_mit_keys"]
 
 _RULES = [
     (re.compile(r"^patch_embeddings\.(\d)\.layer_norm\."), lambda m: f"patch_embed{int(m[1]) + 1}.norm."),
@@ -63,28 +64,3 @@ def convert_hf_mit_keys(state_dict: dict) -> dict:
         out[f"{prefix}.attn.kv.{kind}"] = torch.cat([parts["key"], parts["value"]], dim=0)
     return out
 
-
-def hf_weight_file(directory: str | Path) -> Path | None:
-    """The weight file of a Hugging Face download: ``model.safetensors`` (preferred) or
-    ``pytorch_model.bin``; None when ``directory`` holds neither."""
-    directory = Path(directory)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return directory / name
-    return None
-
-
-def load_hf_mit_state_dict(directory: str | Path) -> dict:
-    """Read ``model.safetensors`` (preferred) or ``pytorch_model.bin`` from ``directory``."""
-    weight_file = hf_weight_file(directory)
-    if weight_file is None:
-        raise FileNotFoundError(
-            f"'{directory}' is a directory but holds neither model.safetensors nor "
-            "pytorch_model.bin (a Hugging Face nvidia/mit-b* download).")
-    if weight_file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state_dict = load_file(str(weight_file))
-    else:
-        state_dict = torch.load(weight_file, map_location="cpu", weights_only=True)
-    return convert_hf_mit_keys(state_dict)

@@ -1,25 +1,19 @@
 """Mix Transformer (MiT) encoder of SegFormer, as used by AFA.
 
 Reference: Xie et al., "SegFormer: Simple and Efficient Design for Semantic Segmentation with
-Transformers", NeurIPS 2021. AFA (Ru et al., CVPR 2022) changes two things: the stage strides are
-configurable (AFA uses ``(4, 2, 2, 1)`` so that stage 4 keeps stride 16), and the blocks of the last
-stage hand out their raw attention logits ``q @ k^T`` (before scaling and softmax), from which AFA
-learns semantic affinity.
+Transformers", NeurIPS 2021. AFA (Ru et al., "Learning Affinity from Attention: End-to-End
+Weakly-Supervised Semantic Segmentation with Transformers", CVPR 2022) changes two things: the stage
+strides are configurable (AFA uses ``(4, 2, 2, 1)`` so that stage 4 keeps stride 16), and the blocks
+of the last stage hand out their raw attention logits ``q @ k^T`` (before scaling and softmax), from
+which AFA learns semantic affinity.
 
 Every other block runs the fused ``F.scaled_dot_product_attention`` kernel; a block returns explicit
 logits only when its ``return_attn`` flag is set. Parameter names follow the official SegFormer
-checkpoints (``mit_b0.pth`` .. ``mit_b5.pth``), which load with :func:`load_pretrained`.
+checkpoints (``mit_b0.pth`` .. ``mit_b5.pth``); :func:`checkpoint_filter_fn` adapts such a file and
+:func:`afa.models.weights.load_pretrained` loads it with its checks.
 """
 
 from __future__ import annotations
-
-import hashlib
-import pickle
-import pickletools
-import zipfile
-from collections.abc import Mapping
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -28,10 +22,7 @@ import torch.nn.functional as F
 __all__ = [
     "MixVisionTransformer",
     "MIT_SETTINGS",
-    "PretrainedWeights",
-    "WeightsError",
     "checkpoint_filter_fn",
-    "load_pretrained",
     "mit_b0",
     "mit_b1",
     "mit_b2",
@@ -53,31 +44,6 @@ MIT_SETTINGS = {
     "mit_b4": ((64, 128, 320, 512), (1, 2, 5, 8), (3, 8, 27, 3)),
     "mit_b5": ((64, 128, 320, 512), (1, 2, 5, 8), (3, 6, 40, 3)),
 }
-
-WEIGHTS_HELP = (
-    "Download the ImageNet-1k MiT weights {name}.pth from the SegFormer release "
-    "(github.com/NVlabs/SegFormer, README section 'Training', 'imagenet-1k pretrained weights') and "
-    "put the file at {path} or point at it with model.pretrained=/path/to/{name}.pth, or train "
-    "from scratch with model.pretrained=null (see pretrained/README.md)."
-)
-
-
-class WeightsError(ValueError):
-    """Pretrained weights that cannot initialise the encoder. The message is one line naming the
-    file, the model's variant and what the file holds instead, so a command-line tool can print it
-    without a traceback."""
-
-
-class PretrainedWeights(NamedTuple):
-    """What :func:`load_pretrained` loaded, for the record of a run; ``str()`` gives the log line
-    ``mit_b1 weights from pretrained/mit_b1.pth (sha256 1a2b3c4d5e6f)``."""
-
-    path: str  # as given: a ``.pth`` file or a Hugging Face directory
-    sha256: str  # first 12 hex digits of the SHA-256 of the weight file
-    variant: str  # mit_b0 .. mit_b5
-
-    def __str__(self) -> str:
-        return f"{self.variant} weights from {self.path} (sha256 {self.sha256})"
 
 
 class DropPath(nn.Module):
@@ -329,170 +295,6 @@ def checkpoint_filter_fn(state_dict: dict) -> dict:
             if not (isinstance(k, str) and k.startswith("head."))}
 
 
-def sha256_prefix(path: str | Path, digits: int = 12, chunk_bytes: int = 1 << 20) -> str:
-    """First ``digits`` hex digits of the file's SHA-256, read in chunks (weights reach 330 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()[:digits]
-
-
-def _mit_variant(state_dict: Mapping) -> tuple[str | None, str | None]:
-    """``(variant, layout)`` read off the shapes of an official-layout MiT state dict.
-
-    The stage widths come from the ``patch_embed{i}.proj`` weights (stage 1: 32 for mit_b0, 64 for
-    the others) and the blocks per stage from the ``block{i}.{j}.*`` indices, which tell b1..b5
-    apart. ``(None, None)`` when the keys are not MiT's; ``(None, layout)`` for an unknown MiT.
-    """
-    widths = []
-    for i in range(1, 5):
-        weight = state_dict.get(f"patch_embed{i}.proj.weight")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-            return None, None
-        widths.append(weight.shape[0])
-    keys = [k for k in state_dict if isinstance(k, str)]
-    depths = tuple(len({k.split(".")[1] for k in keys if k.startswith(f"block{i}.")})
-                   for i in range(1, 5))
-    for name, (embed_dims, _, variant_depths) in MIT_SETTINGS.items():
-        if tuple(widths) == embed_dims and depths == variant_depths:
-            return name, None
-    return None, f"stage widths {tuple(widths)}, blocks per stage {depths}"
-
-
-def _describe(state_dict) -> tuple[str | None, str]:
-    """``(variant, what)``: the MiT variant a checkpoint holds (None if none) and what it is, as
-    the words after "holds" in an error message."""
-    if not isinstance(state_dict, Mapping):
-        return None, f"no MiT weights (a {type(state_dict).__name__}, not a state dict)"
-    keys = [k.removeprefix("module.") for k in state_dict if isinstance(k, str)]
-    if any(k.startswith("encoder.") for k in keys) and any(k.startswith("decoder.") for k in keys):
-        return None, "a full AFA model checkpoint (encoder.*, decoder.*)"
-    variant, layout = _mit_variant(state_dict)
-    if variant:
-        return variant, f"{variant} weights"
-    if layout:
-        return None, f"MiT weights of no official variant ({layout})"
-    if not keys:
-        return None, "no MiT weights (an empty state dict)"
-    return None, f"no MiT weights ({len(keys)} keys such as {keys[0]!r})"
-
-
-def _first_mismatch(own: Mapping, state_dict: Mapping) -> str | None:
-    """Why ``state_dict`` does not load strictly into a model whose state dict is ``own``."""
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing or unexpected:
-        first = missing[0] if missing else unexpected[0]
-        return f"{len(missing)} keys missing, {len(unexpected)} unexpected (first: {first!r})"
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            return f"{key!r} is a {type(value).__name__}, not a tensor"
-        if value.shape != own[key].shape:
-            return (f"{key!r} has shape {tuple(value.shape)}, the model expects "
-                    f"{tuple(own[key].shape)}")
-    return None
-
-
-def _pickled_strings(path: Path) -> list[str] | None:
-    """The strings (dict keys among them) of the pickle inside a ``torch.save`` archive, read
-    opcode by opcode without running it; None when ``path`` is no such archive."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            if not pickles:
-                return None
-            data = archive.read(pickles[0])
-        return [arg for op, arg, _ in pickletools.genops(data)
-                if "UNICODE" in op.name and isinstance(arg, str)]
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError):  # ValueError: a broken pickle
-        return None
-
-
-def _read_weights(path: Path, weight_file: Path, name: str):
-    """The object saved in ``weight_file`` (of ``path``, for a Hugging Face directory); WeightsError
-    if it is no readable checkpoint of tensors. ``name``: the variant the model wants."""
-    if weight_file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(weight_file))
-        except Exception as err:  # safetensors has its own error types for a damaged file
-            raise WeightsError(f"{weight_file} cannot be read as a safetensors file "
-                               f"({type(err).__name__}); download {name} again") from err
-    try:
-        return torch.load(weight_file, map_location="cpu", weights_only=True)
-    # torch.load fails on a damaged file with any of UnpicklingError, EOFError, RuntimeError (zip
-    # reader), OSError, ValueError, depending on where the bytes go wrong.
-    except Exception as err:
-        strings = _pickled_strings(weight_file)
-        if isinstance(err, pickle.UnpicklingError) and strings is not None:
-            # A sound archive that a weights-only load refuses: Python objects besides tensors,
-            # such as the optimiser, RNG and config entries of our training checkpoints.
-            _, what = _describe(dict.fromkeys(strings))
-            if what.startswith("no MiT weights"):
-                what = "no MiT weights (Python objects besides tensors)"
-            raise WeightsError(f"{path} holds {what}; model.pretrained wants the ImageNet MiT "
-                               f"encoder weights {name}.pth") from err
-        raise WeightsError(f"{weight_file} cannot be read as a PyTorch checkpoint "
-                           f"({type(err).__name__}); is it a complete download of {name}.pth?"
-                           ) from err
-
-
-def load_pretrained(model: MixVisionTransformer, path: str | Path,
-                    name: str = "mit_b1") -> PretrainedWeights:
-    """Load official ``mit_b*.pth`` weights (or a Hugging Face ``nvidia/mit-b*`` directory) and
-    return what was loaded: the path, the SHA-256 prefix of the weight file and the variant.
-
-    Keys and shapes must match exactly once ``head.*`` is dropped. A missing file raises
-    FileNotFoundError with where the file comes from; any other unusable file raises
-    :class:`WeightsError` with a one-line message naming the file, the model's variant ``name`` and
-    what the file holds: another MiT variant (told from its shapes and block counts), a full AFA
-    checkpoint, something else, or bytes torch cannot read.
-    """
-    from afa.models.hf_convert import convert_hf_mit_keys, hf_weight_file
-
-    path = Path(path)
-    own = model.state_dict()
-    name = _mit_variant(own)[0] or name  # the variant built, should ``name`` disagree
-    weight_file = hf_weight_file(path) if path.is_dir() else path
-    if weight_file is None:
-        raise FileNotFoundError(
-            f"'{path}' is a directory but holds neither model.safetensors nor pytorch_model.bin "
-            f"(a Hugging Face nvidia/mit-b* download). {WEIGHTS_HELP.format(name=name, path=path)}")
-    if not weight_file.is_file():
-        raise FileNotFoundError(f"Pretrained weights for {name} not found at '{path}'. "
-                                + WEIGHTS_HELP.format(name=name, path=path))
-    state_dict = _read_weights(path, weight_file, name)
-    if isinstance(state_dict, Mapping):
-        state_dict = checkpoint_filter_fn(state_dict)
-        if path.is_dir():
-            try:
-                state_dict = convert_hf_mit_keys(state_dict)
-            except KeyError as err:
-                raise WeightsError(f"{path} holds Hugging Face weights that do not convert to "
-                                   f"MiT names: {err.args[0]}") from err
-    mismatch = _first_mismatch(own, state_dict) if isinstance(state_dict, Mapping) else None
-    if isinstance(state_dict, Mapping) and mismatch is None:
-        model.load_state_dict(state_dict, strict=True)
-        return PretrainedWeights(str(path), sha256_prefix(weight_file), name)
-    raise _refusal(path, state_dict, name, mismatch)
-
-
-def _refusal(path: Path, state_dict, model_variant: str, mismatch: str | None) -> WeightsError:
-    """The one-line error for weights that do not fit a ``model_variant`` encoder."""
-    variant, what = _describe(state_dict)
-    if variant == model_variant:  # the right variant, yet something differs (e.g. in_chans)
-        return WeightsError(f"{path} holds {variant} weights that do not fit the {model_variant} "
-                            f"encoder: {mismatch}")
-    if variant:
-        return WeightsError(
-            f"{path} holds {variant} weights, but model.backbone is {model_variant}: set "
-            f"model.backbone={variant} or model.pretrained={path.parent / model_variant}.pth")
-    return WeightsError(f"{path} holds {what}; model.pretrained wants the ImageNet MiT encoder "
-                        f"weights {model_variant}.pth")
-
-
 def _create(name: str, **kwargs) -> MixVisionTransformer:
     embed_dims, num_heads, depths = MIT_SETTINGS[name]
     return MixVisionTransformer(embed_dims=embed_dims, num_heads=num_heads, depths=depths, **kwargs)
@@ -520,3 +322,18 @@ def mit_b4(**kwargs) -> MixVisionTransformer:
 
 def mit_b5(**kwargs) -> MixVisionTransformer:
     return _create("mit_b5", **kwargs)
+
+
+# The weight loader lived in this module and moved to afa.models.weights, which imports this
+# module: resolving its names here lazily keeps ``mix_transformer.load_pretrained`` (used by
+# afa_net) and older imports working without a circular import.
+_MOVED_TO_WEIGHTS = frozenset({"PretrainedWeights", "WEIGHTS_HELP", "WeightsError",
+                               "load_pretrained", "sha256_prefix"})
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_WEIGHTS:
+        from afa.models import weights
+
+        return getattr(weights, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
