@@ -158,3 +158,12 @@ def test_it_refuses_torchrun(tiny_data, random_checkpoint, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert ablate.main(_argv(tiny_data, random_checkpoint)) == 2
     assert "runs in one process" in capsys.readouterr().err
+
+
+def test_help_gives_the_description_once(capsys):
+    with pytest.raises(SystemExit) as stop:
+        ablate.parse_args(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("Does the learned affinity help?") == 1
+    assert "python tools/ablate_affinity.py" in out  # the usage example stays

@@ -1,6 +1,7 @@
 """tools/show_affinity.py: the affinity picture of a checkpoint on an image."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -72,3 +73,12 @@ def test_checkpoint_brings_its_network_and_overrides_stand_anywhere(tmp_path, ca
     assert show_affinity.main(argv) == 0
     assert "model.embedding_dim=32" in capsys.readouterr().out
     assert np.asarray(Image.open(tmp_path / "o.png")).shape[1] == 4 * 70 + 3 * 4
+
+
+def test_help_gives_the_description_once(capsys):
+    with pytest.raises(SystemExit) as stop:
+        show_affinity.main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.count("Show what AFA learned from attention") == 1
+    assert "python tools/show_affinity.py --config" in out  # the usage example stays
