@@ -53,7 +53,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
     """Multi-scale + flip CAM (docs/method.md, step 2), and the affinity of one of its scales.
 
     Args:
-        model: exposes ``cam_forward(x, return_aff) -> CAMForward`` (``afa.models.AFANet``) and,
+        model: exposes ``forward_cam(x, return_aff) -> CAMForward`` (``afa.models.AFANet``) and,
             with ``update_decoder_bn``, ``decoder``.
         images: (B, 3, H, W) normalised images.
         scales: resize factors (``int(s * H), int(s * W)``, bilinear).
@@ -88,7 +88,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
             images, size=size, mode="bilinear", align_corners=False)
         want_aff = with_aff and scale == aff_scale and aff is None
         if scale1 is not None and scale == 1.0:
-            flipped = model.cam_forward(x.flip(-1), return_aff=False)
+            flipped = model.forward_cam(x.flip(-1), return_aff=False)
             cam = torch.cat([scale1.cam_logits.detach().to(flipped.cam.dtype), flipped.cam])
             cls_logits = scale1.cls_logits.detach()
             if want_aff:
@@ -96,8 +96,8 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
         elif want_aff:
             # Explicit attention (for the affinity) on the un-flipped copies only: the flipped
             # ones run fused, which halves the largest transient of the training iteration.
-            plain = model.cam_forward(x, return_aff=True)
-            flipped = model.cam_forward(x.flip(-1), return_aff=False)
+            plain = model.forward_cam(x, return_aff=True)
+            flipped = model.forward_cam(x.flip(-1), return_aff=False)
             cam = torch.cat([plain.cam, flipped.cam], dim=0)
             aff, grid = plain.aff, plain.grid
             if scale == 1.0:
@@ -106,7 +106,7 @@ def multi_scale_cam(model: nn.Module, images: torch.Tensor,
                 model.decoder.update_statistics(
                     [torch.cat(pair) for pair in zip(plain.features, flipped.features)])
         else:
-            both = model.cam_forward(torch.cat([x, x.flip(-1)], dim=0), return_aff=False)
+            both = model.forward_cam(torch.cat([x, x.flip(-1)], dim=0), return_aff=False)
             cam = both.cam
             if scale == 1.0 and both.cls_logits is not None:
                 cls_logits = both.cls_logits[:batch]

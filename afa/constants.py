@@ -1,10 +1,12 @@
 """Constants shared by loaders, evaluation, visualisation and the training processes."""
 
 import signal
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
+    "CamThresholds",
     "IGNORE_INDEX",
     "STOP_SIGNALS",
     "IMAGENET_MEAN",
@@ -17,6 +19,14 @@ __all__ = [
 ]
 
 IGNORE_INDEX = 255
+
+
+class CamThresholds(NamedTuple):
+    """The three background scores of the CAM labels (config ``cam.thresholds``; the authors'
+    config calls them bkg_score, high_thre and low_thre). Defaults: the paper's, VOC and COCO."""
+    background: float = 0.45  # the CAM label's background score (validation and evaluation)
+    high: float = 0.55  # pseudo labels: background where the score with this background ...
+    low: float = 0.35  # ... and with this one agree on background; ignore where they disagree
 
 # What stops a training run after a checkpoint: Ctrl-C, SIGTERM, SLURM's warning signal. The
 # trainer handles them; its helper processes (the regularized loss's filters) ignore them.

@@ -28,7 +28,7 @@ import numpy as np
 from afa.engine.distributed import usable_cpus
 from afa.worker_pool import die_with_parent
 
-__all__ = ["import_densecrf", "dense_crf", "dense_crf_many"]
+__all__ = ["CRF_SETTINGS", "import_densecrf", "dense_crf", "dense_crf_many"]
 
 # Probabilities are clipped to this before the log, so that a zero probability gives a large but
 # finite unary energy (-log(1e-5) ~ 11.5). The value is the authors' (``unary_from_softmax``'s
@@ -47,6 +47,12 @@ def import_densecrf() -> ModuleType:
             "with `pip install pydensecrf2` (it ships binary wheels for Linux), or run without CRF"
         ) from err
     return dcrf
+
+
+# The dense CRF of the authors' inference (docs/method.md, 'Inference'): what infer_seg --crf
+# runs and records in its run.json.
+CRF_SETTINGS = dict(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=64.0,
+                    bilateral_srgb=5.0, bilateral_compat=4.0)
 
 
 def dense_crf(

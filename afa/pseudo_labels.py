@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from afa.affinity import affinity_label, propagate_cams, token_labels
 from afa.cam import (cam_par_job, cam_par_label, cam_to_label, present_classes, run_par,
                      walk_par_job, walk_par_label)
-from afa.constants import IGNORE_INDEX
+from afa.constants import IGNORE_INDEX, CamThresholds
 from afa.losses import (DenseCRFLoss, PendingCRFLoss, affinity_loss, balanced_seg_loss,
                         classification_loss)
 
@@ -28,19 +28,18 @@ __all__ = ["AFALosses", "PseudoLabels", "compute_afa_losses", "make_pseudo_label
 
 
 class PseudoLabels(NamedTuple):
-    cam_label: torch.Tensor  # (B, H, W) CAM thresholded at cam_bkg (step 3)
-    refined_label: torch.Tensor  # (B, H, W) PAR-refined CAM label, band refine_bkg (step 4)
-    walked: torch.Tensor | None  # (B, C, H, W) CAMs propagated with walk_bkg[1] (step 8)
+    cam_label: torch.Tensor  # (B, H, W) CAM thresholded at the background score (step 3)
+    refined_label: torch.Tensor  # (B, H, W) PAR-refined CAM label (step 4)
+    walked: torch.Tensor | None  # (B, C, H, W) CAMs propagated, low background (step 8)
     aff_pseudo_label: torch.Tensor | None  # (B, H, W) PAR on the propagated CAMs (step 9)
 
 
 @torch.no_grad()
 def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tensor,
-                       boxes: torch.Tensor, *, par: nn.Module, cam_bkg: float,
-                       refine_bkg: tuple[float, float], aff: torch.Tensor | None = None,
-                       aff_grid: tuple[int, int] | None = None,
-                       walk_bkg: tuple[float, float] | None = None, radius: int = 8,
-                       ignore_index: int = IGNORE_INDEX, box_list=None,
+                       boxes: torch.Tensor, *, par: nn.Module,
+                       thresholds: CamThresholds = CamThresholds(), band: bool = True,
+                       aff: torch.Tensor | None = None, aff_grid: tuple[int, int] | None = None,
+                       radius: int = 8, box_list=None,
                        max_present: int | None = None) -> PseudoLabels:
     """The pseudo labels of a batch of CAMs, all images at once.
 
@@ -50,30 +49,32 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
         rgb: (B, 3, H, W) images in [0, 1] (padding 0).
         boxes: (B, 4) ``[y0, y1, x0, x1]`` image content; every label is ignore outside.
         par: the ``PAR`` module.
-        cam_bkg: background score of the CAM label.
-        refine_bkg: ``(high, low)`` background scores of the refined label; pixels whose two
-            refinements disagree are ignore (training: (0.55, 0.35); equal values: no band).
+        thresholds: the background scores. The CAM label uses ``background``.
+        band: True (training, ``tools/infer_cam.py``: the labels a segmentation learns from):
+            the refined and the affinity labels are made with ``high`` and with ``low`` as
+            background score, and pixels where the two disagree are ignore. False (validation,
+            which scores them without a band): the refined label with ``background``, the
+            random walk with ``low``, no ignore band; ``walked`` is then the affinity CAM.
         aff, aff_grid: (B, N, N) affinity and its (h, w) stage-4 grid; without them the affinity
             pseudo label is not made (None).
-        walk_bkg: ``(high, low)`` background scores of the random walks behind the affinity
-            pseudo label, with the same band rule (training: (0.55, 0.35)).
         radius: Chebyshev radius of the random walk on the stage-4 grid.
         box_list, max_present: ``boxes.tolist()`` and the largest number of classes of an
             image, when known on the host: without them the labels wait for the device (a sync).
-
-    Training, ``tools/infer_cam.py`` (the labels the segmentation learns from) and validation
-    (which scores the labels without the band: ``refine_bkg=(bkg, bkg)``, ``walk_bkg=(low, low)``,
-    and the argmax of ``walked`` as the affinity CAM) differ only in these arguments.
     """
-    cam_label = cam_to_label(cam, labels, bkg_score=cam_bkg, boxes=boxes,
-                             ignore_index=ignore_index)
-    high, low = refine_bkg
+    cam_label = cam_to_label(cam, labels, bkg_score=thresholds.background, boxes=boxes,
+                             ignore_index=IGNORE_INDEX)
+    if band:
+        (high, low), walk_bkg = (thresholds.high, thresholds.low), (thresholds.high,
+                                                                     thresholds.low)
+    else:
+        (high, low) = (thresholds.background, thresholds.background)
+        walk_bkg = (thresholds.low, thresholds.low)
     size = cam.shape[-2:]
     present = present_classes(labels, max_present)  # (index, valid), shared by both labels
     cam_job = cam_par_job(rgb, cam, present, high, low)
     if aff is None:
         refined = cam_par_label(par(cam_job.rgb, cam_job.stack), present[0], boxes, size,
-                                ignore_index)
+                                IGNORE_INDEX)
         return PseudoLabels(cam_label, refined, None, None)
     high, low = walk_bkg
     walked_low = propagate_cams(cam, labels, aff, aff_grid, bkg_score=low, radius=radius)
@@ -84,9 +85,9 @@ def make_pseudo_labels(cam: torch.Tensor, labels: torch.Tensor, rgb: torch.Tenso
     # Both labels' refinements in one PAR call: a few large kernels per PAR iteration.
     jobs = [cam_job] + ([walk.job] if walk.job is not None else [])
     refined_maps = run_par(par, jobs)
-    refined = cam_par_label(refined_maps[0], present[0], boxes, size, ignore_index)
+    refined = cam_par_label(refined_maps[0], present[0], boxes, size, IGNORE_INDEX)
     aff_pseudo_label = walk_par_label(refined_maps[1] if walk.job is not None else None, walk,
-                                      size, ignore_index)
+                                      size, IGNORE_INDEX)
     return PseudoLabels(cam_label, refined, walked_low, aff_pseudo_label)
 
 
@@ -113,25 +114,21 @@ class AFALosses:
 
 def compute_afa_losses(
     cls_logits: torch.Tensor,
-    seg_logits: torch.Tensor,
-    aff_pred: torch.Tensor,
+    seg_logits: torch.Tensor | None,
+    aff_pred: torch.Tensor | None,
     cam: torch.Tensor | None,
     cam_aff: torch.Tensor | None,
     grids: tuple[tuple[int, int], tuple[int, int]] | None,
     rgb: torch.Tensor,
     labels: torch.Tensor,
     boxes: torch.Tensor,
-    iteration: int,
     *,
     par: nn.Module,
+    joint: bool = True,
+    affinity_target: bool = False,
     crf_loss: DenseCRFLoss | PendingCRFLoss | None = None,
-    bkg_score: float = 0.45,
-    high: float = 0.55,
-    low: float = 0.35,
-    ignore_index: int = IGNORE_INDEX,
+    thresholds: CamThresholds = CamThresholds(),
     radius: int = 8,
-    cam_iters: int = 2000,
-    aff_switch_iter: int = 6000,
     w_seg: float = 0.1,
     w_aff: float = 0.1,
     w_reg: float = 0.01,
@@ -139,15 +136,16 @@ def compute_afa_losses(
     box_list=None,
     max_present: int | None = None,
 ) -> AFALosses:
-    """Pseudo labels and losses of one iteration.
+    """Pseudo labels and losses of one iteration (docs/method.md, steps 3-12).
 
     Args:
         cls_logits: (B, C-1) classification logits of the training forward.
-        seg_logits: (B, C, H/4, W/4) segmentation logits of the training forward (may be None
-            before ``cam_iters``).
-        aff_pred: (B, N, N) predicted affinity of the training forward, N = tokens at stride 16
-            (may be None before ``cam_iters``).
-        cam: (B, C-1, H, W) multi-scale CAM (``afa.cam.multi_scale_cam(...).cam``).
+        seg_logits: (B, C, H/4, W/4) segmentation logits of the training forward (None when a
+            classification-phase forward skipped the decoder).
+        aff_pred: (B, N, N) predicted affinity of the training forward, N = tokens of its
+            stage-4 grid (None like ``seg_logits``).
+        cam: (B, C-1, H, W) multi-scale CAM (``afa.cam.multi_scale_cam(...).cam``); None when the
+            classification phase made none.
         cam_aff: (B, N', N') affinity of the CAM's largest scale (``multi_scale_cam(...).aff``).
         grids: the (h, w) stage-4 grids of ``aff_pred`` (``AFAOutput.grid``) and of ``cam_aff``
             (``MultiScaleCAM.aff_grid``); None with ``cam=None``.
@@ -155,34 +153,34 @@ def compute_afa_losses(
         labels: (B, C-1) multi-hot image labels.
         boxes: (B, 4) integer ``[y0, y1, x0, x1]``, half-open: ``crop[y0:y1, x0:x1]`` is image
             content, the rest padding. All pseudo labels are ignore outside.
-        iteration: 0-based iteration counter. Below ``cam_iters`` only the classification loss
-            counts; from ``aff_switch_iter`` on the segmentation target is the affinity pseudo
-            label instead of the refined one.
         par: the ``PAR`` module.
+        joint, affinity_target: the iteration's phase (``afa.engine.schedule.Phase``): before
+            the joint phase only the classification loss counts; with ``affinity_target`` the
+            segmentation learns from the affinity pseudo label instead of the refined one.
         crf_loss: a ``DenseCRFLoss`` to add the regularized loss, or one already started on
             ``seg_probs(seg_logits, rgb.shape[-2:])`` (``DenseCRFLoss.start``: the trainer
             starts its filter before the multi-scale CAM), or None.
-        bkg_score, high, low: CAM thresholds (docs/method.md, steps 1-12).
+        thresholds: the CAM background scores.
         radius: Chebyshev radius of the affinity on the stride-16 grid.
-        w_seg, w_aff, w_reg: loss weights after ``cam_iters``.
+        w_seg, w_aff, w_reg: loss weights of the joint phase.
         aff_balance: average the affinity loss's background and foreground positive pairs
             separately (``loss.aff_balance``; not in the paper, see ``affinity_loss``).
         box_list, max_present: host copies of ``boxes.tolist()`` and of the largest number of
             classes of an image; with them the pseudo labels never wait for the device.
 
-    Before ``cam_iters`` only the classification loss counts. The caller may then pass
-    ``cam=None`` (and skip the multi-scale CAM): no pseudo label is computed and the label fields
-    are None. Otherwise the segmentation and affinity terms are computed and logged but added with
-    weight 0. Either way every parameter takes part in the backward pass, as
-    DistributedDataParallel requires; the CPU-bound regularized loss is skipped in this phase.
+    In the classification phase the caller may pass ``cam=None`` (no multi-scale CAM): no pseudo
+    label is computed and the label fields are None. Otherwise the segmentation and affinity
+    terms are computed and logged but added with weight 0. Either way every given output takes
+    part in the backward pass, as DistributedDataParallel requires; the CPU-bound regularized
+    loss is skipped in this phase.
     """
     height, width = rgb.shape[-2:]
     cls_loss = classification_loss(cls_logits, labels)
     if cam is None:
-        if iteration >= cam_iters:
-            raise ValueError(f"iteration {iteration} >= cam_iters {cam_iters} needs the CAMs")
+        if joint:
+            raise ValueError("the joint phase needs the multi-scale CAM")
         # Zero-weighted outputs keep the decoder and affinity head in the autograd graph (a
-        # cls_only forward passes None for both; the caller then keeps them in the graph).
+        # lean forward passes None for both; the caller then keeps them in the graph).
         unused = sum(0.0 * t.sum() for t in (seg_logits, aff_pred) if t is not None)
         zero = cls_loss.new_zeros(())
         return AFALosses(cam_label=None, refined_label=None, aff_pseudo_label=None,
@@ -190,24 +188,22 @@ def compute_afa_losses(
                          aff_loss=zero, reg_loss=zero, total=cls_loss + unused)
 
     aff_grid, cam_aff_grid = grids
-    pseudo = make_pseudo_labels(cam, labels, rgb, boxes, par=par, cam_bkg=bkg_score,
-                                refine_bkg=(high, low), aff=cam_aff, aff_grid=cam_aff_grid,
-                                walk_bkg=(high, low), radius=radius, ignore_index=ignore_index,
+    pseudo = make_pseudo_labels(cam, labels, rgb, boxes, par=par, thresholds=thresholds,
+                                aff=cam_aff, aff_grid=cam_aff_grid, radius=radius,
                                 box_list=box_list, max_present=max_present)
     cam_label, refined_label, aff_pseudo_label = (pseudo.cam_label, pseudo.refined_label,
                                                   pseudo.aff_pseudo_label)
     with torch.no_grad():
         aff_label = affinity_label(refined_label, aff_grid, radius=radius,
-                                   ignore_index=ignore_index)
-    seg_target = refined_label if iteration < aff_switch_iter else aff_pseudo_label
+                                   ignore_index=IGNORE_INDEX)
+    seg_target = aff_pseudo_label if affinity_target else refined_label
 
     background_pairs = None
     if aff_balance:
         background = token_labels(refined_label, aff_grid) == 0  # as affinity_label reads it
         background_pairs = background[:, :, None] & background[:, None, :]
     aff_loss = affinity_loss(aff_pred, aff_label, background_pairs)
-    seg_loss = balanced_seg_loss(seg_logits, seg_target, ignore_index=ignore_index)
-    joint = iteration >= cam_iters
+    seg_loss = balanced_seg_loss(seg_logits, seg_target, ignore_index=IGNORE_INDEX)
     if crf_loss is not None and joint:
         if isinstance(crf_loss, DenseCRFLoss):
             crf_loss = crf_loss.start(rgb, seg_probs(seg_logits, (height, width)), boxes)

@@ -12,7 +12,7 @@ one of them per process (each with its own setting). Each timed iteration starts
 model and optimizer state (the state after one warm-up iteration; see docs/BENCHMARKS.md on
 drifting random models).
 
-- Ours: ``afa.engine.trainer.train_step`` + backward + the fused AdamW step, with the paper's VOC
+- Ours: ``afa.engine.step.train_step`` + backward + the fused AdamW step, with the paper's VOC
   config (``configs/voc.yaml`` defaults: CAM scales 1.0/0.5/1.5, PAR 10 iterations, decoder
   statistics updated by the CAM forwards as theirs are) and the regularized loss off, as in their
   released ``scripts/dist_train_voc.py``.
@@ -51,7 +51,8 @@ sys.path.insert(0, str(REPO))
 from afa import config as C  # noqa: E402
 from afa.affinity import radius_mask  # noqa: E402
 from afa.engine.optim import build_optimizer  # noqa: E402
-from afa.engine.trainer import _loss_kwargs, train_step  # noqa: E402
+from afa.engine.schedule import Schedule  # noqa: E402
+from afa.engine.step import StepSettings, train_step  # noqa: E402
 from afa.host_memory import keep_freed_host_memory  # noqa: E402
 from afa.models import PAR, AFANet  # noqa: E402
 from benchmarks.train_step import random_batch  # noqa: E402
@@ -197,16 +198,13 @@ class OurIteration:
         self.model = AFANet(**C.model_kwargs(cfg)).to(device).train()
         self.optimizer = build_optimizer(self.model.param_groups(), cfg.optim.lr,
                                          cfg.optim.weight_decay, lr_mults=C.lr_mults(cfg))
-        self.iteration = max(cfg.train.cam_iters, cfg.train.aff_switch_iter)
-        self.kwargs = dict(device=device, par=PAR(**C.par_kwargs(cfg)).to(device), crf_loss=None,
-                           cam_scales=tuple(cfg.cam.scales), amp=amp,
-                           loss_kwargs=_loss_kwargs(cfg),
-                           cls_phase_full_forward=cfg.train.cls_phase_full_forward,
-                           reuse_train_forward=cfg.cam.reuse_train_forward,
-                           update_decoder_bn=cfg.cam.update_decoder_bn)
+        self.phase = Schedule.from_config(cfg).phase(max(cfg.train.cam_iters,
+                                                         cfg.train.aff_switch_iter))
+        self.settings = StepSettings.from_config(cfg, amp)
+        self.kwargs = dict(device=device, par=PAR(**C.par_kwargs(cfg)).to(device), crf_loss=None)
 
     def __call__(self, batch: dict) -> None:
-        step = train_step(self.model, batch, self.iteration, **self.kwargs)
+        step = train_step(self.model, batch, self.phase, self.settings, **self.kwargs)
         step.terms.total.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -6,7 +6,7 @@
     python benchmarks/device_agreement.py --device cpu --other cpu --backbone mit_b0 --crop 64
 
 One randomly initialised model (``--seed``) and one batch are run through the trainer's own
-``afa.engine.trainer.train_step`` (forward, multi-scale CAM, pseudo labels, losses) and a
+``afa.engine.step.train_step`` (forward, multi-scale CAM, pseudo labels, losses) and a
 backward, once on ``--device`` and once on ``--other``, from the same weights (a copy of one
 state dict) and the same batch. The iteration is ``max(cam_iters, aff_switch_iter)`` of the
 config, so every pseudo-label step runs and the segmentation learns from the affinity pseudo
@@ -47,7 +47,9 @@ import torch.nn.functional as F
 
 from afa import config as C
 from afa.constants import IMAGENET_MEAN, IMAGENET_STD
-from afa.engine.trainer import _loss_kwargs, train_step
+from afa.constants import IGNORE_INDEX
+from afa.engine.schedule import Schedule
+from afa.engine.step import StepSettings, train_step
 from afa.losses import DenseCRFLoss
 from afa.models import PAR, AFANet
 
@@ -94,16 +96,12 @@ def run_step(model: AFANet, batch: dict, iteration: int, device: torch.device, *
             m.eval()
     crf_loss = None
     if reg_loss:
-        crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
-                                scale_factor=cfg.loss.reg_scale,
-                                ignore_index=cfg.cam.ignore_index)
+        crf_loss = DenseCRFLoss()
     start = time.perf_counter()
     par = PAR(**C.par_kwargs(cfg)).to(device)
-    step = train_step(model, batch, iteration, device=device, par=par, crf_loss=crf_loss,
-                      cam_scales=tuple(cfg.cam.scales), amp=amp, loss_kwargs=_loss_kwargs(cfg),
-                      cls_phase_full_forward=cfg.train.cls_phase_full_forward,
-                      reuse_train_forward=cfg.cam.reuse_train_forward,
-                      update_decoder_bn=cfg.cam.update_decoder_bn)
+    step = train_step(model, batch, Schedule.from_config(cfg).phase(iteration),
+                      StepSettings.from_config(cfg, amp), par=par, crf_loss=crf_loss,
+                      device=device)
     step.terms.total.backward()
     grads = torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.grad is not None])
     seconds = time.perf_counter() - start  # the .cpu() above waited for the device
@@ -182,13 +180,13 @@ def main() -> int:
     cfg = C.load_config(args.config, overrides)
     iteration = max(cfg.train.cam_iters, cfg.train.aff_switch_iter)
     model = build_model(cfg, args.seed)
-    batch = smooth_batch(args.batch, args.crop, cfg.data.num_classes - 1, args.seed)
+    batch = smooth_batch(args.batch, args.crop, C.num_classes(cfg) - 1, args.seed)
     common = dict(cfg=cfg, reg_loss=args.reg_loss)
     torch.manual_seed(args.seed)
     ref = run_step(model, batch, iteration, other, amp="none", tf32=False, **common)
     torch.manual_seed(args.seed)
     out = run_step(model, batch, iteration, device, amp=args.amp, tf32=args.tf32, **common)
-    result = compare(out, ref, cfg.cam.ignore_index)
+    result = compare(out, ref, IGNORE_INDEX)
 
     # The same device twice in fp32 on the CPU must be bit-identical: a check of this script.
     exact = device == other and device.type == "cpu" and args.amp == "none"

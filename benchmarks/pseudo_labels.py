@@ -79,7 +79,7 @@ def main() -> None:
     inputs = _iteration_inputs(batch=2, crop=320, num_classes=21, device=device)
     crf = DenseCRFLoss()
     for name, crf_loss in (("without", None), ("with", crf)):
-        timing = _timed(lambda: compute_afa_losses(**inputs, iteration=10_000, par=par,
+        timing = _timed(lambda: compute_afa_losses(**inputs, affinity_target=True, par=par,
                                                    crf_loss=crf_loss), device, args.repeat)
         print(f"compute_afa_losses, batch 2, crop 320, {name} the DenseCRF loss: {timing}")
 

@@ -9,48 +9,55 @@
 ``--config`` (default: the built-in defaults, i.e. the paper's VOC setting) and ``key=value``
 overrides pick the model, the CAM scales and the thresholds; ``--backbone`` overrides the config's.
 
-The timed iteration is the trainer's own code path: ``afa.engine.trainer.train_step`` (forward,
-multi-scale CAM, pseudo labels and losses), ``total.backward()``, the AdamW step of
-``afa.engine.optim.build_optimizer`` and ``zero_grad``. The iteration number is
+The timed iteration is the trainer's own: ``afa.engine.trainer._optimizer_step`` (the micro-step
+``afa.engine.step.train_step``: forward, multi-scale CAM, pseudo labels and losses; backward;
+the finiteness check; the AdamW step; ``zero_grad``), one micro-batch, in the phase of iteration
 ``max(cam_iters, aff_switch_iter)`` of the config, so every pseudo-label step runs; with
-``--phase cls`` it is 0, a classification-phase step (``train.cls_phase_full_forward`` decides
-whether the decoder and affinity head run). Inputs: random normalised images, random multi-hot
-labels with 1-2 classes, full boxes.
+``--phase cls`` iteration 0, a classification-phase step (``train.lean_forwards`` decides which
+forwards run). Inputs: random normalised images, random multi-hot labels with 1-2 classes, full
+boxes.
 
-The per-stage breakdown is measured in separate iterations that call the same functions one by
-one (``afa.cam``, ``afa.affinity``, ``afa.losses``) with a timer around each; its sum is close to,
-not equal to, the whole iteration. Medians over ``--iters`` after ``--warmup`` iterations. The last
-line of output is one JSON object with everything. Peak memory: RSS (ru_maxrss) of the process on
-CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Freed host memory is kept for reuse as in the
-trainer (``afa.host_memory``); ``AFA_KEEP_HOST_MEMORY=0`` measures with the C library's defaults.
+The per-stage breakdown is measured in separate iterations of the same code with timing hooks
+around the functions it calls (the model's forward, ``multi_scale_cam``, PAR, the random walk,
+the affinity labels, the regularized loss's start; ``losses`` is the rest of
+``compute_afa_losses``; backward and the optimizer step), synchronising CUDA around each; their
+sum is close to, not equal to, the whole iteration. Medians over ``--iters`` after ``--warmup``
+iterations. The last line of output is one JSON object with everything. Peak memory: RSS
+(ru_maxrss) of the process on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Freed host
+memory is kept for reuse as in the trainer (``afa.host_memory``); ``AFA_KEEP_HOST_MEMORY=0``
+measures with the C library's defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import resource
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+import afa.engine.step as step_module
+import afa.pseudo_labels as pseudo_module
 from afa import config as C
-from afa.affinity import affinity_label, propagate_cams
-from afa.cam import cam_to_label, multi_scale_cam, refine_cams_with_par, refine_propagated_cams
 from afa.config import load_config
-from afa.data import denormalize
-from afa.engine.optim import build_optimizer
 from afa.engine import distributed as D
-from afa.engine.precision import autocast, set_tf32
-from afa.engine.trainer import _loss_kwargs, _reg_workers, train_step
+from afa.engine import trainer
+from afa.engine.hooks import LossReport
+from afa.engine.logger import RunLogger
+from afa.engine.optim import build_optimizer
+from afa.engine.precision import set_tf32
+from afa.engine.schedule import Schedule
+from afa.engine.step import StepSettings
 from afa.host_memory import keep_freed_host_memory
-from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss,
-                        classification_loss)
+from afa.losses import DenseCRFLoss
 from afa.models import PAR, AFANet
-from afa.pseudo_labels import seg_probs
 
 STAGES = ("forward", "reg_start", "multi_scale_cam", "par", "random_walk", "affinity_labels",
           "losses", "backward", "optimizer")
@@ -75,76 +82,74 @@ class Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.times[name] += time.perf_counter() - start
 
-        class _Stage:
-            def __enter__(self):
-                timer._sync()
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer._sync()
-                timer.times[name] += time.perf_counter() - self.start
-
-        return _Stage()
+    def wrap(self, name: str, function):
+        def timed(*args, **kwargs):
+            with self(name):
+                return function(*args, **kwargs)
+        return timed
 
 
-def staged_iteration(model, optimizer, batch, iteration, *, device, par, crf_loss, amp,
-                     loss_kwargs, cam_scales, reuse_train_forward=False,
-                     update_decoder_bn=False) -> dict:
-    """One iteration with the body of train_step / compute_afa_losses split into timed stages."""
-    t = Timer(device)
-    kw = loss_kwargs
-    images = batch["image"].to(device)
-    labels = batch["label"].to(device)
-    boxes = batch["box"].to(device)
-    host = dict(box_list=batch["box"].tolist(), max_present=int(batch["label"].sum(dim=1).max()))
-    with t("forward"), autocast(device, amp):
-        out = model(images)
-    rgb = denormalize(images)
-    pending = None
-    if crf_loss is not None:  # as train_step: the filter starts before the CAMs
-        with t("reg_start"):
-            pending = crf_loss.start(rgb, seg_probs(out.seg_logits, rgb.shape[-2:]), boxes)
-    with t("multi_scale_cam"), autocast(device, amp):
-        cams = multi_scale_cam(model, images, cam_scales,
-                               scale1=out if reuse_train_forward else None,
-                               update_decoder_bn=update_decoder_bn)
-    cam, cam_aff = cams.cam.float(), cams.aff.float()
-    with torch.no_grad():
-        with t("par"):  # includes the cheap CAM label, which the trainer only logs
-            cam_to_label(cam, labels, bkg_score=kw["bkg_score"], boxes=boxes,
-                         ignore_index=kw["ignore_index"])
-            refined = refine_cams_with_par(par, rgb, cam, labels, boxes, high=kw["high"],
-                                           low=kw["low"], ignore_index=kw["ignore_index"],
-                                           max_present=host["max_present"])
-        with t("affinity_labels"):
-            aff_label = affinity_label(refined, out.grid, radius=kw["radius"],
-                                       ignore_index=kw["ignore_index"])
-        with t("random_walk"):
-            walked_high = propagate_cams(cam, labels, cam_aff, cams.aff_grid,
-                                         bkg_score=kw["high"], radius=kw["radius"])
-            walked_low = propagate_cams(cam, labels, cam_aff, cams.aff_grid, bkg_score=kw["low"],
-                                        radius=kw["radius"])
-        with t("par"):
-            aff_pseudo = refine_propagated_cams(par, rgb, walked_high, walked_low, labels, boxes,
-                                                ignore_index=kw["ignore_index"], **host)
-    target = refined if iteration < kw["aff_switch_iter"] else aff_pseudo
-    with t("losses"):
-        seg_logits = out.seg_logits.float()
-        total = (classification_loss(out.cls_logits.float(), labels)
-                 + kw["w_seg"] * balanced_seg_loss(seg_logits, target,
-                                                   ignore_index=kw["ignore_index"])
-                 + kw["w_aff"] * affinity_loss(out.aff_pred.float(), aff_label))
-        if pending is not None:  # waits for the filter
-            total = total + kw["w_reg"] * pending.loss(target)
-    with t("backward"):
-        total.backward()
-    with t("optimizer"):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return dict(t.times)
+class _TimedModel(torch.nn.Module):
+    """The model behind a forward timer; ``unwrap_model`` finds it as ``.module``, as it finds
+    a DDP wrapper's, so the multi-scale CAM's own forwards are not counted as ``forward``."""
+
+    def __init__(self, model, timer: Timer):
+        super().__init__()
+        self.module, self.timer = model, timer
+
+    def forward(self, *args, **kwargs):
+        with self.timer("forward"):
+            return self.module(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def stage_hooks(timer: Timer, run):
+    """Timing hooks on the functions the trainer's step calls, and on backward and the
+    optimizer step; everything is restored afterwards."""
+    patches = [(step_module, "multi_scale_cam"), (step_module, "compute_afa_losses"),
+               (pseudo_module, "run_par"), (pseudo_module, "propagate_cams"),
+               (pseudo_module, "affinity_label")]
+    names = {"compute_afa_losses": "losses_total", "run_par": "par",
+             "propagate_cams": "random_walk", "affinity_label": "affinity_labels"}
+    saved = [(module, name, getattr(module, name)) for module, name in patches]
+    model, optimizer = run.model, run.optimizer
+    backward = torch.Tensor.backward
+    try:
+        for module, name, function in saved:
+            setattr(module, name, timer.wrap(names.get(name, name), function))
+        if run.crf_loss is not None:
+            run.crf_loss.start = timer.wrap("reg_start", run.crf_loss.start)
+        run.model = _TimedModel(model, timer)
+        torch.Tensor.backward = timer.wrap("backward", backward)
+        run.optimizer.step = timer.wrap("optimizer", optimizer.step)
+        yield
+    finally:
+        for module, name, function in saved:
+            setattr(module, name, function)
+        if run.crf_loss is not None:
+            del run.crf_loss.start
+        run.model = model
+        torch.Tensor.backward = backward
+        del optimizer.step
+
+
+def staged_times(timer: Timer) -> dict:
+    """The stage table of one iteration: ``losses`` is compute_afa_losses without its timed
+    parts (the CAM label, the PAR jobs, the loss terms, waiting for the regularized filter)."""
+    times = dict(timer.times)
+    inner = sum(times.get(k, 0.0) for k in ("par", "random_walk", "affinity_labels"))
+    times["losses"] = times.pop("losses_total", 0.0) - inner
+    return times
 
 
 def main() -> None:
@@ -182,39 +187,33 @@ def main() -> None:
         overrides.append(f"model.backbone={args.backbone}")
     cfg = load_config(args.config, overrides)
     args.backbone = cfg.model.backbone
-    loss_kwargs = _loss_kwargs(cfg)
-    cam_scales = tuple(cfg.cam.scales)
+    schedule = Schedule.from_config(cfg)
+    phase = schedule.phase(max(cfg.train.cam_iters, cfg.train.aff_switch_iter)
+                           if args.phase == "joint" else 0)
     iteration = max(cfg.train.cam_iters, cfg.train.aff_switch_iter) if args.phase == "joint" else 0
     model = AFANet(**C.model_kwargs(cfg)).to(device).train()
-    par = PAR(**C.par_kwargs(cfg)).to(device)
+    model.encoder.set_strides(phase.strides)
+    info = D.DistInfo(rank=0, local_rank=0, world_size=1, device=device)
     crf_loss = None
     if args.reg_loss:
         workers = args.reg_workers
         if workers is None:
-            info = D.DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-            workers = _reg_workers(None, info, args.batch)
-        crf_loss = DenseCRFLoss(sigma_rgb=cfg.loss.reg_rgb_sigma, sigma_xy=cfg.loss.reg_xy_sigma,
-                                scale_factor=cfg.loss.reg_scale,
-                                ignore_index=cfg.cam.ignore_index, workers=workers)
+            workers = trainer._reg_workers(None, info, args.batch)
+        crf_loss = DenseCRFLoss(workers=workers)
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
                                 lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
-    batch = random_batch(args.batch, args.crop, num_fg=cfg.data.num_classes - 1)
-    step_kwargs = dict(device=device, par=par, crf_loss=crf_loss, cam_scales=cam_scales,
-                       amp=args.amp, loss_kwargs=loss_kwargs,
-                       cls_phase_full_forward=cfg.train.cls_phase_full_forward,
-                       reuse_train_forward=cfg.cam.reuse_train_forward,
-                       update_decoder_bn=cfg.cam.update_decoder_bn)
+    run = trainer._Run(cfg, info, logging.getLogger("afa"), model, optimizer, scaler,
+                       PAR(**C.par_kwargs(cfg)).to(device), crf_loss, schedule,
+                       StepSettings.from_config(cfg, args.amp), None, None, args.batch, 1, None)
+    report = LossReport(RunLogger(Path("."), False), 1, 1, 1, "skip")
+    batch = random_batch(args.batch, args.crop, num_fg=C.num_classes(cfg) - 1)
 
     def full_iteration() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        step = train_step(model, batch, iteration, **step_kwargs)
-        scaler.scale(step.terms.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        trainer._optimizer_step(run, [batch], phase, iteration, report)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -244,12 +243,13 @@ def main() -> None:
 
     stages = {}
     if not args.no_breakdown and args.phase == "joint":
-        runs = [restore() or staged_iteration(model, optimizer, batch, iteration, par=par, crf_loss=crf_loss,
-                                 amp=args.amp,
-                                 device=device, loss_kwargs=loss_kwargs, cam_scales=cam_scales,
-                                 reuse_train_forward=cfg.cam.reuse_train_forward,
-                                 update_decoder_bn=cfg.cam.update_decoder_bn)
-                for _ in range(args.iters)]
+        runs = []
+        for _ in range(args.iters):
+            restore()
+            timer = Timer(device)
+            with stage_hooks(timer, run):
+                trainer._optimizer_step(run, [batch], phase, iteration, report)
+            runs.append(staged_times(timer))
         stages = {s: round(statistics.median(r.get(s, 0.0) for r in runs), 4) for s in STAGES}
 
     median = statistics.median(times)

@@ -54,8 +54,8 @@ def main() -> None:
                   for _ in range(args.images + 1)]
     label = torch.zeros(1, 20)
     label[0, [6, 14]] = 1
-    kwargs = dict(par=par, cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
-                  low=cfg.cam.low, radius=cfg.cam.radius)
+    kwargs = dict(par=par, cam_scales=tuple(cfg.cam.scales), thresholds=C.thresholds(cfg),
+                  radius=cfg.cam.radius)
     times = []
     for i, image in enumerate(images):
         start = time.perf_counter()

@@ -76,7 +76,7 @@ par = PAR(**C.par_kwargs(cfg2))
 names = class_names(cfg2)
 def run():
     sc = ablate(model, val, par=par, device=torch.device("cpu"), cam_scales=tuple(cfg2.cam.scales),
-                bkg_score=cfg2.cam.bkg_score, low=cfg2.cam.low, radius=cfg2.cam.radius,
+                bkg_score=cfg2.cam.thresholds.background, low=cfg2.cam.thresholds.low, radius=cfg2.cam.radius,
                 class_names=names, progress=False)
     return {k: round(100 * sc[k]["miou"], 2) for k in ("bkg_score/argmax", "grid/argmax", "learned/argmax", "perfect/argmax", "grid/par", "learned/par")}
 print("val checkpoint head", run())

@@ -25,15 +25,11 @@ class TinyCAMModel(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(3, num_fg, 1)
 
-    def cam_forward(self, x, return_aff=True):
+    def forward_cam(self, x, return_aff=True):
         feat = F.avg_pool2d(x, 4)
         tokens = feat[:, 0].flatten(1)  # (B, N)
         aff = torch.sigmoid(tokens[:, :, None] - tokens[:, None, :]) if return_aff else None
         return CAMForward(self.proj(feat), aff, tuple(feat.shape[-2:]), [feat])
-
-    def forward_cam(self, x, return_aff=True):
-        out = self.cam_forward(x, return_aff)
-        return out.cam, out.aff
 
 
 def test_multi_scale_cam_matches_per_copy_reference(device):
@@ -47,9 +43,9 @@ def test_multi_scale_cam_matches_per_copy_reference(device):
     for s in scales:
         x = F.interpolate(images, size=(int(s * 32), int(s * 40)), mode="bilinear",
                           align_corners=False)
-        plain = F.interpolate(model.forward_cam(x)[0], size=(32, 40), mode="bilinear",
+        plain = F.interpolate(model.forward_cam(x).cam, size=(32, 40), mode="bilinear",
                               align_corners=False)
-        flipped = model.forward_cam(x.flip(-1))[0]
+        flipped = model.forward_cam(x.flip(-1)).cam
         flipped = F.interpolate(flipped, size=(32, 40), mode="bilinear", align_corners=False)
         expected = expected + F.relu(torch.maximum(plain, flipped.flip(-1)))
     expected = expected - expected.amin(dim=(2, 3), keepdim=True)
@@ -58,7 +54,7 @@ def test_multi_scale_cam_matches_per_copy_reference(device):
     assert out.cam.amin() >= 0 and out.cam.amax() <= 1
 
     x_large = F.interpolate(images, size=(48, 60), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(out.aff, model.forward_cam(x_large)[1].detach(),  # un-flipped
+    torch.testing.assert_close(out.aff, model.forward_cam(x_large).aff.detach(),  # un-flipped
                                **device_tol(device, 1.3e-6, 1e-5))
     assert out.aff.shape == (2, 12 * 15, 12 * 15) and out.aff_grid == (12, 15)
 

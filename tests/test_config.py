@@ -17,13 +17,15 @@ VOC = REPO / "configs" / "voc.yaml"
     ("train.global_batch=0", "'train.global_batch' must be >= 1, got 0"),
     ("train.max_iters=0", "'train.max_iters' must be >= 1, got 0"),
     ("train.max_iters=-5", "'train.max_iters' must be >= 1, got -5"),
-    ("data.num_classes=0", "'data.num_classes' is 0, but data.name=voc has 21 classes"),
-    ("data.num_classes=5", "'data.num_classes' is 5, but data.name=voc has 21 classes"),
+    ("data.num_classes=5", "Bad config key 'data.num_classes' in the command line: it is now "
+                           "derived from data.name (drop it)"),
+    ("cam.bkg_score=0.4", "Bad config key 'cam.bkg_score' in the command line: it is now "
+                          "cam.thresholds.background"),
     ("cam.scales=[]", "'cam.scales' must hold at least 1 positive values, got []"),
     ("data.scale_range=[2.0,0.5]", "'data.scale_range' must be [low, high] with low <= high"),
-    ("optim.betas=[0.9,1.0]", "'optim.betas' must be two values in (0, 1)"),
-    ("cam.low=0.6", "'cam.low' (0.6) must not exceed 'cam.high' (0.55)"),
-    ("loss.reg_scale=0", "'loss.reg_scale' must be > 0 and <= 1, got 0.0"),
+    ("cam.thresholds.low=0.6", "'cam.thresholds.low' (0.6) must not exceed "
+                               "'cam.thresholds.high' (0.55)"),
+    ("par.num_iter=-1", "'par.num_iter' must be >= 0, got -1"),
 ])
 def test_a_value_no_run_can_use_is_one_line_and_exit_2(override, message, tmp_path, capsys):
     with pytest.raises(ConfigError) as caught:

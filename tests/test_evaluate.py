@@ -35,7 +35,7 @@ def test_a_val_list_that_prepare_voc_shortened_is_announced(tmp_path, capsys):
         "gone": "JPEGImages/gone.jpg: image file not found"}}}))
     argv = ["--config", str(REPO / "configs" / "demo.yaml"), "--checkpoint",
             str(tmp_path / "ckpt.pth"), "--json", str(tmp_path / "scores.json"),
-            f"data.root={data}", f"data.list_dir={lists}", f"data.num_classes={NUM_CLASSES}",
+            f"data.root={data}", f"data.list_dir={lists}",
             "model.embedding_dim=32", "data.crop_size=32", "cam.scales=[1.0]", "device=cpu"]
     assert evaluate.main(argv) == 0
     out = capsys.readouterr().out
@@ -60,7 +60,7 @@ def _voc_argv(data, checkpoint, *extra):
     """configs/voc.yaml (MiT-B1, width 256) pointed at the tiny demo set."""
     return ["--config", str(REPO / "configs" / "voc.yaml"), "--checkpoint", str(checkpoint),
             *extra, f"data.root={data}", f"data.list_dir={data}", "data.name=demo",
-            f"data.num_classes={NUM_CLASSES}", "device=cpu", "cam.scales=[1.0]"]
+            "device=cpu", "cam.scales=[1.0]"]
 
 
 def _count_scored(monkeypatch) -> list[int]:
@@ -167,7 +167,7 @@ def test_an_image_too_small_for_the_encoder_is_named_or_left_out():
     from afa.models import PAR
 
     model = AFANet("mit_b0", num_classes=3, embedding_dim=32)
-    kwargs = dict(par=PAR(), device=torch.device("cpu"), bkg_score=0.45, low=0.35, radius=8,
+    kwargs = dict(par=PAR(), device=torch.device("cpu"), radius=8,
                   class_names=["background", "a", "b"])
     images = _Images([(75, 101), (40, 90)])
     with pytest.raises(DataError) as err:

@@ -3,6 +3,7 @@ regularized loss's filter started early, steps dropped on the device, bf16 on CP
 validation. Tests that take ``device`` run on ``TORCH_DEVICE`` (see conftest)."""
 
 import copy
+import dataclasses
 import logging
 import math
 import os
@@ -18,7 +19,9 @@ from afa.cam import _combine_high_low, present_classes, refine_propagated_cams
 from afa.data import build_datasets, class_names
 from afa.engine import trainer as trainer_module
 from afa.engine.optim import build_optimizer
-from afa.engine.trainer import _loss_kwargs, train, train_step
+from afa.engine.schedule import Schedule
+from afa.engine.step import StepSettings, train_step
+from afa.engine.trainer import train
 from afa.engine.validate import validate
 from afa.losses import DenseCRFLoss
 from afa.models import PAR, AFANet
@@ -101,8 +104,8 @@ def test_affinity_pseudo_label_of_a_batch_equals_the_per_crop_loop(device):
 def _tiny_step_setup(device, **overrides):
     cfg = C.load_config(DEMO_CONFIG, [
         "model.backbone=mit_b0", "model.embedding_dim=32", "model.pretrained=null",
-        "data.num_classes=9", "train.cam_iters=0", "train.aff_switch_iter=0",
-        "cam.update_decoder_bn=false", *[f"{k}={v}" for k, v in overrides.items()]])
+        "train.cam_iters=0", "train.aff_switch_iter=0", "train.lean_forwards=false",
+        *[f"{k}={v}" for k, v in overrides.items()]])
     torch.manual_seed(0)
     model = AFANet(**C.model_kwargs(cfg)).to(device).train()
     g = torch.Generator().manual_seed(2)
@@ -110,8 +113,10 @@ def _tiny_step_setup(device, **overrides):
     label = torch.zeros(2, 8)
     label[0, 2] = label[1, [1, 5]] = 1
     batch = {"image": image, "label": label, "box": torch.tensor([[0, 75, 0, 66], [4, 70, 9, 60]])}
-    kwargs = dict(device=device, par=PAR(**C.par_kwargs(cfg)).to(device), crf_loss=None,
-                  cam_scales=tuple(cfg.cam.scales), amp="none", loss_kwargs=_loss_kwargs(cfg))
+    # Iteration 5's phase: joint and on the affinity target, unless train.cam_iters says later.
+    kwargs = dict(phase=Schedule.from_config(cfg).phase(5),
+                  settings=StepSettings.from_config(cfg, "none"),
+                  device=device, par=PAR(**C.par_kwargs(cfg)).to(device), crf_loss=None)
     return cfg, model, batch, kwargs
 
 
@@ -123,11 +128,11 @@ def test_training_step_never_waits_for_the_gpu(device, overrides):
         pytest.skip("TORCH_DEVICE is not cuda")
     _, model, batch, kwargs = _tiny_step_setup(device, **overrides)
     batch = {k: v.pin_memory() for k, v in batch.items()}
-    train_step(model, batch, 5, **kwargs).terms.total.backward()  # warm-up: lazy inits may sync
+    train_step(model, batch, **kwargs).terms.total.backward()  # warm-up: lazy inits may sync
     model.zero_grad()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step = train_step(model, batch, 5, **kwargs)
+        step = train_step(model, batch, **kwargs)
         step.terms.total.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -148,8 +153,7 @@ def test_pseudo_labels_from_host_copies_equal_those_read_from_the_device(device)
     rgb = _smooth((batch, 3, *size), g)
     boxes = torch.tensor([[0, 61, 0, 50], [5, 55, 7, 41], [0, 30, 0, 50]])
     to = lambda *ts: [t.to(device) for t in ts]
-    kwargs = dict(par=PAR(dilations=(1, 2, 4), num_iter=4).to(device), cam_bkg=0.45,
-                  refine_bkg=(0.55, 0.35), aff_grid=grid, walk_bkg=(0.55, 0.35), radius=2)
+    kwargs = dict(par=PAR(dilations=(1, 2, 4), num_iter=4).to(device), aff_grid=grid, radius=2)
     cam, labels, rgb, boxes_d, aff = to(cam, labels, rgb, boxes, aff)
     read = make_pseudo_labels(cam, labels, rgb, boxes_d, aff=aff, **kwargs)
     given = make_pseudo_labels(cam, labels, rgb, boxes_d, aff=aff, box_list=boxes.tolist(),
@@ -233,14 +237,18 @@ def test_train_step_with_regularized_loss_started_early_matches_the_plain_call(d
     model.eval()  # deterministic forwards for the two calls
     crf = DenseCRFLoss(scale_factor=0.5)
     kwargs["crf_loss"] = crf
-    step = train_step(model, batch, 5, **kwargs)
+    step = train_step(model, batch, **kwargs)
     out = model(batch["image"].to(device))
     from afa.cam import multi_scale_cam
-    cams = multi_scale_cam(model, batch["image"].to(device), kwargs["cam_scales"])
+    settings = kwargs["settings"]
+    cams = multi_scale_cam(model, batch["image"].to(device), settings.cam_scales)
     plain = compute_afa_losses(out.cls_logits, out.seg_logits, out.aff_pred, cams.cam, cams.aff,
                                (out.grid, cams.aff_grid), denormalize(batch["image"].to(device)),
-                               batch["label"].to(device), batch["box"].to(device), 5,
-                               par=kwargs["par"], crf_loss=crf, **kwargs["loss_kwargs"])
+                               batch["label"].to(device), batch["box"].to(device),
+                               par=kwargs["par"], crf_loss=crf, joint=True, affinity_target=True,
+                               thresholds=settings.thresholds, radius=settings.radius,
+                               w_seg=settings.w_seg, w_aff=settings.w_aff, w_reg=settings.w_reg,
+                               aff_balance=settings.aff_balance)
     assert step.terms.reg_loss.item() != 0
     for name in ("cls_loss", "seg_loss", "aff_loss", "reg_loss", "total"):
         torch.testing.assert_close(getattr(step.terms, name), getattr(plain, name),
@@ -260,8 +268,9 @@ def test_bf16_step_on_cpu_keeps_the_pseudo_labels_in_fp32(monkeypatch):
 
     monkeypatch.setattr(pl, "propagate_cams", spy)
     _, model, batch, kwargs = _tiny_step_setup(torch.device("cpu"))
-    fp32 = train_step(model, batch, 5, **kwargs)
-    bf16 = train_step(model, batch, 5, **{**kwargs, "amp": "bf16"})
+    fp32 = train_step(model, batch, **kwargs)
+    bf16 = train_step(model, batch, **{**kwargs, "settings": dataclasses.replace(
+        kwargs["settings"], amp="bf16")})
     assert seen and all(s == (torch.float32, torch.float32, False) for s in seen)
     assert torch.isfinite(bf16.terms.total)
     assert math.isclose(bf16.terms.cls_loss.item(), fp32.terms.cls_loss.item(), rel_tol=0.05)
@@ -303,10 +312,10 @@ def test_skipped_steps_are_reported_at_the_log_interval(tiny_data, tmp_path, mon
     """log_iters 2: a NaN at iteration 0 is dropped at once and reported at iteration 2."""
     original = trainer_module.train_step
 
-    def step(model, batch, iteration, **kwargs):
-        if iteration == 0:
+    def step(model, batch, phase, *args, **kwargs):
+        if phase.iteration == 0:
             batch = {**batch, "image": torch.full_like(batch["image"], float("nan"))}
-        return original(model, batch, iteration, **kwargs)
+        return original(model, batch, phase, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "train_step", step)
     cfg = C.load_config(DEMO_CONFIG, tiny_overrides(tiny_data, tmp_path, **{
@@ -330,7 +339,7 @@ def test_batched_validation_scores_equal_one_image_at_a_time(tiny_data, tmp_path
     torch.manual_seed(0)
     model = AFANet(**{**C.model_kwargs(cfg), "pretrained": None})
     kwargs = dict(par=PAR(**C.par_kwargs(cfg)), device=torch.device("cpu"),
-                  cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score, low=cfg.cam.low,
+                  cam_scales=tuple(cfg.cam.scales), thresholds=C.thresholds(cfg),
                   radius=cfg.cam.radius, class_names=class_names(cfg))
     single = validate(model, val_set, batch_size=1, **kwargs)
     batched = validate(model, val_set, batch_size=4, **kwargs)

@@ -72,7 +72,7 @@ def setup(tmp_path_factory):
 
 
 def _overrides(**extra):
-    values = {"model.embedding_dim": 32, "data.num_classes": NUM_CLASSES, "device": "cpu",
+    values = {"model.embedding_dim": 32, "device": "cpu",
               "infer.long_side": LONG_SIDE, **extra}
     return [f"{k}={v}" for k, v in values.items()]
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from afa import config as C
 from afa.config import load_config
 from afa.constants import color_palette
 from afa.data import denormalize, normalize, read_image, read_label_file, read_mask
@@ -44,7 +45,7 @@ def run(tmp_path_factory):
     model = AFANet("mit_b0", num_classes=NUM_CLASSES, embedding_dim=32).eval()
     torch.save({"model": model.state_dict()}, root / "model.pth")
     overrides = [f"data.root={data}", f"data.list_dir={data}", "model.embedding_dim=32",
-                 f"data.num_classes={NUM_CLASSES}", "device=cpu"]
+                 "device=cpu"]
     argv = ["--config", str(CONFIG), "--checkpoint", str(root / "model.pth"),
             "--split", "train_aug", "--out-dir", str(root / "out"), "--save-npy", *overrides]
     assert infer_cam.main(argv) == 0
@@ -85,9 +86,8 @@ def test_labels_equal_a_training_iteration(run):
             losses = compute_afa_losses(
                 out.cls_logits, out.seg_logits, out.aff_pred, ms.cam, ms.aff,
                 (out.grid, ms.aff_grid), denormalize(x),
-                label, torch.tensor([[0, x.shape[2], 0, x.shape[3]]]), iteration=10**6, par=par,
-                bkg_score=cfg.cam.bkg_score, high=cfg.cam.high, low=cfg.cam.low,
-                radius=cfg.cam.radius, cam_iters=0, aff_switch_iter=0)
+                label, torch.tensor([[0, x.shape[2], 0, x.shape[3]]]), par=par,
+                affinity_target=True, thresholds=C.thresholds(cfg), radius=cfg.cam.radius)
         for kind, expected in (("refined", losses.refined_label),
                                ("affinity", losses.aff_pseudo_label)):
             saved = np.array(Image.open(run["out"] / kind / f"{name}.png"))

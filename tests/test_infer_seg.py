@@ -56,7 +56,7 @@ def _argv(setup, out_dir, *extra, checkpoint="ours.pth"):
             "--checkpoint", str(setup["root"] / checkpoint), "--split", "val",
             "--out-dir", str(out_dir), *extra,
             f"data.root={data}", f"data.list_dir={data}", "model.embedding_dim=32",
-            f"data.num_classes={NUM_CLASSES}", f"infer.long_side={LONG_SIDE}", "device=cpu"]
+            f"infer.long_side={LONG_SIDE}", "device=cpu"]
 
 
 def _val_names(setup):

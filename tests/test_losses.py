@@ -185,17 +185,16 @@ def test_compute_afa_losses_schedule():
     inputs = _combined_inputs()
     par = PAR(dilations=(1, 2), num_iter=3)
     crf = DenseCRFLoss(energy_scale=1e-4)
-    kwargs = dict(par=par, crf_loss=crf, cam_iters=10, aff_switch_iter=20, w_seg=0.1, w_aff=0.2,
-                  w_reg=0.5)
+    kwargs = dict(par=par, crf_loss=crf, w_seg=0.1, w_aff=0.2, w_reg=0.5)
 
-    warmup = compute_afa_losses(**inputs, iteration=9, **kwargs)
+    warmup = compute_afa_losses(**inputs, joint=False, **kwargs)
     assert warmup.reg_loss == 0
     assert warmup.seg_loss > 0 and warmup.aff_loss > 0  # computed for logging ...
     torch.testing.assert_close(warmup.total, warmup.cls_loss)  # ... but not used
     grads = torch.autograd.grad(warmup.total, [inputs["seg_logits"], inputs["aff_pred"]])
     assert all((g == 0).all() for g in grads)  # reached with zero weight: DDP sees every param
 
-    joint = compute_afa_losses(**inputs, iteration=10, **kwargs)
+    joint = compute_afa_losses(**inputs, joint=True, **kwargs)
     assert joint.reg_loss != 0
     torch.testing.assert_close(joint.total, joint.cls_loss + 0.1 * joint.seg_loss
                                + 0.2 * joint.aff_loss + 0.5 * joint.reg_loss)
@@ -205,7 +204,7 @@ def test_compute_afa_losses_schedule():
     torch.testing.assert_close(joint.seg_loss,
                                balanced_seg_loss(inputs["seg_logits"], joint.refined_label))
 
-    late = compute_afa_losses(**inputs, iteration=20, **kwargs)
+    late = compute_afa_losses(**inputs, joint=True, affinity_target=True, **kwargs)
     assert torch.equal(late.seg_target, late.aff_pseudo_label)
     torch.testing.assert_close(late.seg_loss,
                                balanced_seg_loss(inputs["seg_logits"], late.aff_pseudo_label))
@@ -216,7 +215,7 @@ def test_compute_afa_losses_schedule():
 
 def test_compute_afa_losses_labels_respect_box_and_classes():
     inputs = _combined_inputs(seed=1)
-    out = compute_afa_losses(**inputs, iteration=0, par=PAR(dilations=(1, 2), num_iter=2))
+    out = compute_afa_losses(**inputs, joint=False, par=PAR(dilations=(1, 2), num_iter=2))
     outside = ~box_mask(inputs["boxes"], 32, 32)
     for name in ("cam_label", "refined_label", "aff_pseudo_label", "seg_target"):
         label = getattr(out, name)

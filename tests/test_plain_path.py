@@ -42,7 +42,7 @@ DILATIONS = (1, 2, 4, 8, 12, 24)
 PAR_ITERS = 10
 W1, W2, W3 = 0.3, 0.3, 0.01
 W_SEG, W_AFF = 0.1, 0.1
-CAM_ITERS, AFF_SWITCH_ITER = 2000, 6000  # compute_afa_losses' defaults
+CAM_ITERS, AFF_SWITCH_ITER = 2000, 6000  # the paper's phases, given as the step's phase
 DIRECTIONS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
 
 # 64 x 160: every scale's size is a multiple of 16 (32x80, 64x160, 96x240), the stage-4 grids are
@@ -325,7 +325,8 @@ def run_both_paths(device):
         product = {iteration: compute_afa_losses(
             forward.cls_logits, forward.seg_logits, forward.aff_pred, product_cam.cam,
             product_cam.aff, (forward.grid, product_cam.aff_grid), rgb_dev, labels_dev,
-            boxes_dev, iteration, par=PAR().to(device))
+            boxes_dev, par=PAR().to(device), joint=iteration >= CAM_ITERS,
+            affinity_target=iteration >= AFF_SWITCH_ITER)
             for iteration in (CAM_ITERS - 1, CAM_ITERS, AFF_SWITCH_ITER)}
         plain = plain_path(model, x, rgb, labels, [list(box) for box in BOXES],
                            forward.cls_logits.cpu(), forward.seg_logits.cpu(),

@@ -1,6 +1,8 @@
 """Real photo shapes: the stage-4 grid comes from the encoder for every VOC-like size and CAM scale,
 and the decoder's BatchNorm statistics follow the authors' CAM forwards."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 from afa.affinity import affinity_label, propagate_cams
 from afa.cam import multi_scale_cam
-from afa.engine.trainer import train_step
+from afa.engine.step import train_step
 from afa.models import PAR, AFANet
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
@@ -75,7 +77,7 @@ def test_grid_used_is_the_encoders_output_at_every_scale(model, height, width):
         for scale in SCALES:
             x = F.interpolate(image, size=(int(scale * height), int(scale * width)),
                               mode="bilinear", align_corners=False)
-            out = model.cam_forward(x, return_aff=False)
+            out = model.forward_cam(x, return_aff=False)
             assert out.grid == conv_grid(model.encoder, *x.shape[-2:]) == out.cam.shape[-2:]
         out = model(image)
     assert out.grid == conv_grid(model.encoder, height, width)
@@ -95,11 +97,13 @@ def _decoder_bn(model):
 
 @pytest.mark.parametrize("iteration", [0, 5])  # classification phase, joint phase
 def test_cam_forwards_update_the_decoder_statistics_as_the_authors(iteration):
-    """cam.update_decoder_bn: after one training step the decoder's BatchNorm statistics are what
+    """The paper's phase: after one training step the decoder's BatchNorm statistics are what
     the authors' loop leaves: its forward, then every CAM scale with its flip through the whole
-    network in train mode (scale 1 first). Off: the training forward's update alone."""
+    network in train mode (scale 1 first). With the CAM's scale 1 taken from the training
+    forward (train.lean_forwards): the training forward's update alone."""
     from afa.config import load_config
-    from afa.engine.trainer import _loss_kwargs
+    from afa.engine.schedule import Schedule
+    from afa.engine.step import StepSettings
 
     cfg = load_config(None, ["train.cam_iters=3", "train.aff_switch_iter=4"])
     scales = (1.0, 0.5, 1.5)
@@ -111,10 +115,12 @@ def test_cam_forwards_update_the_decoder_statistics_as_the_authors(iteration):
         torch.manual_seed(2)
         return AFANet("mit_b0", num_classes=21, embedding_dim=32, drop_path_rate=0.0).train()
 
-    kwargs = dict(device=torch.device("cpu"), par=PAR(num_iter=2), crf_loss=None,
-                  cam_scales=scales, amp="none", loss_kwargs=_loss_kwargs(cfg))
+    kwargs = dict(device=torch.device("cpu"), par=PAR(num_iter=2), crf_loss=None)
+    settings = StepSettings.from_config(cfg, "none")
+    phase = Schedule.from_config(cfg).phase(iteration)  # the paper's: the CAMs update the BN
+    assert not phase.reuse_forward and phase.cams and settings.cam_scales == scales
     ours = fresh()
-    train_step(ours, batch, iteration, update_decoder_bn=True, **kwargs)
+    train_step(ours, batch, phase, settings, **kwargs)
 
     authors = fresh()
     with torch.no_grad():
@@ -130,7 +136,9 @@ def test_cam_forwards_update_the_decoder_statistics_as_the_authors(iteration):
                                    msg=key)
 
     alone = fresh()
-    train_step(alone, batch, iteration, update_decoder_bn=False, **kwargs)
+    # The whole training forward, and a CAM that reuses it: its forwards skip the decoder.
+    reuse = dataclasses.replace(phase, reuse_forward=True, cams=phase.joint)
+    train_step(alone, batch, reuse, settings, **kwargs)
     single = fresh()
     with torch.no_grad():
         single(batch["image"])
@@ -140,9 +148,10 @@ def test_cam_forwards_update_the_decoder_statistics_as_the_authors(iteration):
     assert not torch.allclose(_decoder_bn(alone)[key], _decoder_bn(ours)[key])
 
 
-def test_update_decoder_bn_and_reuse_exclude_each_other():
+@pytest.mark.parametrize("key", ["cam.reuse_train_forward", "cam.update_decoder_bn",
+                                 "train.cls_phase_full_forward"])
+def test_the_three_forward_switches_of_earlier_versions_point_to_lean_forwards(key):
     from afa.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="update_decoder_bn.*reuse_train_forward"):
-        load_config(None, ["cam.reuse_train_forward=true"])
-    load_config(None, ["cam.reuse_train_forward=true", "cam.update_decoder_bn=false"])
+    with pytest.raises(ConfigError, match=f"Bad config key '{key}'.*part of train.lean_forwards"):
+        load_config(None, [f"{key}=true"])

@@ -4,6 +4,7 @@ Runs of ``tiny_config`` train on ``TORCH_DEVICE`` (tests marked ``device``); the
 runs and the runs they are compared with stay on the CPU (``cpu_only``).
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,9 @@ from afa import config as C
 from afa.config import ConfigError, load_config
 from afa.engine.checkpoint import CheckpointManager
 from afa.data import build_datasets
-from afa.engine.trainer import TrainingInterrupted, _loss_kwargs, train, train_step
+from afa.engine.schedule import Schedule
+from afa.engine.step import StepSettings, train_step
+from afa.engine.trainer import TrainingInterrupted, train
 from afa.engine.validate import validate
 from afa.models import PAR, AFANet
 
@@ -109,12 +112,12 @@ def test_interrupt_and_resume_equals_uninterrupted(tiny_data, tmp_path, device):
 
 
 def test_classification_phase_without_decoder(tiny_data, tmp_path, device):
-    """train.cls_phase_full_forward=false: same encoder and classifier, idle decoder statistics."""
+    """train.lean_forwards: the same encoder and classifier, idle decoder statistics."""
     common = {"train.max_iters": 3, "train.cam_iters": 3, "train.aff_switch_iter": 3,
               "train.eval_iters": 100, "train.ckpt_iters": 100}
-    runs = {flag: _params(train(tiny_config(tiny_data, tmp_path / flag, **common, **{
-        "train.cls_phase_full_forward": flag})).model) for flag in ("true", "false")}
-    full, short = runs["true"], runs["false"]
+    runs = {lean: _params(train(tiny_config(tiny_data, tmp_path / lean, **common, **{
+        "train.lean_forwards": lean})).model) for lean in ("false", "true")}
+    full, short = runs["false"], runs["true"]
     torch.manual_seed(3)  # the trainer's seed: its initial weights
     init = AFANet("mit_b0", num_classes=9, embedding_dim=32, drop_path_rate=0.0).state_dict()
     for key in full:
@@ -187,23 +190,25 @@ def test_phase_keys_are_checked():
 
 @pytest.mark.parametrize("scales", [(1.0, 0.5), (1.0, 0.5, 1.5)])
 def test_reusing_the_training_forward_as_the_scale_1_cam(scales, device):
-    """cam.reuse_train_forward: the same CAMs, pseudo labels and losses as a second forward when
-    the backbone is deterministic; different ones under drop-path (hence an option, off by
-    default)."""
-    cfg = load_config(DEMO_CONFIG, ["train.cam_iters=0", "train.aff_switch_iter=0"])
+    """train.lean_forwards reuses the training forward as the CAM's scale-1 copy: the same CAMs,
+    pseudo labels and losses as a second forward when the backbone is deterministic; different
+    ones under drop-path (hence an option, off by default)."""
+    cfg = load_config(DEMO_CONFIG, ["train.cam_iters=0", "train.aff_switch_iter=0",
+                                    f"cam.scales=[{','.join(map(str, scales))}]"])
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
     batch = {"image": images, "label": torch.tensor([[1.0, 0, 0, 1, 0, 0, 0, 0],
                                                       [0, 0, 1.0, 0, 0, 0, 0, 0]]),
              "box": torch.tensor([[0, 64, 0, 64], [0, 48, 8, 64]])}
-    kwargs = dict(device=device, par=PAR(num_iter=3).to(device), crf_loss=None,
-                  cam_scales=scales, amp="none", loss_kwargs=_loss_kwargs(cfg))
+    settings = StepSettings.from_config(cfg, "none")
+    par = PAR(num_iter=3).to(device)
 
     def step(drop_path: float, reuse: bool):
         torch.manual_seed(1)  # the same weights, and the same drop-path draws, every call
         model = AFANet("mit_b0", num_classes=9, embedding_dim=32,
                        drop_path_rate=drop_path).to(device).train()
-        return train_step(model, batch, 0, reuse_train_forward=reuse, **kwargs)
+        phase = dataclasses.replace(Schedule.from_config(cfg).phase(0), reuse_forward=reuse)
+        return train_step(model, batch, phase, settings, par=par, device=device)
 
     plain, reused = step(0.0, False), step(0.0, True)
     # 1.0 largest: the very same explicit-attention forward; else the reused copy ran explicit
@@ -265,8 +270,8 @@ def test_two_processes_gloo_agree_and_validate_like_one(tiny_data, tmp_path):
     model.load_weights(tmp_path / "checkpoints" / "iter_000004.pth")
     _, val_set = build_datasets(cfg)
     single = validate(model, val_set, par=PAR(**C.par_kwargs(cfg)), device=torch.device("cpu"),
-                      cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
-                      low=cfg.cam.low, radius=cfg.cam.radius,
+                      cam_scales=tuple(cfg.cam.scales), thresholds=C.thresholds(cfg),
+                      radius=cfg.cam.radius,
                       class_names=[str(i) for i in range(9)])
     sharded = json.loads((tmp_path / "rank0_scores.json").read_text())
     for kind in ("cam", "refined", "aff_cam", "affinity", "seg"):

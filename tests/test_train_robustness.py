@@ -22,6 +22,7 @@ from conftest import DEMO_CONFIG
 from PIL import Image
 
 import afa.engine.trainer as trainer_module
+from afa.engine.hooks import StopFlag
 from afa.config import ConfigError, load_config
 from afa.data import DataError, read_name_list
 from afa.engine.checkpoint import load_scaler_state, non_finite_tensors
@@ -191,7 +192,7 @@ def test_a_stop_signal_during_a_log_write_is_logged_after_it():
     logger = logging.getLogger("afa")
     logger.addHandler(handler)
     try:
-        with trainer_module._StopFlag() as stop:
+        with StopFlag() as stop:
             logger.warning("iter 3/6")
             assert stop.signum == signal.SIGTERM
             assert all(d == 1 for d, _ in written), written  # nothing written from within a write
@@ -449,12 +450,12 @@ def test_batch_per_gpu_that_does_not_fit_is_named():
 def _patch_step(monkeypatch, at_iteration: int, change):
     original = trainer_module.train_step
 
-    def step(model, batch, iteration, **kwargs):
-        if iteration == at_iteration:
+    def step(model, batch, phase, *args, **kwargs):
+        if phase.iteration == at_iteration:
             batch, after = change(model, batch)
-            out = original(model, batch, iteration, **kwargs)
+            out = original(model, batch, phase, *args, **kwargs)
             return after(out) if after else out
-        return original(model, batch, iteration, **kwargs)
+        return original(model, batch, phase, *args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "train_step", step)
 
@@ -529,8 +530,8 @@ def test_crop_whose_pseudo_label_is_all_ignore_gives_finite_losses(box):
     terms = compute_afa_losses(
         cls_logits, seg_logits, aff_logits.sigmoid(), torch.full((2, 8, 64, 64), 0.45),
         torch.full((2, 16, 16), 1 / 16), ((4, 4), (4, 4)), torch.rand(2, 3, 64, 64), labels,
-        torch.tensor([box, box]), 5, par=PAR(num_iter=3), crf_loss=DenseCRFLoss(),
-        cam_iters=0, aff_switch_iter=0)
+        torch.tensor([box, box]), par=PAR(num_iter=3), crf_loss=DenseCRFLoss(),
+        affinity_target=True)
     for name in ("refined_label", "aff_pseudo_label", "seg_target", "aff_label"):
         assert (getattr(terms, name) == 255).all(), name
     for name in ("cls_loss", "seg_loss", "aff_loss", "reg_loss", "total"):

@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, load_tool
 from PIL import Image
 
+from afa import config as C
 from afa.config import load_config
 from afa.data import VOCStyleDataset, read_image, read_name_list
 from afa.engine.validate import validate
@@ -78,7 +79,7 @@ def test_validation_on_every_photo_shape(mini):
     dataset = VOCStyleDataset(mini["data"], mini["lists"] / "validate.txt", None, 21, mode="seg")
     kwargs = dict(par=PAR(**{"dilations": tuple(cfg.par.dilations), "num_iter": cfg.par.num_iter}),
                   device=torch.device("cpu"), cam_scales=tuple(cfg.cam.scales),
-                  bkg_score=cfg.cam.bkg_score, low=cfg.cam.low, radius=cfg.cam.radius,
+                  thresholds=C.thresholds(cfg), radius=cfg.cam.radius,
                   class_names=list(VOC_CLASSES))
     # As the trainer validates (data.val_batch): photos of equal size run together, the odd
     # sizes alone; the scores equal one photo at a time.

@@ -5,17 +5,17 @@ r"""Does the learned affinity help? The random walk against no walk and a perfec
         [--split val] [--limit N] [--json OUT.json] [key=value ...]
 
 The validation (afa/engine/validate.py, tools/evaluate.py) compares the affinity CAM with the CAM
-as the paper does: the CAM label is thresholded at ``cam.bkg_score`` (0.45) and the walk runs with
-``cam.low`` (0.35) as background score. Part of a gain of ``aff_cam`` over ``cam`` is then the
+as the paper does: the CAM label is thresholded at ``cam.thresholds.background`` (0.45) and the
+walk runs with ``cam.thresholds.low`` (0.35) as background score. Part of a gain of ``aff_cam`` over ``cam`` is then the
 lower background score, not the affinity; and the walk also passes the CAMs through the stage-4
 grid, which smooths them by itself. This tool separates the three. For every validation image it
 makes, from one multi-scale CAM, the same labels with five kinds of scores (rows) and scores each
 twice: as the argmax of those scores and after PAR (columns):
 
     row          scores                                        argmax      after PAR
-    bkg_score    CAM, background cam.bkg_score                 = cam       = refined
-    low          CAM, background cam.low                       CAM label   refined label
-    grid         CAM on the stage-4 grid and back, cam.low     the walk with the identity affinity
+    bkg_score    CAM, background cam.thresholds.background     = cam       = refined
+    low          CAM, background cam.thresholds.low            CAM label   refined label
+    grid         CAM on the stage-4 grid and back, ...low      the walk with the identity affinity
     learned      the random walk with the predicted affinity   = aff_cam   = affinity
     perfect      the walk with the ground truth's affinity     its ceiling on this grid
 
@@ -48,7 +48,7 @@ from afa import metrics
 from afa.affinity import affinity_label, radius_mask, token_labels
 from afa.cam import multi_scale_cam
 from afa.config import ConfigError, load_config
-from afa.constants import IGNORE_INDEX
+from afa.constants import IGNORE_INDEX, CamThresholds
 from afa.data import DataError, build_datasets, class_names, denormalize
 from afa.engine.precision import autocast, resolve_amp
 from afa.engine.run_config import model_config_from_checkpoint
@@ -119,9 +119,9 @@ def ablation_labels(model, image: torch.Tensor, label: torch.Tensor, mask: torch
     }
     labels = {}
     for (cam_row, walk_row), (cam_bkg, walk_aff) in runs.items():
-        pseudo = make_pseudo_labels(cam, label, rgb, box, par=par, cam_bkg=cam_bkg,
-                                    refine_bkg=(cam_bkg, cam_bkg), aff=walk_aff, aff_grid=grid,
-                                    walk_bkg=(low, low), radius=radius, box_list=box_list)
+        pseudo = make_pseudo_labels(cam, label, rgb, box, par=par, band=False,
+                                    thresholds=CamThresholds(cam_bkg, low, low), aff=walk_aff,
+                                    aff_grid=grid, radius=radius, box_list=box_list)
         if cam_row is not None:
             labels[cam_row, "argmax"] = pseudo.cam_label
             labels[cam_row, "par"] = pseudo.refined_label
@@ -237,9 +237,6 @@ def main(argv=None) -> int:
         if taken:
             print(taken, flush=True)
         names = class_names(cfg)
-        if len(names) != cfg.data.num_classes:
-            raise ConfigError(f"data.name={cfg.data.name} has {len(names)} classes but "
-                              f"data.num_classes={cfg.data.num_classes}")
         _, dataset = build_datasets(cfg)
         if args.limit:
             dataset = Subset(dataset, range(min(args.limit, len(dataset))))
@@ -255,18 +252,19 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if use_cuda else "cpu")
         model.to(device)
         scores = ablate(model, dataset, par=PAR(**C.par_kwargs(cfg)).to(device), device=device,
-                        cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.bkg_score,
-                        low=cfg.cam.low, radius=cfg.cam.radius, class_names=names,
+                        cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.thresholds.background,
+                        low=cfg.cam.thresholds.low, radius=cfg.cam.radius, class_names=names,
                         amp=resolve_amp(device, cfg.train.amp))
     except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{cfg.data.val_split}, {len(dataset)} images")
-    print(format_report(scores, names, bkg_score=cfg.cam.bkg_score, low=cfg.cam.low,
-                        radius=cfg.cam.radius))
+    print(format_report(scores, names, bkg_score=cfg.cam.thresholds.background,
+                        low=cfg.cam.thresholds.low, radius=cfg.cam.radius))
     if args.json:
         record = {**scores, "split": cfg.data.val_split, "num_images": len(dataset),
-                  "radius": cfg.cam.radius, "bkg_score": cfg.cam.bkg_score, "low": cfg.cam.low,
+                  "radius": cfg.cam.radius, "bkg_score": cfg.cam.thresholds.background,
+                  "low": cfg.cam.thresholds.low,
                   "checkpoint": str(Path(args.checkpoint).resolve())}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2))

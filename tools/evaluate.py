@@ -16,7 +16,7 @@ Checkpoints: ours and the authors' (a bare state dict, ``module.`` prefixes from
 ImageNet weights are needed or read (model.pretrained is ignored). Our checkpoints carry their
 run's config: the network settings (model.backbone, model.embedding_dim, model.stride,
 model.pooling) are taken from it, with a printed line naming those that differ from --config
-(see afa/engine/run_config.py); data.num_classes must agree with the config.
+(see afa/engine/run_config.py); its classes (data.name) must be the config's.
 
 What is printed (standard output, first process only): a note when the split's name list is a
 subset left by ``tools/prepare_voc.py --skip-missing`` (``<list>: N of M listed ids (K left out
@@ -98,9 +98,6 @@ def main(argv=None) -> int:
         if taken and main_process:
             print(taken, flush=True)
         names = class_names(cfg)
-        if len(names) != cfg.data.num_classes:
-            raise ConfigError(f"data.name={cfg.data.name} has {len(names)} classes but "
-                              f"data.num_classes={cfg.data.num_classes}")
         _, dataset = build_datasets(cfg)
         split_images = len(dataset)
         if cfg.data.val_max_images:
@@ -119,7 +116,7 @@ def main(argv=None) -> int:
         model.to(info.device)
         scores = validate(model, dataset, par=PAR(**C.par_kwargs(cfg)).to(info.device),
                           device=info.device, cam_scales=tuple(cfg.cam.scales),
-                          bkg_score=cfg.cam.bkg_score, low=cfg.cam.low, radius=cfg.cam.radius,
+                          thresholds=C.thresholds(cfg), radius=cfg.cam.radius,
                           class_names=names, amp=resolve_amp(info.device, cfg.train.amp),
                           batch_size=cfg.data.val_batch)
     finally:

@@ -31,12 +31,12 @@ Per image, at its own size, with its image-level labels (from ``<data.list_dir>/
 when it lists the id, else from the ground-truth mask; with ``--images`` the classes chosen as
 above), exactly as one training iteration makes them (its steps named below):
 
-    cam_label/<id>.png  the multi-scale CAM (``cam.scales``) thresholded at ``cam.bkg_score``
-                        (step 3)
-    refined/<id>.png    the PAR-refined pseudo label with the ``cam.high``/``cam.low`` ignore band
+    cam_label/<id>.png  the multi-scale CAM (``cam.scales``) thresholded at
+                        ``cam.thresholds.background`` (step 3)
+    refined/<id>.png    the PAR-refined pseudo label with the ``cam.thresholds`` high/low ignore band
                         (step 4)
     affinity/<id>.png   the affinity pseudo label (steps 8-9): the CAMs propagated by a random walk
-                        with ``cam.high`` and with ``cam.low`` as background score, PAR, the same
+                        with the high and with the low threshold as background score, PAR, the same
                         band. The walk uses the affinity predicted at the *largest* CAM scale, as
                         in training (validation uses the scale-1 one), so these are the labels
                         the segmentation branch learns from.
@@ -93,6 +93,7 @@ from afa import config as C
 from afa.atomic import write_atomic
 from afa.cam import MultiScaleCAM, multi_scale_cam
 from afa.config import ConfigError, load_config
+from afa.constants import IGNORE_INDEX, CamThresholds
 from afa.data import DataError, class_names, denormalize, normalize, write_mask
 from afa.data.folder import ImageFolder
 from afa.engine import distributed as D
@@ -199,17 +200,16 @@ def heat_name(name: str, class_name: str) -> str:
 
 @torch.no_grad()
 def pseudo_labels(par, image: torch.Tensor, label: torch.Tensor, ms: MultiScaleCAM, *,
-                  bkg_score: float, high: float, low: float, radius: int,
-                  ignore_index: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  thresholds: CamThresholds, radius: int) -> tuple[dict[str, torch.Tensor],
+                                                                   torch.Tensor]:
     """The three labels (each (1, H, W) long) of one image (1, 3, H, W) with labels (1, C-1)
     and multi-scale CAM ``ms``, and its masked CAMs (1, C-1, H, W)."""
     height, width = image.shape[-2:]
     cam = ms.cam.float()
     box = torch.tensor([[0, height, 0, width]], device=image.device)
     pseudo = make_pseudo_labels(cam, label, denormalize(image.float()), box, par=par,
-                                cam_bkg=bkg_score, refine_bkg=(high, low), aff=ms.aff.float(),
-                                aff_grid=ms.aff_grid, walk_bkg=(high, low), radius=radius,
-                                ignore_index=ignore_index)
+                                thresholds=thresholds, aff=ms.aff.float(),
+                                aff_grid=ms.aff_grid, radius=radius)
     labels = {"cam_label": pseudo.cam_label, "refined": pseudo.refined_label,
               "affinity": pseudo.aff_pseudo_label}
     return labels, cam * label[:, :, None, None]
@@ -235,10 +235,9 @@ class CamInference:
         self.min_side = model.encoder.min_input_side
         c = cfg.cam
         self.scales = tuple(c.scales)
-        self.label_kwargs = dict(bkg_score=c.bkg_score, high=c.high, low=c.low, radius=c.radius,
-                                 ignore_index=c.ignore_index)
-        self.ignore_index = c.ignore_index
-        self.num_classes = num_classes = cfg.data.num_classes
+        self.label_kwargs = dict(thresholds=C.thresholds(cfg), radius=c.radius)
+        self.ignore_index = IGNORE_INDEX
+        self.num_classes = num_classes = C.num_classes(cfg)
         self.matrices = {k: ConfusionMatrix(num_classes, device=device) for k in KINDS}
         # Per kind: valid ground-truth pixels the label leaves ignored, valid ground-truth pixels.
         self.ignored = torch.zeros(len(KINDS), 2, dtype=torch.int64, device=device)
@@ -390,8 +389,8 @@ def main(argv=None) -> int:
         c = cfg.cam
         settings = {"tool": "infer_cam", "checkpoint": str(Path(args.checkpoint).resolve()),
                     "checkpoint_sha256": checkpoint.sha256,
-                    **source, "cam_scales": list(c.scales), "bkg_score": c.bkg_score,
-                    "high": c.high, "low": c.low, "radius": c.radius,
+                    **source, "cam_scales": list(c.scales), "bkg_score": c.thresholds.background,
+                    "high": c.thresholds.high, "low": c.thresholds.low, "radius": c.radius,
                     "par": {k: list(v) if isinstance(v, tuple) else v
                             for k, v in C.par_kwargs(cfg).items()},
                     "npy_scale": args.npy_scale if args.save_npy else None,

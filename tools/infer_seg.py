@@ -94,7 +94,7 @@ from tqdm import tqdm
 from afa import config as C
 from afa.atomic import write_atomic
 from afa.config import ConfigError, load_config
-from afa.crf import dense_crf_many, import_densecrf
+from afa.crf import CRF_SETTINGS, dense_crf_many, import_densecrf
 from afa.data import DataError, class_names, normalize, write_mask
 from afa.data.folder import ImageFolder
 from afa.data.lists import subset_note
@@ -234,9 +234,9 @@ class SegInference:
             model, images, files, args, device)
         self.scales, self.flip, self.long_side = (
             tuple(cfg.infer.scales), cfg.infer.flip, cfg.infer.long_side)
-        self.crf_kwargs = C.crf_kwargs(cfg)
+        self.crf_kwargs = dict(CRF_SETTINGS)
         self.min_side = model.encoder.min_input_side
-        self.matrix = ConfusionMatrix(cfg.data.num_classes, device=device)
+        self.matrix = ConfusionMatrix(C.num_classes(cfg), device=device)
         self.scored = 0
 
     def _score(self, name: str, pred: np.ndarray) -> None:
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
                     "checkpoint_sha256": checkpoint.sha256,
                     **source, "protocol": protocol, "long_side": cfg.infer.long_side,
                     "scales": list(cfg.infer.scales), "flip": cfg.infer.flip,
-                    "crf": C.crf_kwargs(cfg) if args.crf else None,
+                    "crf": dict(CRF_SETTINGS) if args.crf else None,
                     "crf_min_prob": args.crf_min_prob if args.crf else None}
         check_run_settings(args.out_dir, settings, args.overwrite)
     except (ConfigError, DataError, FileNotFoundError, ImportError, KeyError, RuntimeError,

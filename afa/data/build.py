@@ -6,26 +6,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from afa.constants import COCO_CLASSES, DEMO_CLASSES, VOC_CLASSES
+from afa.config import class_names, num_classes
 from afa.data.voc import VOCStyleDataset
 
 __all__ = ["build_datasets", "class_names"]
-
-
-def class_names(cfg: DictConfig) -> list[str]:
-    """Class names of ``cfg.data.name``, background first."""
-    if cfg.data.name == "voc":
-        return list(VOC_CLASSES)
-    if cfg.data.name == "coco":
-        return list(COCO_CLASSES)
-    return list(DEMO_CLASSES)
 
 
 def build_datasets(cfg: DictConfig) -> tuple[VOCStyleDataset, VOCStyleDataset]:
     """The classification training set and the segmentation validation set of ``cfg.data``."""
     d = cfg.data
     list_dir = Path(d.list_dir)
-    common = dict(num_classes=d.num_classes, mask_dir=d.mask_dir, skip_bad=d.skip_bad)
+    common = dict(num_classes=num_classes(cfg), mask_dir=d.mask_dir, skip_bad=d.skip_bad)
     train_set = VOCStyleDataset(
         d.root, list_dir / f"{d.train_split}.txt", list_dir / "cls_labels.json", mode="cls",
         split=d.train_split if d.split_subdirs else None, crop_size=d.crop_size,

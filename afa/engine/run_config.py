@@ -13,8 +13,8 @@ The rule:
   the checkpoint's saved value wins over the config file, and the returned note lists what was
   taken. The same key given on the command line with another value is an error, since that
   network cannot use these weights.
-- ``data.num_classes`` also shapes the network, but it belongs to the data the tool reads (masks,
-  class names, image labels): a checkpoint trained for another number of classes is an error,
+- ``data.name`` (the class list) also shapes the network, but it belongs to the data the tool
+  reads (masks, class names, image labels): a checkpoint trained on other classes is an error,
   never silently adopted.
 - ``model.pretrained`` becomes null: a checkpoint holds every weight, so evaluating one never
   needs (or looks for) the ImageNet MiT file.
@@ -31,7 +31,8 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from afa.config import ConfigError
+from afa.config import ConfigError, num_classes, upgrade_saved_config
+from afa.constants import CLASS_NAME_SETS
 from afa.safe_load import CheckpointError, read_torch_file
 
 __all__ = ["MATCHED_KEYS", "MODEL_KEYS", "CheckpointError", "CheckpointSettings",
@@ -40,8 +41,9 @@ __all__ = ["MATCHED_KEYS", "MODEL_KEYS", "CheckpointError", "CheckpointSettings"
 # Network settings a checkpoint's saved config decides (the keys of ``afa.config.model_kwargs``
 # that matter once the weights are loaded; drop_path_rate does nothing in evaluation).
 MODEL_KEYS = ("model.backbone", "model.embedding_dim", "model.stride", "model.pooling")
-# Settings the network shares with the data: the checkpoint's value must equal the config's.
-MATCHED_KEYS = ("data.num_classes",)
+# Settings the network shares with the data (its classes, so the classifier's and the decoder's
+# outputs): the checkpoint's value must equal the config's.
+MATCHED_KEYS = ("data.name",)
 
 _ABSENT = object()
 
@@ -90,7 +92,7 @@ def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
         overrides: the ``key=value`` strings the user gave on the command line; a network key
             among them that contradicts the checkpoint is a :class:`~afa.config.ConfigError`.
 
-    Raises ``ConfigError`` (an override or ``data.num_classes`` that contradicts the checkpoint),
+    Raises ``ConfigError`` (an override or ``data.name`` that contradicts the checkpoint),
     ``FileNotFoundError`` and :class:`CheckpointError` (a missing or unreadable file).
 
     Use in a tool, after the config is loaded and before the network is built::
@@ -109,6 +111,8 @@ def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
         source = f"checkpoint '{checkpoint}'"
         checkpoint = read_checkpoint(checkpoint)
     saved = checkpoint.get("config")
+    if isinstance(saved, dict):
+        saved = upgrade_saved_config(saved)  # a checkpoint of an earlier version: today's keys
     explicit = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
     changed = {}
     if isinstance(saved, dict):
@@ -123,12 +127,11 @@ def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
                     f"trained with {key}={_show(value)} (its saved config): the network must "
                     f"be the checkpoint's; drop that override")
             if key in MATCHED_KEYS:
+                trained = len(CLASS_NAME_SETS.get(value, ())) or "?"
                 raise ConfigError(
-                    f"{source} was trained with {key}={_show(value)} (data.name="
-                    f"{_show(_lookup(saved, 'data.name'))}), but the config's data has "
-                    f"{key}={_show(current)} (data.name={cfg.data.name}): use the config of the "
-                    f"data the model was trained on, or {key}={_show(value)} and the matching "
-                    "data.name")
+                    f"{source} was trained on {key}={_show(value)} ({trained} classes), but the "
+                    f"config's data is {key}={_show(current)} ({num_classes(cfg)} classes): use "
+                    f"the config of the data the model was trained on, or {key}={_show(value)}")
             changed[key] = (current, value)
     new = copy.deepcopy(cfg)
     OmegaConf.set_readonly(new, False)

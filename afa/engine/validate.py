@@ -6,11 +6,11 @@ confusion matrices and F1 sums are added across ranks, so every rank ends with t
 whole set. The network runs under the training's precision (``amp``), the pseudo labels in fp32.
 Five label maps are scored against the ground truth:
 
-- ``cam``: the multi-scale CAM thresholded at ``bkg_score``;
-- ``refined``: the same CAMs refined by PAR (background score ``bkg_score``), the refined pseudo
-  label of step 4 without the ignore band;
+- ``cam``: the multi-scale CAM thresholded at ``thresholds.background``;
+- ``refined``: the same CAMs refined by PAR (background score ``thresholds.background``), the
+  refined pseudo label of step 4 without the ignore band;
 - ``aff_cam``: the CAMs propagated by the random walk with the image's own (scale 1) affinity and
-  ``low`` as background score;
+  ``thresholds.low`` as background score;
 - ``affinity``: those propagated maps refined by PAR, the affinity pseudo label of step 9 without
   the ignore band;
 - ``seg``: the argmax of the segmentation logits upsampled to the image.
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from afa.cam import multi_scale_cam
+from afa.constants import CamThresholds
 from afa.data import DataError, denormalize
 from afa.engine import distributed as D
 from afa.engine.logger import progress_enabled
@@ -43,7 +44,7 @@ KINDS = ("cam", "refined", "aff_cam", "affinity", "seg")
 
 @torch.no_grad()
 def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_scales,
-                   bkg_score: float, low: float, radius: int,
+                   thresholds: CamThresholds = CamThresholds(), radius: int = 8,
                    amp: str = "none") -> tuple[dict, torch.Tensor]:
     """The five label maps of images (B, 3, H, W) with labels (B, C-1); and the cls logits.
 
@@ -60,10 +61,9 @@ def predict_labels(model, image: torch.Tensor, label: torch.Tensor, *, par, cam_
                               scale1=out if reuse else None).cam.float()
     rgb = denormalize(image.float())
     box = torch.tensor([[0, height, 0, width]] * batch, device=image.device)
-    pseudo = make_pseudo_labels(cam, label.float(), rgb, box, par=par, cam_bkg=bkg_score,
-                                refine_bkg=(bkg_score, bkg_score), aff=out.aff_pred.float(),
-                                aff_grid=out.grid, walk_bkg=(low, low), radius=radius,
-                                box_list=[[0, height, 0, width]] * batch)
+    pseudo = make_pseudo_labels(cam, label.float(), rgb, box, par=par, thresholds=thresholds,
+                                band=False, aff=out.aff_pred.float(), aff_grid=out.grid,
+                                radius=radius, box_list=[[0, height, 0, width]] * batch)
     seg = F.interpolate(out.seg_logits.float(), size=(height, width), mode="bilinear",
                         align_corners=False)
     labels = {
@@ -99,8 +99,9 @@ class ValidationStopped(Exception):
 
 
 @torch.no_grad()
-def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score: float,
-             low: float, radius: int, class_names: list[str], amp: str = "none",
+def validate(model, dataset, *, par, device: torch.device, cam_scales,
+             thresholds: CamThresholds = CamThresholds(), radius: int = 8,
+             class_names: list[str], amp: str = "none",
              should_stop: Callable[[], bool] | None = None, skip_bad: bool = False,
              batch_size: int = 1) -> dict:
     """Scores of every kind in ``KINDS`` (``SegmentationScores.to_dict()``) plus ``cls_f1``.
@@ -126,7 +127,7 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales, bkg_score
         label = torch.stack([s["label"] for s in samples]).to(device)
         mask = torch.stack([s["mask"] for s in samples]).to(device)
         labels, cls_logits = predict_labels(model, image, label, par=par, cam_scales=cam_scales,
-                                            bkg_score=bkg_score, low=low, radius=radius, amp=amp)
+                                            thresholds=thresholds, radius=radius, amp=amp)
         for kind, pred in labels.items():
             matrices[kind].update(pred, mask)
         f1[0] += multilabel_f1(cls_logits, label, reduction="sum").double()

@@ -9,6 +9,7 @@ the authors' trained checkpoints, so their VOC/COCO models evaluate with our too
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ class AFAOutput(NamedTuple):
     seg_logits: torch.Tensor | None  # (B, C, H/4, W/4) segmentation logits, background first
     attn_logits: list | None  # per last-stage block: (B, heads, N, N) raw q.k, N = (H/16)(W/16)
     aff_pred: torch.Tensor | None  # (B, N, N) predicted affinity in (0, 1), symmetric
-    # (B, C-1, H/16, W/16) CAM before ReLU of this forward (what forward_cam returns); None after
+    # (B, C-1, H/16, W/16) CAM before ReLU of this forward (as forward_cam's); None after
     # a cls_only forward. The trainer can reuse it as the multi-scale CAM's scale-1 copy.
     cam_logits: torch.Tensor | None = None
     # (h, w) stage-4 grid of this forward: attn_logits and aff_pred are over its N = h * w
@@ -37,14 +38,19 @@ class AFAOutput(NamedTuple):
     grid: tuple[int, int] | None = None
 
 
-class CAMForward(NamedTuple):
-    """What a CAM-only forward computed (:meth:`AFANet.cam_forward`)."""
+@dataclass(frozen=True)
+class CAMForward:
+    """What a CAM forward computed (:meth:`AFANet.forward_cam`). It unpacks as the pair
+    ``cam, aff = model.forward_cam(x)``; the multi-scale CAM also reads the rest."""
 
     cam: torch.Tensor  # (B, C-1, h, w) CAM before ReLU on the stage-4 grid
     aff: torch.Tensor | None  # (B, N, N) affinity, N = h * w; None unless asked for
     grid: tuple[int, int]  # (h, w) stage-4 grid of this forward
     features: list[torch.Tensor]  # the four encoder stages, for the decoder
     cls_logits: torch.Tensor | None = None  # (B, C-1) image-level logits of this forward
+
+    def __iter__(self):
+        return iter((self.cam, self.aff))
 
 
 class AFANet(nn.Module):
@@ -128,7 +134,7 @@ class AFANet(nn.Module):
         """The parameters a ``cls_only`` forward does not use (decoder and affinity head)."""
         return list(self.decoder.parameters()) + list(self.attn_proj.parameters())
 
-    def cam_forward(self, x: torch.Tensor, return_aff: bool = True) -> CAMForward:
+    def forward_cam(self, x: torch.Tensor, return_aff: bool = True) -> CAMForward:
         """The encoder and the CAM, with the stage-4 grid and features; skips the decoder.
 
         With ``return_aff=False`` every block runs the fused attention kernel and the affinity is
@@ -139,12 +145,6 @@ class AFANet(nn.Module):
         aff = self._affinity(attn_logits) if return_aff else None
         cls_logits = self.classifier(self._pool(features[3])).flatten(1)
         return CAMForward(cam, aff, tuple(features[3].shape[-2:]), features, cls_logits)
-
-    def forward_cam(self, x: torch.Tensor, return_aff: bool = True):
-        """CAMs ``(B, C-1, h, w)`` before ReLU (on the stage-4 grid) and the affinity
-        ``(B, N, N)`` or None; see :meth:`cam_forward`."""
-        out = self.cam_forward(x, return_aff)
-        return out.cam, out.aff
 
     def param_groups(self) -> list[dict]:
         """Named optimiser groups with their learning-rate multipliers (AFA: 1, 0, 10, 10)."""
