@@ -3,8 +3,9 @@
 ``torch.load`` unpickles: a file can name any Python callable, and a load without the
 ``weights_only`` restriction calls it. Checkpoints are exchanged by link, so every checkpoint or
 weight file afa opens goes through :func:`read_torch_file`, which loads with
-``weights_only=True``: tensors, numbers, strings and plain containers only. Everything afa writes is of that kind (the RNG states included, see
-``afa.engine.checkpoint``), so no allow-list of classes is needed.
+``weights_only=True``: tensors, numbers, strings and plain containers only. Everything afa
+writes is of that kind (the RNG states included, see ``afa.engine.checkpoint``), so no
+allow-list of classes is needed.
 
 A file that holds anything else is refused before a byte of it runs (:class:`UnsafeFileError`,
 naming the objects it would have created), with one exception: training checkpoints written by

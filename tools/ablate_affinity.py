@@ -6,8 +6,8 @@ r"""Does the learned affinity help? The random walk against no walk and a perfec
 
 The validation (afa/engine/validate.py, tools/evaluate.py) compares the affinity CAM with the CAM
 as the paper does: the CAM label is thresholded at ``cam.thresholds.background`` (0.45) and the
-walk runs with ``cam.thresholds.low`` (0.35) as background score. Part of a gain of ``aff_cam`` over ``cam`` is then the
-lower background score, not the affinity; and the walk also passes the CAMs through the stage-4
+walk runs with ``cam.thresholds.low`` (0.35) as background score. Part of a gain of ``aff_cam``
+over ``cam`` is then the lower background score, not the affinity; and the walk also passes the CAMs through the stage-4
 grid, which smooths them by itself. This tool separates the three. For every validation image it
 makes, from one multi-scale CAM, the same labels with five kinds of scores (rows) and scores each
 twice: as the argmax of those scores and after PAR (columns):

@@ -33,8 +33,8 @@ above), exactly as one training iteration makes them (its steps named below):
 
     cam_label/<id>.png  the multi-scale CAM (``cam.scales``) thresholded at
                         ``cam.thresholds.background`` (step 3)
-    refined/<id>.png    the PAR-refined pseudo label with the ``cam.thresholds`` high/low ignore band
-                        (step 4)
+    refined/<id>.png    the PAR-refined pseudo label with the ``cam.thresholds`` high/low ignore
+                        band (step 4)
     affinity/<id>.png   the affinity pseudo label (steps 8-9): the CAMs propagated by a random walk
                         with the high and with the low threshold as background score, PAR, the same
                         band. The walk uses the affinity predicted at the *largest* CAM scale, as

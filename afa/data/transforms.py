@@ -1,8 +1,8 @@
 """Image/mask transforms of the AFA data pipeline, in numpy (HWC uint8 RGB in, CHW float32 out).
 
 Training augmentation follows the paper (docs/method.md, 'Schedule'): random rescale of the whole
-image by a ratio in ``[0.5, 2.0]``, random horizontal flip, then a random ``crop_size`` crop. Where the image
-is smaller than the crop it is placed at a random offset on a zero canvas. The padding happens on
+image by a ratio in ``[0.5, 2.0]``, random horizontal flip, then a random ``crop_size`` crop.
+Where the image is smaller than the crop it is placed at a random offset on a zero canvas. The padding happens on
 the 0-255 RGB image, *before* normalisation, so padded pixels denormalise to black; masks are
 padded with the ignore index. The crop records ``box``:
 

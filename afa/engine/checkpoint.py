@@ -2,8 +2,8 @@
 
 A training checkpoint holds the model (never ``module.``-prefixed), the optimiser, the AMP scaler,
 the iteration, the RNG states of every rank (Python, NumPy, torch, CUDA), the data-order state, the
-merged config and the best validation score so far. It is written to a temporary file, flushed to the disk and moved
-into place with ``os.replace``, so a crash while saving never leaves a truncated checkpoint, and a
+merged config and the best validation score so far. It is written to a temporary file, flushed
+to the disk and moved into place with ``os.replace``, so a crash while saving never leaves a truncated checkpoint, and a
 failed write (a full disk, say) leaves the previous ones as they were. Every value is plain data,
 so checkpoints load with ``weights_only=True`` (``afa.safe_load``).
 """

@@ -76,7 +76,8 @@ class Schedule:
         strides = self.strides
         if not joint and self.cls_phase_strides is not None:
             strides = self.cls_phase_strides
-        return Phase(iteration=iteration, joint=joint, affinity_target=iteration >= self.aff_switch_iter,
+        return Phase(iteration=iteration, joint=joint,
+                     affinity_target=iteration >= self.aff_switch_iter,
                      lr=self.lr_at(iteration), strides=tuple(strides),
                      full_forward=joint or not self.lean_forwards,
                      cams=joint or not self.lean_forwards,
