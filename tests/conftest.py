@@ -1,4 +1,5 @@
-"""Shared test helpers: the device, tiny inputs, fixed seeds, tool loading, and real photos.
+"""Shared test helpers: the device, tiny inputs, fixed seeds, tool loading, real photos, and the
+``slow`` marker.
 
 The device. Tests of the network, the pseudo labels, the losses and the trainer run on the device
 that ``TORCH_DEVICE`` names (default ``cpu``, what CI runs), as timm's tests do::
@@ -21,11 +22,20 @@ real shapes run in every clone. ``voc_mini`` is an optional larger set of the sa
 in ``shared/data/voc_mini/VOC2012`` beside the repository; ``AFA_SHARED_DATA`` names another
 folder in place of ``shared``, and one that does not exist turns the set off): tests that use it
 skip without it. ``voc_set`` runs a test on each of the two.
+
+Quick runs. Tests that take 3 s or more (training runs in subprocesses, torchrun and signal tests,
+the demo end to end, every tool on every photo size) and the larger photo set's variants are
+marked ``slow`` by the table ``SLOW`` below::
+
+    make test-quick        # pytest -m "not slow": 441 of 491 tests, 2.6 min on 2 busy cores
+    make test              # everything: 11.3 min on the same 2 busy cores
 """
 
+import fnmatch
 import importlib.util
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,6 +85,8 @@ def pytest_configure(config):
                                        "(gloo DDP, pydensecrf, signals and bit-exact resume)")
     config.addinivalue_line("markers", "slurm: needs a running SLURM cluster (make test-slurm); "
                                        "skipped unless AFA_SLURM_TESTS=1")
+    config.addinivalue_line("markers", "slow: took 3 s or more (the SLOW table in "
+                                       "tests/conftest.py); make test-quick leaves these out")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -93,10 +105,94 @@ def pytest_report_header(config):
     return f"TORCH_DEVICE: {DEVICE}"
 
 
+# The tests marked ``slow``: ``file: (patterns)``, a pattern ``NAME`` or ``NAME[PARAMS]`` with
+# fnmatch wildcards, over the test function's name and its parameters' id (``*``: the whole file;
+# ``*[voc_mini]``: the larger photo set's variants). Picked from one full run with --durations=0
+# on 2 CPU cores shared with other work (11.3 minutes; the seconds below are from it): every test
+# of 3 s or more, and the larger photo set. The 50 slow tests took 560 s of it, the 441 others
+# 113 s together.
+SLOW: dict[str, tuple[str, ...]] = {
+    # Tool runs on 4 photos against the authors' protocol: 21 s with the module's set-up.
+    "test_authors_protocol.py": ("*",),
+    # Benchmark scripts in subprocesses: 4-6 s each.
+    "test_benchmarks.py": ("test_device_agreement_*", "test_summary_of_real_outputs"),
+    # Dense CRF over 8-10 photos: 6-16 s; a process pool of 2 against serial: 8 s.
+    "test_crf.py": ("test_crf_repairs_misplaced_boundaries*",
+                    "test_pool_streams_in_order_like_serial"),
+    # The tool in two subprocesses, one on a pseudo-terminal: 6 s.
+    "test_demo_data.py": ("test_progress_bars_only_on_a_terminal",),
+    "test_eval_miou.py": ("test_command_line",),  # a subprocess: 3 s
+    # A filter process killed mid-run: 7 s.
+    "test_gpu_ready.py": ("test_a_killed_filter_process_costs_neither_the_step_nor_the_exit",),
+    # A subprocess faulting a large tensor in: 9 s.
+    "test_host_memory.py": (
+        "test_a_repeated_large_tensor_reuses_its_memory_instead_of_faulting_it_in",),
+    # torchrun with 2 processes: 9 s.
+    "test_image_folder.py": ("test_torchrun_shards_a_folder_like_one_process", "*[voc_mini]"),
+    "test_infer_seg.py": ("test_torchrun_*",),  # torchrun with 2 processes: 6-7 s each
+    "test_prepare_voc.py": ("*[voc_mini]",),
+    # The demo end to end (make, train, score, rerun): 46 s; the set made as configured: 8 s.
+    "test_run_demo.py": ("test_run_demo_generates_trains_scores_and_is_rerunnable",
+                         "test_run_demo_makes_the_set_where_and_as_large_as_the_config_says"),
+    # Two trainer processes racing for a work dir: 53 s; failing checkpoint writes: 9-13 s.
+    "test_safe_checkpoints.py": (
+        "test_a_second_run_in_one_work_dir_is_refused_until_the_first_dies",
+        "test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous"),
+    # gloo DDP through torchrun: 13 s each; tools/train.py in a subprocess and trainer runs in
+    # bfloat16 and float32: 3 s each.
+    "test_train.py": ("test_accumulation_equals_more_processes",
+                      "test_two_processes_gloo_agree_and_validate_like_one",
+                      "test_amp_auto_is_bf16_only_where_the_device_computes_it",
+                      "test_unknown_key_wrong_type_and_missing_root_are_named"),
+    # Signals to trainer process groups: 9-15 s; a corrupt image mid-run: 16 s; resume on another
+    # number of processes: 12 s; a stop during validation: 3-4 s.
+    "test_train_robustness.py": ("test_signal_to_the_process_group_*",
+                                 "test_corrupt_training_image_mid_run",
+                                 "test_resume_on_another_number_of_processes",
+                                 "test_stop_during_validation_takes_effect_at_the_next_image*"),
+    # Every tool on every photo size of each set: 66 s on the 18 photos, 102 s on the 60.
+    "test_voc_mini_end_to_end.py": ("*",),
+    # Processes killed under a worker pool: 4-10 s.
+    "test_worker_pool.py": ("test_filter_workers_die_when_the_trainer_is_killed",
+                            "test_crf_workers_die_when_their_tool_is_killed"),
+}
+
+
+def _slow_patterns(path: Path) -> tuple[str, ...]:
+    return SLOW.get(path.name, ()) if path.parent == REPO / "tests" else ()
+
+
+def _is_slow(item) -> bool:
+    for pattern in _slow_patterns(Path(item.path)):
+        name, _, params = pattern.partition("[")
+        if not fnmatch.fnmatchcase(getattr(item, "originalname", item.name), name):
+            continue
+        callspec = getattr(item, "callspec", None)
+        if not params or (callspec and fnmatch.fnmatchcase(callspec.id, params[:-1])):
+            return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
 def pytest_collection_modifyitems(config, items):
+    modules = {}
     for item in items:
         if "device" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.device)
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+        if getattr(item, "module", None) is not None:
+            modules[Path(item.path)] = item.module
+    # A renamed test would silently join the quick run: name the patterns that match no test
+    # function of their (collected) file.
+    stale = []
+    for path, module in sorted(modules.items()):
+        tests = [name for name in vars(module) if name.startswith("test")]
+        stale += [f"{path.name}: {p}" for p in _slow_patterns(path)
+                  if not any(fnmatch.fnmatchcase(t, p.partition("[")[0]) for t in tests)]
+    if stale:
+        warnings.warn(pytest.PytestWarning("SLOW in tests/conftest.py names no test: "
+                                           + "; ".join(stale)))
 
 
 @pytest.fixture(scope="session")
