@@ -25,7 +25,8 @@ labels); :class:`OutputFiles` names the per-image outputs and tells which images
 (resuming); :func:`check_run_settings` refuses to resume into a directory written with other
 settings, the checkpoint's content (:class:`FileFingerprint`, a SHA-256) among them;
 :func:`run_sharded` runs a tool's job on this process's share of the images and sums the
-results over processes; :func:`save_npy_atomic` and :func:`write_rgb_png_atomic` (through
+results over processes, and :class:`InferenceRun` is the rest of both tools' ``main`` (the config,
+the images, the weights, the record of the settings, the run and its summary); :func:`save_npy_atomic` and :func:`write_rgb_png_atomic` (through
 :func:`afa.atomic.write_atomic`) write each file under a temporary name first, so that an
 interrupted run never leaves a truncated file that a resumed run would take for finished work;
 :func:`seg_input_sizes` gives the input sizes of :func:`predict_seg_logits`, for checking them
@@ -34,25 +35,34 @@ against the encoder's ``min_input_side``.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from afa import config as C
 from afa.atomic import write_atomic
+from afa.config import load_config
 from afa.constants import IGNORE_INDEX
+from afa.data.folder import ImageFolder
+from afa.data.lists import subset_note
 from afa.data.voc import DataError, VOCStyleDataset
 from afa.engine import distributed as D
+from afa.engine.run_config import model_config_from_checkpoint
 from afa.host_memory import keep_freed_host_memory
+from afa.models import AFANet
 
 __all__ = [
     "SETTINGS_FILE",
@@ -71,6 +81,8 @@ __all__ = [
     "OutputFiles",
     "check_run_settings",
     "run_sharded",
+    "run_config",
+    "InferenceRun",
     "write_rgb_png_atomic",
     "save_npy_atomic",
     "mask_ignored",
@@ -390,6 +402,118 @@ def run_sharded(job, names: list[str], files: OutputFiles, config_yaml: str,
         return None
     job.reduce_(D.all_reduce_sum)
     return ran, scored
+
+
+
+# --------------------------------------------------------------------------------------------
+# The inference tools' main
+# --------------------------------------------------------------------------------------------
+
+
+def run_config(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
+    """The config of a tool's run: ``args.config`` with ``overrides``, then the network settings
+    that our checkpoints bring (``args.checkpoint``; the line naming them is printed once)."""
+    cfg = load_config(args.config, overrides)
+    cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
+    if taken and D.env_rank() == 0:
+        print(taken, flush=True)
+    return cfg
+
+
+@dataclass
+class InferenceRun:
+    """One run of ``tools/infer_seg.py`` or ``tools/infer_cam.py``: what both set up, and the run.
+
+    Everything that can be wrong with the input (config, images, checkpoint, a directory of other
+    settings) is found by :meth:`open` and :meth:`record`, before any process group exists, so
+    that the tool names it in one line; :meth:`execute` then starts the processes, runs the job
+    and reports. Both tools take the same arguments ``--config``, ``--checkpoint``, ``--split`` /
+    ``--images``, ``--out-dir`` and ``--overwrite``.
+    """
+
+    args: argparse.Namespace
+    cfg: DictConfig
+    images: ImageSet | ImageFolder
+    label: str  # the split, or the --images argument: the summary line names it
+    source: dict  # {"split": ...} or {"images": absolute path}, first in run.json and scores.json
+    note: str | None  # a shortened name list's subset_note (a split only)
+    model: nn.Module
+    checkpoint: FileFingerprint
+    settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, args: argparse.Namespace, cfg: DictConfig, default_split: str,
+             announce_subset: bool = False) -> InferenceRun:
+        """The images (``--images``, or ``--split`` else ``default_split``) and the model with the
+        checkpoint's weights; ``announce_subset`` prints the note of a shortened name list."""
+        note = None
+        if args.images:
+            images = ImageFolder(args.images)
+            label, source = args.images, {"images": os.path.abspath(args.images)}
+        else:
+            label = args.split or default_split
+            image_set_kwargs = C.image_set_kwargs(cfg, label)
+            images = ImageSet(**image_set_kwargs)
+            source = {"split": label}
+            note = subset_note(image_set_kwargs["name_list"])
+        if note and announce_subset and D.env_rank() == 0:
+            print(note, flush=True)
+        model = AFANet(**C.model_kwargs(cfg))
+        # The outputs are tied to the weights, not to the path (best.pth is rewritten as
+        # training goes on): hash the file, load it, and make sure it is still the one hashed.
+        checkpoint = FileFingerprint(args.checkpoint)
+        model.load_weights(args.checkpoint)
+        checkpoint.check_unchanged()
+        return cls(args, cfg, images, label, source, note, model, checkpoint)
+
+    def record(self, tool: str, **settings) -> None:
+        """Set the run's settings (the tool, the checkpoint, the source, then ``settings``) after
+        checking them against those of the outputs already in ``--out-dir``."""
+        settings = {"tool": tool, "checkpoint": str(Path(self.args.checkpoint).resolve()),
+                    "checkpoint_sha256": self.checkpoint.sha256, **self.source, **settings}
+        check_run_settings(self.args.out_dir, settings, self.args.overwrite)
+        self.settings = settings
+
+    def execute(self, make_job: Callable, kinds: dict[str, str], *, done: str, outputs: str,
+                scores: Callable[[object, int, int], dict],
+                summarize: Callable[[OutputFiles], None] | None = None) -> int:
+        """Run the job on every process and report on the first; the tool's exit status.
+
+        Args:
+            make_job: ``make_job(files, device)`` -> the job :func:`run_sharded` runs.
+            kinds: the per-image outputs, as :class:`OutputFiles` takes them.
+            done: what happened to an image, for the summary line ("predicted").
+            outputs: what the run writes, for a run without masks ("predictions").
+            scores: ``scores(job, num_images, num_scored)`` prints the scores and returns the
+                record for ``scores.json``; called when some image has a ground-truth mask.
+            summarize: ``summarize(files)``, anything else the first process writes at the end.
+        """
+        args = self.args
+        info = D.init_distributed(self.cfg.device)
+        try:
+            self.model.to(info.device).eval()
+            files = OutputFiles(args.out_dir, kinds)
+            job = make_job(files, info.device)
+            counts = run_sharded(job, self.images.names, files, OmegaConf.to_yaml(self.cfg),
+                                 self.settings)
+        finally:
+            D.cleanup()
+        if counts is None:
+            return 2
+        if info.rank == 0:
+            ran, scored = counts
+            total = len(self.images.names)
+            print(f"{self.label}: {ran} of {total} images {done}, {total - ran} reused from "
+                  f"{args.out_dir}")
+            if summarize is not None:
+                summarize(files)
+            if scored:
+                result = scores(job, total, scored)
+                write_atomic(args.out_dir / "scores.json",
+                             lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+            elif not args.images:  # a folder has no masks: nothing to say
+                print(f"no ground-truth masks: {outputs} only, no scores")
+        return 0
 
 
 def write_rgb_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:

@@ -78,7 +78,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -86,24 +85,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from afa import config as C
 from afa.atomic import write_atomic
 from afa.cam import MultiScaleCAM, multi_scale_cam
-from afa.config import ConfigError, load_config
+from afa.config import ConfigError
 from afa.constants import IGNORE_INDEX, CamThresholds
 from afa.data import DataError, class_names, denormalize, normalize, write_mask
 from afa.data.folder import ImageFolder
 from afa.engine import distributed as D
-from afa.engine.run_config import model_config_from_checkpoint
-from afa.inference import (FileFingerprint, ImageSet, OutputFiles, check_run_settings,
-                           classes_from_logits, long_side_size, mask_ignored, run_sharded,
-                           save_npy_atomic, write_rgb_png_atomic)
+from afa.inference import (ImageSet, InferenceRun, OutputFiles, classes_from_logits,
+                           long_side_size, mask_ignored, run_config, save_npy_atomic,
+                           write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_table
-from afa.models import PAR, AFANet
+from afa.models import PAR
 from afa.pseudo_labels import make_pseudo_labels
 from afa.viz import overlay_heatmap
 
@@ -358,80 +356,52 @@ def _write_class_summary(files: OutputFiles, names: list[str]) -> None:
           + ", ".join(f"{name} {count}" for name, count in counts.most_common()))
 
 
+def _scores(run: InferenceRun, job: CamInference, total: int, scored: int) -> dict:
+    """Print the scores of the three kinds of labels; the scores.json record."""
+    names = class_names(run.cfg)
+    scores = job.scores(names)
+    print(format_table({k: scores[k]["iou"] for k in KINDS}, names, {
+        "mIoU": [scores[k]["miou"] for k in KINDS],
+        "ignored": [scores[k]["ignored_fraction"] for k in KINDS]}))
+    return {**run.source, "checkpoint_sha256": run.settings["checkpoint_sha256"],
+            "num_images": total, "num_scored": scored, **scores}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        cfg = run_config(args, args.overrides)
+        given = given_classes(args.classes, class_names(cfg))
+        run = InferenceRun.open(args, cfg, cfg.data.train_split)
+        if args.images:
+            run.source["classes"] = class_rule(args)
+        c = cfg.cam
+        run.record("infer_cam", cam_scales=list(c.scales), bkg_score=c.thresholds.background,
+                   high=c.thresholds.high, low=c.thresholds.low, radius=c.radius,
+                   par={k: list(v) if isinstance(v, tuple) else v
+                        for k, v in C.par_kwargs(cfg).items()},
+                   npy_scale=args.npy_scale if args.save_npy else None,
+                   # None when off, so that directories of older runs still resume.
+                   max_side=args.max_side or None,
+                   heatmaps=True if args.images or args.heatmaps else None)
+    except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     kinds = {kind: ".png" for kind in KINDS}
     if args.save_npy:
         kinds = {"cam": ".npy", **kinds}
     if args.images:
         kinds["classes"] = ".json"
-    try:
-        cfg = load_config(args.config, args.overrides)
-        # Our checkpoints bring their network settings (backbone, decoder width): say which.
-        cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
-        if taken and D.env_rank() == 0:
-            print(taken, flush=True)
-        given = given_classes(args.classes, class_names(cfg))
-        if args.images:
-            images = ImageFolder(args.images)
-            label = args.images
-            source = {"images": os.path.abspath(args.images), "classes": class_rule(args)}
-        else:
-            label = args.split or cfg.data.train_split
-            images = ImageSet(**C.image_set_kwargs(cfg, label))
-            source = {"split": label}
-        model = AFANet(**C.model_kwargs(cfg))
-        # The outputs are tied to the weights, not to the path (best.pth is rewritten as
-        # training goes on): hash the file, load it, and make sure it is still the one hashed.
-        checkpoint = FileFingerprint(args.checkpoint)
-        model.load_weights(args.checkpoint)
-        checkpoint.check_unchanged()
-        c = cfg.cam
-        settings = {"tool": "infer_cam", "checkpoint": str(Path(args.checkpoint).resolve()),
-                    "checkpoint_sha256": checkpoint.sha256,
-                    **source, "cam_scales": list(c.scales), "bkg_score": c.thresholds.background,
-                    "high": c.thresholds.high, "low": c.thresholds.low, "radius": c.radius,
-                    "par": {k: list(v) if isinstance(v, tuple) else v
-                            for k, v in C.par_kwargs(cfg).items()},
-                    "npy_scale": args.npy_scale if args.save_npy else None,
-                    # None when off, so that directories of older runs still resume.
-                    "max_side": args.max_side or None,
-                    "heatmaps": True if args.images or args.heatmaps else None}
-        check_run_settings(args.out_dir, settings, args.overwrite)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    info = D.init_distributed(cfg.device)
-    try:
-        model.to(info.device).eval()
-        par = PAR(**C.par_kwargs(cfg)).to(info.device)
-        files = OutputFiles(args.out_dir, kinds)
-        job = CamInference(model, par, images, files, cfg, args, info.device, given)
-        counts = run_sharded(job, images.names, files, OmegaConf.to_yaml(cfg), settings)
-    finally:
-        D.cleanup()
-    if counts is None:
-        return 2
-    if info.rank == 0:
-        ran, scored = counts
-        total = len(images.names)
-        print(f"{label}: {ran} of {total} images processed, {total - ran} reused from "
-              f"{args.out_dir}")
-        if args.images:
-            _write_class_summary(files, images.names)
-        if scored:
-            names = class_names(cfg)
-            scores = job.scores(names)
-            print(format_table({k: scores[k]["iou"] for k in KINDS}, names, {
-                "mIoU": [scores[k]["miou"] for k in KINDS],
-                "ignored": [scores[k]["ignored_fraction"] for k in KINDS]}))
-            result = {**source, "checkpoint_sha256": settings["checkpoint_sha256"],
-                      "num_images": total, "num_scored": scored, **scores}
-            write_atomic(args.out_dir / "scores.json",
-                         lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-        elif not args.images:  # a folder has no masks: nothing to say
-            print("no ground-truth masks: labels only, no scores")
-    return 0
+
+    def make_job(files: OutputFiles, device: torch.device) -> CamInference:
+        par = PAR(**C.par_kwargs(cfg)).to(device)
+        return CamInference(run.model, par, run.images, files, cfg, args, device, given)
+
+    return run.execute(
+        make_job, kinds, done="processed", outputs="labels",
+        scores=lambda job, total, scored: _scores(run, job, total, scored),
+        summarize=(lambda files: _write_class_summary(files, run.images.names))
+        if args.images else None)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,6 @@ moved or renamed resumes. Accepts our checkpoints and the authors' (``module.``-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import textwrap
@@ -92,20 +91,15 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from afa import config as C
-from afa.atomic import write_atomic
-from afa.config import ConfigError, load_config
+from afa.config import ConfigError
 from afa.crf import CRF_SETTINGS, dense_crf_many, import_densecrf
 from afa.data import DataError, class_names, normalize, write_mask
-from afa.data.folder import ImageFolder
-from afa.data.lists import subset_note
 from afa.engine import distributed as D
-from afa.engine.run_config import model_config_from_checkpoint
-from afa.inference import (FileFingerprint, ImageSet, OutputFiles, check_run_settings,
-                           likely_classes, predict_seg_logits, run_sharded, save_npy_atomic,
-                           seg_input_sizes, write_rgb_png_atomic)
+from afa.inference import (ImageSet, InferenceRun, OutputFiles, likely_classes,
+                           predict_seg_logits, run_config, save_npy_atomic, seg_input_sizes,
+                           write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_scores
-from afa.models import AFANet
 from afa.viz import overlay_label
 
 __all__ = ["PROTOCOLS", "main", "parse_args", "protocol_of"]
@@ -313,6 +307,31 @@ class SegInference:
         return len(todo)
 
 
+def _protocol(cfg: DictConfig, named: str | None) -> str:
+    """The protocol the run records (:func:`protocol_of`); a note when overrides changed the one
+    named by --protocol."""
+    protocol = protocol_of(cfg)
+    if named and protocol != named:
+        changed = sorted(k for k, v in PROTOCOLS[named].items() if OmegaConf.select(cfg, k) != v)
+        if D.env_rank() == 0:
+            print(f"note: overrides change {', '.join(changed)} of --protocol {named}: recorded "
+                  f"as protocol {protocol!r}", flush=True)
+    return protocol
+
+
+def _scores(run: InferenceRun, job: SegInference, total: int, scored: int) -> dict:
+    """Print the scores; the scores.json record."""
+    scores = job.matrix.compute(class_names(run.cfg))
+    print(format_scores(scores))
+    result = {**run.source, "num_images": total, "num_scored": scored,
+              **{k: run.settings[k] for k in ("checkpoint_sha256", "protocol", "long_side",
+                                              "scales", "flip", "crf")},
+              "seg": scores.to_dict()}
+    if run.note:
+        result["subset_note"] = run.note
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # The preset first, so that explicit overrides win.
@@ -320,86 +339,28 @@ def main(argv=None) -> int:
     overrides += list(args.overrides)
     if args.scales:
         overrides.append(f"infer.scales=[{','.join(map(str, args.scales))}]")
+    try:
+        cfg = run_config(args, overrides)
+        run = InferenceRun.open(args, cfg, cfg.data.val_split, announce_subset=True)
+        if args.crf:
+            import_densecrf()
+        run.record("infer_seg", protocol=_protocol(cfg, args.protocol),
+                   long_side=cfg.infer.long_side, scales=list(cfg.infer.scales),
+                   flip=cfg.infer.flip, crf=dict(CRF_SETTINGS) if args.crf else None,
+                   crf_min_prob=args.crf_min_prob if args.crf else None)
+    except (ConfigError, DataError, FileNotFoundError, ImportError, KeyError, RuntimeError,
+            ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     kinds = {"pred": ".png"}
     if not args.no_overlay:
         kinds["overlay"] = ".png"
     if args.save_logits:
         kinds["logits"] = ".npy"
-    try:
-        cfg = load_config(args.config, overrides)
-        # Our checkpoints bring their network settings (backbone, decoder width): say which.
-        cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
-        main_process = D.env_rank() == 0
-        if taken and main_process:
-            print(taken, flush=True)
-        note = None
-        if args.images:
-            images = ImageFolder(args.images)
-            label = args.images
-            source = {"images": os.path.abspath(args.images)}
-        else:
-            label = args.split or cfg.data.val_split
-            image_set_kwargs = C.image_set_kwargs(cfg, label)
-            images = ImageSet(**image_set_kwargs)
-            source = {"split": label}
-            note = subset_note(image_set_kwargs["name_list"])
-        if note and main_process:
-            print(note, flush=True)
-        model = AFANet(**C.model_kwargs(cfg))
-        # The outputs are tied to the weights, not to the path (best.pth is rewritten as
-        # training goes on): hash the file, load it, and make sure it is still the one hashed.
-        checkpoint = FileFingerprint(args.checkpoint)
-        model.load_weights(args.checkpoint)
-        checkpoint.check_unchanged()
-        if args.crf:
-            import_densecrf()
-        protocol = protocol_of(cfg)
-        if args.protocol and protocol != args.protocol:
-            changed = sorted(k for k, v in PROTOCOLS[args.protocol].items()
-                             if OmegaConf.select(cfg, k) != v)
-            if main_process:
-                print(f"note: overrides change {', '.join(changed)} of --protocol "
-                      f"{args.protocol}: recorded as protocol {protocol!r}", flush=True)
-        settings = {"tool": "infer_seg", "checkpoint": str(Path(args.checkpoint).resolve()),
-                    "checkpoint_sha256": checkpoint.sha256,
-                    **source, "protocol": protocol, "long_side": cfg.infer.long_side,
-                    "scales": list(cfg.infer.scales), "flip": cfg.infer.flip,
-                    "crf": dict(CRF_SETTINGS) if args.crf else None,
-                    "crf_min_prob": args.crf_min_prob if args.crf else None}
-        check_run_settings(args.out_dir, settings, args.overwrite)
-    except (ConfigError, DataError, FileNotFoundError, ImportError, KeyError, RuntimeError,
-            ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    info = D.init_distributed(cfg.device)
-    try:
-        model.to(info.device).eval()
-        files = OutputFiles(args.out_dir, kinds)
-        job = SegInference(model, images, files, cfg, args, info.device)
-        counts = run_sharded(job, images.names, files, OmegaConf.to_yaml(cfg), settings)
-    finally:
-        D.cleanup()
-    if counts is None:
-        return 2
-    if info.rank == 0:
-        ran, scored = counts
-        total = len(images.names)
-        print(f"{label}: {ran} of {total} images predicted, {total - ran} "
-              f"reused from {args.out_dir}")
-        if scored:
-            scores = job.matrix.compute(class_names(cfg))
-            print(format_scores(scores))
-            result = {**source, "num_images": total, "num_scored": scored,
-                      **{k: settings[k] for k in ("checkpoint_sha256", "protocol", "long_side",
-                                                  "scales", "flip", "crf")},
-                      "seg": scores.to_dict()}
-            if note:
-                result["subset_note"] = note
-            write_atomic(args.out_dir / "scores.json",
-                         lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
-        elif not args.images:  # a folder has no masks: nothing to say
-            print("no ground-truth masks: predictions only, no scores")
-    return 0
+    return run.execute(
+        lambda files, device: SegInference(run.model, run.images, files, cfg, args, device),
+        kinds, done="predicted", outputs="predictions",
+        scores=lambda job, total, scored: _scores(run, job, total, scored))
 
 
 if __name__ == "__main__":
