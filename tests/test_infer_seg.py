@@ -238,7 +238,7 @@ def test_protocol_presets_set_infer_values_and_explicit_overrides_win(setup, tmp
         cfg = load_config(voc, infer_seg._dotlist(values))
         assert infer_seg.protocol_of(cfg) == name
         assert list(cfg.infer.scales) == values["infer.scales"]
-    assert infer_seg.protocol_of(load_config(voc, ["infer.crf_bilateral_srgb=13"])) == "custom"
+    assert infer_seg.protocol_of(load_config(voc, ["infer.flip=false"])) == "custom"
 
     # The preset's scales arrive; the test's infer.long_side=64 override still wins, so the run
     # is recorded as custom, with a note naming what differs.
@@ -267,11 +267,11 @@ def test_help_says_what_each_protocol_sets(capsys):
     text = capsys.readouterr().out
     assert "paper: infer.scales=[1.0,0.5,0.75]" in text
     assert "maintainers: infer.scales=[0.5,0.75,1.0,1.25,1.5]" in text
-    for setting in ("infer.long_side=512", "infer.flip=true", "infer.crf_iters=10",
-                    "infer.crf_gauss_sxy=3.0", "infer.crf_gauss_compat=3.0",
-                    "infer.crf_bilateral_sxy=64.0", "infer.crf_bilateral_srgb=5.0",
-                    "infer.crf_bilateral_compat=4.0"):
+    for setting in ("infer.long_side=512", "infer.flip=true"):
         assert setting in text
+    assert ("--crf, with either: the authors' dense CRF, iterations=10 gaussian_sxy=3.0 "
+            "gaussian_compat=3.0 bilateral_sxy=64.0 bilateral_srgb=5.0 bilateral_compat=4.0"
+            in " ".join(text.split()))
     assert "66.0" in text
 
 

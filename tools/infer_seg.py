@@ -104,16 +104,13 @@ from afa.viz import overlay_label
 
 __all__ = ["PROTOCOLS", "main", "parse_args", "protocol_of"]
 
-# The CRF both protocols use: utils/dcrf.py as set up in the authors' scripts/test_msc_flip.py.
-_AUTHORS_CRF = {"infer.crf_iters": 10, "infer.crf_gauss_sxy": 3.0, "infer.crf_gauss_compat": 3.0,
-                "infer.crf_bilateral_sxy": 64.0, "infer.crf_bilateral_srgb": 5.0,
-                "infer.crf_bilateral_compat": 4.0}
 # Named test protocols: the infer.* values each sets (module docstring: which figure each is for).
+# --crf runs the authors' dense CRF with either (afa.crf.CRF_SETTINGS: utils/dcrf.py as set up in
+# their scripts/test_msc_flip.py).
 PROTOCOLS = {
-    "paper": {"infer.long_side": 512, "infer.scales": [1.0, 0.5, 0.75], "infer.flip": True,
-              **_AUTHORS_CRF},
+    "paper": {"infer.long_side": 512, "infer.scales": [1.0, 0.5, 0.75], "infer.flip": True},
     "maintainers": {"infer.long_side": 512, "infer.scales": [0.5, 0.75, 1.0, 1.25, 1.5],
-                    "infer.flip": True, **_AUTHORS_CRF},
+                    "infer.flip": True},
 }
 
 
@@ -148,6 +145,9 @@ def _protocols_help() -> str:
         lines.append(f"  {name}: {' '.join(_dotlist(own))}")
         lines += textwrap.wrap(_PROTOCOL_PURPOSE[name], 96, initial_indent="    ",
                                subsequent_indent="    ")
+    crf = " ".join(f"{k}={v}" for k, v in CRF_SETTINGS.items())
+    lines += textwrap.wrap(f"--crf, with either: the authors' dense CRF, {crf}", 96,
+                           initial_indent="  ", subsequent_indent="    ")
     return "\n".join(lines)
 
 
