@@ -32,9 +32,9 @@ each with its horizontal flip (``infer.flip``; the pair is averaged); the elemen
 the logits over the scales, taken on the logit grid of scale 1 and then upsampled to the image,
 gives the prediction (``afa.inference.predict_seg_logits``, the authors' released
 ``scripts/test_msc_flip.py`` to the pixel). With ``--crf`` the softmax of those logits is refined
-by a dense CRF (``infer.crf_*``) in a pool of worker processes (``--crf-workers``; default: the
-usable CPUs shared among the ranks of the machine), while the network goes on with the next
-images.
+by the authors' dense CRF (``afa.crf.CRF_SETTINGS``) in a pool of worker processes
+(``--crf-workers``; default: the usable CPUs shared among the ranks of the machine), while the
+network goes on with the next images.
 
 Two named protocols (``--protocol``) set the ``infer.*`` values; ``key=value`` overrides and
 ``--scales`` (shorthand for ``infer.scales=[...]``) still win, and ``--crf`` still switches the
