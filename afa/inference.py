@@ -58,11 +58,13 @@ from afa.config import load_config
 from afa.constants import IGNORE_INDEX
 from afa.data.folder import ImageFolder
 from afa.data.lists import subset_note
-from afa.data.voc import DataError, VOCStyleDataset
+from afa.data.voc import VOCStyleDataset
 from afa.engine import distributed as D
 from afa.engine.run_config import model_config_from_checkpoint
+from afa.errors import USER_ERRORS, UsageError
 from afa.host_memory import keep_freed_host_memory
 from afa.models import AFANet
+from afa.models.weights import load_checkpoint_weights
 
 __all__ = [
     "SETTINGS_FILE",
@@ -328,9 +330,10 @@ class FileFingerprint:
         self.check_unchanged()
 
     def check_unchanged(self) -> None:
-        """``ValueError`` when the file was replaced or rewritten since it was hashed."""
+        """:class:`~afa.errors.UsageError` when the file was replaced or rewritten since it was
+        hashed."""
         if _file_identity(self.path) != self._identity:
-            raise ValueError(f"{self.path}: the file changed while this run read it (a training "
+            raise UsageError(f"{self.path}: the file changed while this run read it (a training "
                              "run saving it?); run again once it is written")
 
 
@@ -349,7 +352,8 @@ def check_run_settings(out_dir: str | os.PathLike, settings: dict, overwrite: bo
 
     Without ``overwrite``, existing outputs are kept and reused; mixing, say, CRF and plain
     predictions, or the predictions of two sets of weights, in one directory would silently
-    corrupt the scores, so differing settings raise ``ValueError`` naming the keys. The
+    corrupt the scores, so differing settings raise :class:`~afa.errors.UsageError` (a
+    ``ValueError``) naming the keys. The
     checkpoint is compared by its content (``settings["checkpoint_sha256"]``), not by its path
     (:data:`RECORDED_ONLY`): new weights saved over ``best.pth`` are refused, the same file moved
     elsewhere resumes. With ``overwrite`` everything is recomputed anyway. The caller writes the
@@ -362,14 +366,14 @@ def check_run_settings(out_dir: str | os.PathLike, settings: dict, overwrite: bo
     try:
         old = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a JSON settings file ({err}); pass --overwrite") from err
+        raise UsageError(f"{path}: not a JSON settings file ({err}); pass --overwrite") from err
     normalised = json.loads(json.dumps(settings))  # tuples -> lists, as stored
     differing = sorted(key for key in set(old) | set(normalised)
                        if key not in RECORDED_ONLY and old.get(key) != normalised.get(key))
     if differing:
         details = "; ".join(_describe_difference(key, old.get(key), normalised.get(key))
                             for key in differing)
-        raise ValueError(f"{path}: {out_dir} holds outputs of a run with other settings "
+        raise UsageError(f"{path}: {out_dir} holds outputs of a run with other settings "
                          f"({details}); pass --overwrite to recompute them or pick another "
                          "--out-dir")
 
@@ -392,7 +396,7 @@ def run_sharded(job, names: list[str], files: OutputFiles, config_yaml: str,
     ran, failed = 0, 0
     try:
         ran = job.run(names[D.rank()::D.world_size()])
-    except (DataError, ValueError) as err:
+    except USER_ERRORS as err:
         print(f"error (rank {D.rank()}): {err}", file=sys.stderr)
         failed = 1
     counts = torch.tensor([ran, job.scored, failed], dtype=torch.int64, device=job.device)
@@ -462,7 +466,7 @@ class InferenceRun:
         # The outputs are tied to the weights, not to the path (best.pth is rewritten as
         # training goes on): hash the file, load it, and make sure it is still the one hashed.
         checkpoint = FileFingerprint(args.checkpoint)
-        model.load_weights(args.checkpoint)
+        load_checkpoint_weights(model, args.checkpoint)
         checkpoint.check_unchanged()
         return cls(args, cfg, images, label, source, note, model, checkpoint)
 

@@ -49,13 +49,15 @@ from afa.affinity import affinity_label, radius_mask, token_labels
 from afa.cam import multi_scale_cam
 from afa.config import ConfigError, load_config
 from afa.constants import IGNORE_INDEX, CamThresholds
-from afa.data import DataError, build_datasets, class_names, denormalize
+from afa.data import build_datasets, class_names, denormalize
 from afa.engine.precision import autocast, resolve_amp
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import check_image_size
+from afa.errors import USER_ERRORS, UsageError
 from afa.host_memory import keep_freed_host_memory
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
+from afa.models.weights import load_checkpoint_weights
 from afa.pseudo_labels import make_pseudo_labels
 
 ROWS = ("bkg_score", "low", "grid", "learned", "perfect")
@@ -241,12 +243,12 @@ def main(argv=None) -> int:
         if args.limit:
             dataset = Subset(dataset, range(min(args.limit, len(dataset))))
         model = AFANet(**C.model_kwargs(cfg))
-        model.load_weights(args.checkpoint)
+        load_checkpoint_weights(model, args.checkpoint)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError("tools/ablate_affinity.py runs in one process: start it with "
+            raise UsageError("tools/ablate_affinity.py runs in one process: start it with "
                                "python, not torchrun")
         if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device=cuda was requested but CUDA is not available; use "
+            raise ConfigError("device=cuda was requested but CUDA is not available; use "
                                "device=cpu")
         use_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
         device = torch.device("cuda" if use_cuda else "cpu")
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
                         cam_scales=tuple(cfg.cam.scales), bkg_score=cfg.cam.thresholds.background,
                         low=cfg.cam.thresholds.low, radius=cfg.cam.radius, class_names=names,
                         amp=resolve_amp(device, cfg.train.amp))
-    except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{cfg.data.val_split}, {len(dataset)} images")

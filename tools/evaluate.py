@@ -36,13 +36,15 @@ from torch.utils.data import Subset
 
 from afa import config as C
 from afa.config import ConfigError, load_config
-from afa.data import DataError, build_datasets, class_names
+from afa.data import build_datasets, class_names
 from afa.data.lists import subset_note
 from afa.engine import distributed as D
 from afa.engine.precision import resolve_amp
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import format_table, validate
+from afa.errors import USER_ERRORS
 from afa.models import PAR, AFANet
+from afa.models.weights import load_checkpoint_weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,8 +109,8 @@ def main(argv=None) -> int:
                       f"{cfg.data.val_split} (--limit / data.val_max_images): not the split's "
                       "scores", flush=True)
         model = AFANet(**C.model_kwargs(cfg))
-        model.load_weights(args.checkpoint)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError) as err:
+        load_checkpoint_weights(model, args.checkpoint)
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = D.init_distributed(cfg.device)

@@ -91,11 +91,11 @@ from tqdm import tqdm
 from afa import config as C
 from afa.atomic import write_atomic
 from afa.cam import MultiScaleCAM, multi_scale_cam
-from afa.config import ConfigError
 from afa.constants import IGNORE_INDEX, CamThresholds
-from afa.data import DataError, class_names, denormalize, normalize, write_mask
+from afa.data import class_names, denormalize, normalize, write_mask
 from afa.data.folder import ImageFolder
 from afa.engine import distributed as D
+from afa.errors import USER_ERRORS, UsageError
 from afa.inference import (ImageSet, InferenceRun, OutputFiles, classes_from_logits,
                            long_side_size, mask_ignored, run_config, save_npy_atomic,
                            write_rgb_png_atomic)
@@ -167,16 +167,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def given_classes(text: str | None, names: list[str]) -> list[int] | None:
-    """The class indices of ``--classes a,b`` (None for ``auto`` or nothing); ValueError naming
+    """The class indices of ``--classes a,b`` (None for ``auto`` or nothing); UsageError naming
     an unknown name and listing the known ones."""
     if text is None or text == "auto":
         return None
     wanted = [part.strip() for part in text.split(",") if part.strip()]
     if not wanted:
-        raise ValueError("--classes: give 'auto' or class names separated by commas")
+        raise UsageError("--classes: give 'auto' or class names separated by commas")
     unknown = [name for name in wanted if name not in names[1:]]
     if unknown:
-        raise ValueError(f"--classes: unknown class {', '.join(map(repr, unknown))}; the "
+        raise UsageError(f"--classes: unknown class {', '.join(map(repr, unknown))}; the "
                          f"classes of this config are {', '.join(names[1:])}")
     return sorted({names.index(name) for name in wanted})
 
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
                    # None when off, so that directories of older runs still resume.
                    max_side=args.max_side or None,
                    heatmaps=True if args.images or args.heatmaps else None)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     kinds = {kind: ".png" for kind in KINDS}

@@ -91,10 +91,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from afa import config as C
-from afa.config import ConfigError
 from afa.crf import CRF_SETTINGS, dense_crf_many, import_densecrf
 from afa.data import DataError, class_names, normalize, write_mask
 from afa.engine import distributed as D
+from afa.errors import USER_ERRORS
 from afa.inference import (ImageSet, InferenceRun, OutputFiles, likely_classes,
                            predict_seg_logits, run_config, save_npy_atomic, seg_input_sizes,
                            write_rgb_png_atomic)
@@ -348,8 +348,7 @@ def main(argv=None) -> int:
                    long_side=cfg.infer.long_side, scales=list(cfg.infer.scales),
                    flip=cfg.infer.flip, crf=dict(CRF_SETTINGS) if args.crf else None,
                    crf_min_prob=args.crf_min_prob if args.crf else None)
-    except (ConfigError, DataError, FileNotFoundError, ImportError, KeyError, RuntimeError,
-            ValueError) as err:
+    except (*USER_ERRORS, ImportError) as err:  # ImportError: --crf without pydensecrf
         print(f"error: {err}", file=sys.stderr)
         return 2
     kinds = {"pred": ".png"}

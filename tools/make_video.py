@@ -55,6 +55,7 @@ from tqdm import tqdm
 from afa.atomic import write_atomic
 from afa.data import DataError, class_names, read_image
 from afa.data.folder import ImageFolder
+from afa.errors import USER_ERRORS
 from afa.io import read_label_png
 from afa.viz import label_legend, make_grid, overlay_label
 
@@ -255,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         frames = render_frames(folder, seg_dir=args.seg_dir, cam_dir=args.cam_dir,
                                max_width=args.max_width,
                                legend_min_area=args.legend_min_area, limit=args.limit)
-    except DataError as err:
+    except USER_ERRORS as err:
         print(f"make_video: error: {err}", file=sys.stderr)
         return 2
     write_gif(args.out, frames, args.fps, args.colors)

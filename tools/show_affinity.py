@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from afa import config as C
-from afa.config import ConfigError, load_config
-from afa.data import DataError, normalize, read_image
+from afa.config import load_config
+from afa.data import normalize, read_image
 from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import check_image_size
+from afa.errors import USER_ERRORS, UsageError
 from afa.inference import resize_long_side
 from afa.io import write_rgb_png
 from afa.models import AFANet
+from afa.models.weights import load_checkpoint_weights
 from afa.viz import affinity_overlay, colorize_label, make_grid
 
 
@@ -42,6 +44,9 @@ def _pixel(text: str) -> tuple[int, int]:
 def affinity_picture(model: AFANet, image, pixels, long_side: int | None):
     """The grid for ``image`` (H, W, 3) uint8 and query ``pixels`` [(y, x), ...]."""
     height, width = image.shape[:2]
+    for y, x in pixels:  # before the network runs
+        if not (0 <= y < height and 0 <= x < width):
+            raise UsageError(f"pixel (y={y}, x={x}) lies outside the {height}x{width} image")
     x = resize_long_side(normalize(image)[None], long_side)
     check_image_size(f"the image ({height}x{width} px, long side resized to {long_side})"
                      if long_side else "the image", tuple(x.shape[-2:]), model, (1.0,))
@@ -80,11 +85,10 @@ def main(argv=None) -> int:
         if taken:
             print(taken)
         model = AFANet(**C.model_kwargs(cfg)).eval()
-        model.load_weights(args.checkpoint)
+        load_checkpoint_weights(model, args.checkpoint)
         image = read_image(args.image)
         picture = affinity_picture(model, image, args.pixels, cfg.infer.long_side)
-    except (ConfigError, DataError, FileNotFoundError, KeyError, RuntimeError,
-            ValueError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -42,12 +42,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from afa.config import ConfigError, load_config
-from afa.data import DataError
-from afa.engine.run_lock import WorkDirBusy
+from afa.config import load_config
 from afa.engine.trainer import TrainingInterrupted, train
-from afa.models import WeightsError
-from afa.safe_load import CheckpointError
+from afa.errors import USER_ERRORS
 
 
 def parse_args(argv=None):
@@ -85,8 +82,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         train(cfg, resume=args.resume, overwrite=args.overwrite,
               allow_config_change=args.allow_config_change)
-    except (ConfigError, DataError, WeightsError, CheckpointError, WorkDirBusy,
-            FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a full disk, a read-only or missing folder: the path and the cause
