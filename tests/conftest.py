@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 # Real VOC photos with masks: a small set in the repository, and an optional larger one beside it.
@@ -122,14 +123,16 @@ SLOW: dict[str, tuple[str, ...]] = {
     # The tool in two subprocesses, one on a pseudo-terminal: 6 s.
     "test_demo_data.py": ("test_progress_bars_only_on_a_terminal",),
     "test_eval_miou.py": ("test_command_line",),  # a subprocess: 3 s
-    # A filter process killed mid-run: 7 s.
-    "test_gpu_ready.py": ("test_a_killed_filter_process_costs_neither_the_step_nor_the_exit",),
+    # tools/train.py in a subprocess: 3 s.
+    "test_config.py": ("test_unknown_key_wrong_type_and_missing_root_are_named",),
     # A subprocess faulting a large tensor in: 9 s.
     "test_host_memory.py": (
         "test_a_repeated_large_tensor_reuses_its_memory_instead_of_faulting_it_in",),
     # torchrun with 2 processes: 9 s.
     "test_image_folder.py": ("test_torchrun_shards_a_folder_like_one_process", "*[voc_mini]"),
     "test_infer_seg.py": ("test_torchrun_*",),  # torchrun with 2 processes: 6-7 s each
+    # A filter process killed mid-run: 7 s.
+    "test_losses.py": ("test_a_killed_filter_process_costs_neither_the_step_nor_the_exit",),
     "test_prepare_voc.py": ("*[voc_mini]",),
     # The demo end to end (make, train, score, rerun): 46 s; the set made as configured: 8 s.
     "test_run_demo.py": ("test_run_demo_generates_trains_scores_and_is_rerunnable",
@@ -138,18 +141,16 @@ SLOW: dict[str, tuple[str, ...]] = {
     "test_safe_checkpoints.py": (
         "test_a_second_run_in_one_work_dir_is_refused_until_the_first_dies",
         "test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous"),
-    # gloo DDP through torchrun: 13 s each; tools/train.py in a subprocess and trainer runs in
-    # bfloat16 and float32: 3 s each.
-    "test_train.py": ("test_accumulation_equals_more_processes",
-                      "test_two_processes_gloo_agree_and_validate_like_one",
-                      "test_amp_auto_is_bf16_only_where_the_device_computes_it",
-                      "test_unknown_key_wrong_type_and_missing_root_are_named"),
+    # gloo DDP through torchrun: 13 s each; trainer runs in bfloat16 and float32: 3 s.
+    "test_trainer.py": ("test_accumulation_equals_more_processes",
+                        "test_two_processes_gloo_agree_and_validate_like_one",
+                        "test_amp_auto_is_bf16_only_where_the_device_computes_it"),
     # Signals to trainer process groups: 9-15 s; a corrupt image mid-run: 16 s; resume on another
     # number of processes: 12 s; a stop during validation: 3-4 s.
-    "test_train_robustness.py": ("test_signal_to_the_process_group_*",
-                                 "test_corrupt_training_image_mid_run",
-                                 "test_resume_on_another_number_of_processes",
-                                 "test_stop_during_validation_takes_effect_at_the_next_image*"),
+    "test_trainer_faults.py": ("test_signal_to_the_process_group_*",
+                               "test_corrupt_training_image_mid_run",
+                               "test_resume_on_another_number_of_processes",
+                               "test_stop_during_validation_takes_effect_at_the_next_image*"),
     # Every tool on every photo size of each set: 66 s on the 18 photos, 102 s on the 60.
     "test_voc_mini_end_to_end.py": ("*",),
     # Processes killed under a worker pool: 4-10 s.
@@ -222,6 +223,13 @@ def assert_same_labels(actual: torch.Tensor, expected: torch.Tensor, device: tor
     allowed = 0 if device.type == "cpu" else int(fraction * expected.numel())
     assert differ <= allowed, (f"{name}: {differ} of {expected.numel()} entries differ "
                                f"({allowed} allowed on {device})")
+
+
+def smooth(shape, generator):
+    """Blobby values in [0, 1] (upsampled noise): PAR and the CAMs see structure, not static."""
+    small = torch.rand(*shape[:-2], max(2, shape[-2] // 6), max(2, shape[-1] // 6),
+                       generator=generator)
+    return F.interpolate(small, size=shape[-2:], mode="bilinear", align_corners=False)
 
 
 def load_tool(name: str):

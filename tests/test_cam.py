@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import assert_same_labels, device_tol
+from conftest import assert_same_labels, device_tol, smooth
 
-from afa.cam import (box_mask, cam_to_label, multi_scale_cam, refine_cams_with_par,
-                     refine_propagated_cams)
+from afa.cam import (_combine_high_low, box_mask, cam_to_label, multi_scale_cam, present_classes,
+                     refine_cams_with_par, refine_propagated_cams)
 from afa.models import CAMForward
 from afa.models.par import PAR
 
@@ -212,3 +212,43 @@ def test_affinity_pseudo_label_uses_only_the_box_crop(device):
     low = keys[refined[:, 2:].argmax(dim=1)[0]]
     expected = torch.where(high == 0, torch.where(low == 0, 0, 255), high)
     assert_same_labels(label[1, 2:30, 4:24], expected, device, "image 1")
+
+
+def _per_crop_reference(par, rgb, walked_high, walked_low, labels, boxes, ignore_index=255):
+    """The per-image loop refine_propagated_cams used to be (one PAR call per box crop)."""
+    batch, _, height, width = walked_high.shape
+    index, valid = present_classes(labels)
+    label = torch.full((batch, height, width), ignore_index, dtype=torch.long)
+    for b, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        if y1 <= y0 or x1 <= x0:
+            continue
+        keys = index[b][valid[b]]
+        small = (max(1, (y1 - y0) // 2), max(1, (x1 - x0) // 2))
+        small_rgb = F.interpolate(rgb[b:b + 1, :, y0:y1, x0:x1], size=small, mode="bilinear",
+                                  align_corners=False)
+        stack = torch.cat([walked_high[b:b + 1, keys, y0:y1, x0:x1],
+                           walked_low[b:b + 1, keys, y0:y1, x0:x1]], dim=1)
+        refined = F.interpolate(par(small_rgb, stack), size=(y1 - y0, x1 - x0),
+                                mode="bilinear", align_corners=False)
+        high, low = (keys[part.max(dim=1).indices] for part in refined.chunk(2, dim=1))
+        label[b:b + 1, y0:y1, x0:x1] = _combine_high_low(high, low, ignore_index)
+    return label
+
+
+def test_affinity_pseudo_label_of_a_batch_equals_the_per_crop_loop(device):
+    g = torch.Generator().manual_seed(1)
+    par = PAR(dilations=(1, 2, 4, 8), num_iter=5)
+    batch, classes, size = 4, 6, (58, 47)
+    rgb = smooth((batch, 3, *size), g)
+    labels = torch.zeros(batch, classes - 1)
+    labels[0, 1] = labels[1, [0, 3, 4]] = labels[2, 2] = labels[3, [1, 2]] = 1
+    walked_high = smooth((batch, classes, *size), g) * F.pad(labels, (1, 0), value=1)[..., None, None]
+    walked_low = walked_high * torch.linspace(0.5, 1.5, classes)[None, :, None, None]
+    boxes = torch.tensor([[0, 58, 0, 47], [3, 50, 5, 36], [0, 0, 0, 0], [11, 58, 0, 21]])
+    expected = _per_crop_reference(par, rgb, walked_high, walked_low, labels, boxes)
+    host = dict(box_list=boxes.tolist(), max_present=3)
+    got = refine_propagated_cams(par.to(device), rgb.to(device), walked_high.to(device),
+                                 walked_low.to(device), labels.to(device), boxes.to(device),
+                                 **host)
+    assert_same_labels(got, expected, device, "affinity pseudo label")
+    assert (got[2] == 255).all()  # the crop of padding only

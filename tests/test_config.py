@@ -1,5 +1,9 @@
-"""Config values: out-of-range settings are one-line errors where the config is loaded, and
-settings that run but probably mislead are warned about in train.log."""
+"""Config values: unknown keys, wrong types and out-of-range settings are one-line errors where
+the config is loaded, and settings that run but probably mislead are warned about in train.log;
+the phase keys and the default weights of each backbone."""
+
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +62,35 @@ def test_the_paper_schedule_cut_short_names_the_peak():
     assert "optim.warmup_iters=1500 is not below train.max_iters=300" in warning
     assert "peaks at 1.2e-05 instead of optim.lr=6e-05" in warning
     assert "train.cam_iters=2000 is not below train.max_iters=300" in cam_only
+
+
+def test_phase_keys_are_checked():
+    with pytest.raises(ConfigError, match="'train.cls_phase_stride' must be four strides"):
+        load_config(DEMO_CONFIG, ["train.cls_phase_stride=[4,2,2]"])
+    with pytest.raises(ConfigError, match="'optim.joint_lr'.*0 < train.cam_iters"):
+        load_config(DEMO_CONFIG, ["optim.joint_lr=1e-3", "train.cam_iters=0"])
+    cfg = load_config(REPO / "configs" / "demo_full.yaml")
+    assert cfg.train.cls_phase_stride == [4, 2, 2, 1] and cfg.model.stride == [4, 2, 1, 1]
+
+
+def test_unknown_key_wrong_type_and_missing_root_are_named(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="train.max_iter'"):
+        load_config(DEMO_CONFIG, ["train.max_iter=3"])
+    with pytest.raises(ConfigError, match="train.max_iters"):
+        load_config(DEMO_CONFIG, ["train.max_iters=many"])
+    missing = tmp_path / "no_such_root"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train.py"), "--config", str(DEMO_CONFIG),
+         f"data.root={missing}", f"data.list_dir={tiny_data}", f"work_dir={tmp_path / 'w'}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr
+
+
+@pytest.mark.cpu_only
+def test_default_weights_follow_the_backbone_and_unknown_backbones_are_refused():
+    voc = REPO / "configs" / "voc.yaml"
+    assert load_config(voc).model.pretrained == "pretrained/mit_b1.pth"
+    assert load_config(voc, ["model.backbone=mit_b0"]).model.pretrained == "pretrained/mit_b0.pth"
+    with pytest.raises(ConfigError, match="'model.backbone' must be one of .*mit_b6"):
+        load_config(voc, ["model.backbone=mit_b6"])

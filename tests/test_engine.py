@@ -1,12 +1,12 @@
-"""Engine pieces on their own: the schedule, optimiser groups (on ``TORCH_DEVICE``), checkpoints,
-the data order."""
+"""Engine pieces on their own: the schedule, optimiser groups (on ``TORCH_DEVICE``), checkpoints
+and the gradient scaler's state in them, the data order."""
 
 import pytest
 import torch
 
 from afa import config as C
 from afa.config import ConfigError, load_config
-from afa.engine.checkpoint import CheckpointManager
+from afa.engine.checkpoint import CheckpointManager, load_scaler_state
 from afa.engine.data_order import ResumableSampler
 from afa.engine.optim import build_optimizer, lr_at, set_lr
 from afa.models import AFANet
@@ -123,3 +123,13 @@ def test_run_record_tells_a_module_without_package_metadata_from_a_missing_one(m
     assert "pydensecrf2 version unknown (importable, no package metadata)" in libraries
     assert "omegaconf not installed" in libraries
     assert f"numpy {real_version('numpy')}" in libraries
+
+
+@pytest.mark.cpu_only
+def test_scaler_state_follows_the_amp_setting():
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    assert "starts afresh" in load_scaler_state(fresh, {})  # was fp32/bf16, now fp16
+    saved = torch.amp.GradScaler("cpu", init_scale=8.0).state_dict()
+    assert load_scaler_state(fresh, saved) is None and fresh.get_scale() == 8.0
+    disabled = torch.amp.GradScaler("cpu", enabled=False)  # was fp16, now bf16/fp32
+    assert load_scaler_state(disabled, saved) is None

@@ -1,4 +1,10 @@
-"""Loss terms, the DenseCRF loss against a brute-force dense Gaussian, and compute_afa_losses."""
+"""Loss terms, the DenseCRF loss against a brute-force dense Gaussian, its filter started early in
+worker processes (and a killed one), and compute_afa_losses."""
+
+import logging
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +18,7 @@ from afa.losses import (DenseCRFLoss, affinity_loss, balanced_seg_loss, bilatera
                         classification_loss)
 from afa.models.par import PAR
 from afa.pseudo_labels import compute_afa_losses
+from conftest import smooth
 
 needs_pydensecrf = pytest.mark.skipif(afa.losses.dcrf is None, reason="pydensecrf2 is absent")
 
@@ -241,3 +248,96 @@ def test_affinity_loss_balance_weighs_object_pairs_like_background_pairs():
     assert balanced == pytest.approx(0.5 * 0.5 * 1 / (1 + 1))
     perfect = target.float()
     assert affinity_loss(perfect, target, background) == 0
+
+
+def test_regularized_loss_started_early_in_worker_processes_is_the_same():
+    """The filter in a pool started right after the forward = the filter inline, bit for bit."""
+    results = []
+    for workers in (0, 1):
+        crf = DenseCRFLoss(workers=workers)
+        try:
+            g = torch.Generator().manual_seed(3)
+            rgb = smooth((2, 3, 46, 39), g)
+            logits = torch.randn(2, 5, 46, 39, generator=g, requires_grad=True)
+            label = torch.randint(0, 5, (2, 46, 39), generator=g)
+            label[:, :8] = 255
+            boxes = torch.tensor([[0, 46, 0, 39], [5, 40, 3, 30]])
+            pending = crf.start(rgb, logits.softmax(dim=1), boxes)
+            loss = pending.loss(label)
+            loss.backward()
+            results.append((loss.detach(), logits.grad.clone()))
+        finally:
+            crf.close()
+    assert results[0][0].item() != 0
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+def test_a_killed_filter_process_costs_neither_the_step_nor_the_exit(caplog):
+    """A filter process killed from outside (the out-of-memory killer, say) breaks the pool. The
+    step is filtered in this process with the same numbers, the pool's other processes, which
+    ignore SIGTERM, are killed (the pool's own clean-up would wait for them forever, and so would
+    the interpreter's exit), and the next step starts new processes."""
+    g = torch.Generator().manual_seed(5)
+    rgb = smooth((2, 3, 40, 36), g)
+    probs = torch.randn(2, 4, 40, 36, generator=g).softmax(dim=1)
+    label = torch.randint(0, 4, (2, 40, 36), generator=g)
+    boxes = torch.tensor([[0, 40, 0, 36], [2, 38, 4, 30]])
+    expected = DenseCRFLoss(workers=0).start(rgb, probs, boxes).loss(label)
+    crf = DenseCRFLoss(workers=2)
+    try:
+        assert torch.equal(crf.start(rgb, probs, boxes).loss(label), expected)  # pool started
+        first = crf._pool
+        processes = list(first._processes.values())
+        assert len(processes) == 2 and all(p.is_alive() for p in processes)
+        pending = crf.start(rgb, probs, boxes)
+        os.kill(processes[0].pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while not first._broken and time.time() < deadline:  # the pool notices the death
+            time.sleep(0.01)
+        assert first._broken
+        with caplog.at_level(logging.WARNING, logger="afa.losses"):
+            # The filter may have finished before the kill; then the break shows at the next step.
+            got = [pending.loss(label), crf.start(rgb, probs, boxes).loss(label)]
+        assert all(torch.equal(x, expected) for x in got)
+        assert "filter process of the regularized loss died" in caplog.text
+        # The pool's manager thread joins these processes too: when it reaps one first,
+        # is_alive() here reads None until that thread has stored the exit code. Poll.
+        deadline = time.time() + 30
+        while any(p.is_alive() for p in processes) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in processes if p.is_alive()]
+        assert crf._pool is not first
+        assert torch.equal(crf.start(rgb, probs, boxes).loss(label), expected)  # a new pool
+        assert crf._pool is not None and crf._pool is not first
+    finally:
+        crf.close()
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("box", [(0, 64, 0, 64), (0, 0, 0, 0)])
+def test_crop_whose_pseudo_label_is_all_ignore_gives_finite_losses(box):
+    """CAMs inside the uncertain band everywhere (between low 0.35 and high 0.55), or a crop of
+    padding only: every pseudo label and affinity label is ignore, a NaN source reported by users
+    of the authors' follow-up code. Every loss term, the regularized one included, and every
+    gradient stay finite."""
+    from afa.losses import DenseCRFLoss
+    from afa.pseudo_labels import compute_afa_losses
+
+    torch.manual_seed(0)
+    seg_logits = torch.randn(2, 9, 16, 16, requires_grad=True)
+    aff_logits = torch.randn(2, 16, 16, requires_grad=True)
+    cls_logits = torch.randn(2, 8, requires_grad=True)
+    labels = torch.eye(8)[:2]
+    terms = compute_afa_losses(
+        cls_logits, seg_logits, aff_logits.sigmoid(), torch.full((2, 8, 64, 64), 0.45),
+        torch.full((2, 16, 16), 1 / 16), ((4, 4), (4, 4)), torch.rand(2, 3, 64, 64), labels,
+        torch.tensor([box, box]), par=PAR(num_iter=3), crf_loss=DenseCRFLoss(),
+        affinity_target=True)
+    for name in ("refined_label", "aff_pseudo_label", "seg_target", "aff_label"):
+        assert (getattr(terms, name) == 255).all(), name
+    for name in ("cls_loss", "seg_loss", "aff_loss", "reg_loss", "total"):
+        assert torch.isfinite(getattr(terms, name)), name
+    terms.total.backward()
+    for tensor in (seg_logits, aff_logits, cls_logits):
+        assert torch.isfinite(tensor.grad).all()

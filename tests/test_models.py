@@ -1,4 +1,5 @@
-"""The AFA network: MiT variants, shapes, attention logits, gradients, checkpoints.
+"""The AFA network: MiT variants, shapes, attention logits, gradients, checkpoints, the decoder
+against SegFormer's concatenating head.
 
 Tests that take ``device`` run on ``TORCH_DEVICE`` (see conftest); layout and weight-file tests
 need no device (``meta`` tensors, CPU files).
@@ -407,3 +408,49 @@ def test_forward_and_gradients_on_the_device_match_the_cpu(device, mode):
         close(grads[name], grad, f"{name}.grad", 1e-4, 1e-6)
     for name, buf in cpu_model.state_dict().items():  # BatchNorm running statistics included
         close(model.state_dict()[name], buf, name, 1e-5, 1e-6)
+
+
+def _concat_head(head, features):
+    """SegFormer's head as written: project, upsample, concatenate deepest first, fuse."""
+    size = features[0].shape[2:]
+    projected = []
+    for i in reversed(range(len(features))):
+        x = getattr(head, f"linear_c{i + 1}")(features[i])
+        projected.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                         if x.shape[2:] != size else x)
+    x = head.linear_fuse(torch.cat(projected, dim=1))
+    return head.linear_pred(head.dropout(x))
+
+
+def test_decoder_equals_the_concatenating_head_values_gradients_and_statistics(device):
+    from afa.models.segformer_head import SegFormerHead
+
+    torch.manual_seed(0)
+    dims = (32, 64, 160, 256)
+    head = SegFormerHead(dims, embed_dim=48, num_classes=9, dropout=0.0).to(device).train()
+    reference = SegFormerHead(dims, embed_dim=48, num_classes=9, dropout=0.0).to(device).train()
+    reference.load_state_dict(head.state_dict())
+    # A 75 x 66 crop at AFA's strides 4, 8, 16, 16: stages 3 and 4 share a grid.
+    g = torch.Generator().manual_seed(1)
+    features = [torch.randn(2, c, h, w, generator=g).to(device)
+                for c, (h, w) in zip(dims, [(19, 17), (10, 9), (5, 5), (5, 5)])]
+    out = head(features)
+    expected = _concat_head(reference, features)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    # Float32 rounding relative to the largest gradient; the projection biases' gradients are 0
+    # up to that rounding (train-mode BatchNorm removes any constant shift).
+    scale = max(q.grad.abs().max().item() for q in reference.parameters())
+    for (name, p), q in zip(head.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=2e-6 * scale, msg=name)
+    for (name, b), c in zip(head.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+    # update_statistics: the same running statistics, no output.
+    stats = SegFormerHead(dims, embed_dim=48, num_classes=9).to(device).train()
+    stats.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        stats.update_statistics(features)
+        reference(features)
+    for (name, b), c in zip(stats.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)

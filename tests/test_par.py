@@ -1,4 +1,5 @@
-"""PAR against a slow reference written with explicit loops over pixels and neighbours."""
+"""PAR against a slow reference written with explicit loops over pixels and neighbours, and a
+batch of padded crops of different sizes (``bounds``) against one call per crop."""
 
 import math
 import statistics
@@ -6,8 +7,10 @@ import statistics
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from afa.models.par import PAR
+from conftest import smooth
 
 DIRECTIONS = ((-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
 PHOTO = "2007_009346.jpg"  # has flat saturated white next to texture
@@ -149,3 +152,23 @@ def test_par_affinity_is_the_formula_bit_for_bit():
     k_rgb = -((neighbours - rgb.unsqueeze(2)).abs() / (sigma + 1e-8) / par.w1) ** 2
     expected = k_rgb.mean(dim=1).softmax(dim=1) + par.pos_weight.view(1, -1, 1, 1)
     assert torch.equal(par.affinity(rgb), expected)
+
+# ------------------------------------------------------------------------------------------------
+# A batch of padded crops of different sizes in one call (bounds)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_par_with_bounds_equals_one_call_per_image(device):
+    g = torch.Generator().manual_seed(0)
+    par = PAR(dilations=(1, 2, 4, 8), num_iter=5).to(device)
+    sizes = [(37, 53), (61, 29), (23, 23), (61, 53)]  # odd, portrait, landscape, the canvas
+    canvas = (61, 53)
+    rgbs = [smooth((1, 3, *s), g) for s in sizes]
+    masks = [smooth((1, 4, *s), g).softmax(dim=1) for s in sizes]
+    pad = lambda x: F.pad(x, (0, canvas[1] - x.shape[-1], 0, canvas[0] - x.shape[-2]), value=7.0)
+    batched = par(torch.cat([pad(r) for r in rgbs]).to(device),
+                  torch.cat([pad(m) for m in masks]).to(device),
+                  bounds=torch.tensor(sizes, device=device))
+    for i, (h, w) in enumerate(sizes):
+        alone = par(rgbs[i].to(device), masks[i].to(device))
+        torch.testing.assert_close(batched[i:i + 1, :, :h, :w], alone, rtol=1e-5, atol=1e-6)

@@ -401,7 +401,7 @@ def _wrap_for_processes(model: AFANet, world: int, device: torch.device) -> torc
     # DDP compares each gradient's strides with its bucket view's, exactly. The depthwise
     # (C, 1, 3, 3) Mix-FFN convolutions and the (1, K, 1, 1) affinity projection get
     # gradients whose strides differ only along a size-1 dimension: the same memory layout,
-    # copied into the bucket like any gradient. tests/test_train.py checks that no gradient
+    # copied into the bucket like any gradient. tests/test_trainer.py checks that no gradient
     # differs in any other dimension, so the one-time "Grad strides do not match bucket view
     # strides" warning says nothing here and is silenced (that message only).
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")

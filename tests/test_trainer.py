@@ -1,11 +1,14 @@
-"""The real trainer on a tiny generated set: single process, torchrun/gloo, resume, accumulation.
+"""afa.engine.trainer: whole training runs on a tiny generated set. The artefacts of a run,
+interrupt and resume, the classification phase, precision settings, non-finite losses on the
+device, torchrun/gloo with several processes and gradient accumulation.
 
 Runs of ``tiny_config`` train on ``TORCH_DEVICE`` (tests marked ``device``); the torchrun/gloo
-runs and the runs they are compared with stay on the CPU (``cpu_only``).
+runs and the runs they are compared with stay on the CPU (``cpu_only``). Runs under signals, bad
+files, reused work dirs and resumes with another config are in test_trainer_faults.py.
 """
 
-import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,19 +19,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_CONFIG, assert_same_labels, device_tol, tiny_config, tiny_overrides
+from conftest import DEMO_CONFIG, device_tol, tiny_config, tiny_overrides
 
 from afa import config as C
 from afa.config import ConfigError, load_config
+from afa.engine import trainer as trainer_module
 from afa.engine.checkpoint import CheckpointManager
 from afa.data import build_datasets
-from afa.engine.schedule import Schedule
-from afa.engine.step import StepSettings, train_step
-from afa.engine.trainer import TrainingInterrupted, train
+from afa.engine.trainer import TrainingInterrupted, _batch_per_process, train
 from afa.engine.validate import validate
 from afa.models import PAR, AFANet
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs of one process: what they write, interrupt and resume, the classification phase
+# ------------------------------------------------------------------------------------------------
 
 
 def test_a_few_iterations_write_every_artefact(tiny_data, tmp_path, device):
@@ -179,49 +186,84 @@ def test_classification_phase_stride_and_joint_restart(tiny_data, tmp_path, monk
         assert torch.equal(value, reference[key]), key
 
 
-def test_phase_keys_are_checked():
-    with pytest.raises(ConfigError, match="'train.cls_phase_stride' must be four strides"):
-        load_config(DEMO_CONFIG, ["train.cls_phase_stride=[4,2,2]"])
-    with pytest.raises(ConfigError, match="'optim.joint_lr'.*0 < train.cam_iters"):
-        load_config(DEMO_CONFIG, ["optim.joint_lr=1e-3", "train.cam_iters=0"])
-    cfg = load_config(REPO / "configs" / "demo_full.yaml")
-    assert cfg.train.cls_phase_stride == [4, 2, 2, 1] and cfg.model.stride == [4, 2, 1, 1]
+# ------------------------------------------------------------------------------------------------
+# Precision
+# ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scales", [(1.0, 0.5), (1.0, 0.5, 1.5)])
-def test_reusing_the_training_forward_as_the_scale_1_cam(scales, device):
-    """train.lean_forwards reuses the training forward as the CAM's scale-1 copy: the same CAMs,
-    pseudo labels and losses as a second forward when the backbone is deterministic; different
-    ones under drop-path (hence an option, off by default)."""
-    cfg = load_config(DEMO_CONFIG, ["train.cam_iters=0", "train.aff_switch_iter=0",
-                                    f"cam.scales=[{','.join(map(str, scales))}]"])
-    torch.manual_seed(0)
-    images = torch.randn(2, 3, 64, 64)
-    batch = {"image": images, "label": torch.tensor([[1.0, 0, 0, 1, 0, 0, 0, 0],
-                                                      [0, 0, 1.0, 0, 0, 0, 0, 0]]),
-             "box": torch.tensor([[0, 64, 0, 64], [0, 48, 8, 64]])}
-    settings = StepSettings.from_config(cfg, "none")
-    par = PAR(num_iter=3).to(device)
+def test_a_bf16_training_run_on_cpu(tiny_data, tmp_path):
+    cfg = C.load_config(DEMO_CONFIG, tiny_overrides(tiny_data, tmp_path, **{
+        "device": "cpu", "train.amp": "bf16", "train.max_iters": 2, "train.eval_iters": 2}))
+    result = train(cfg)
+    assert set(result.scores) >= {"cam", "seg", "aff_cam"}
+    assert all(math.isfinite(result.scores[k]["miou"]) for k in ("cam", "seg"))
 
-    def step(drop_path: float, reuse: bool):
-        torch.manual_seed(1)  # the same weights, and the same drop-path draws, every call
-        model = AFANet("mit_b0", num_classes=9, embedding_dim=32,
-                       drop_path_rate=drop_path).to(device).train()
-        phase = dataclasses.replace(Schedule.from_config(cfg).phase(0), reuse_forward=reuse)
-        return train_step(model, batch, phase, settings, par=par, device=device)
 
-    plain, reused = step(0.0, False), step(0.0, True)
-    # 1.0 largest: the very same explicit-attention forward; else the reused copy ran explicit
-    # attention where the batched second forward runs the fused kernel (rounding only).
-    atol = 0.0 if max(scales) == 1.0 else device_tol(device, 0, 1e-5)["atol"]
-    torch.testing.assert_close(reused.cam, plain.cam, rtol=0, atol=atol)
-    for name in ("refined_label", "aff_pseudo_label", "aff_label"):
-        assert_same_labels(getattr(reused.terms, name), getattr(plain.terms, name), device, name)
-    for name in ("cls_loss", "seg_loss", "aff_loss", "total"):
-        torch.testing.assert_close(getattr(reused.terms, name), getattr(plain.terms, name),
-                                   **device_tol(device, 1e-5, 0), msg=name)
-    noisy_plain, noisy_reused = step(0.5, False), step(0.5, True)
-    assert not torch.allclose(noisy_reused.cam, noisy_plain.cam, atol=1e-3)
+@pytest.mark.cpu_only
+def test_fp16_on_cpu_is_rejected_before_training(tiny_data, tmp_path):
+    # fp16 needs the CUDA gradient scaler: on a CPU run it must not silently train in fp32
+    # (bf16 runs on CPU: test_a_bf16_training_run_on_cpu above).
+    with pytest.raises(ConfigError, match=r"train.amp=fp16 needs a CUDA device.*cpu"):
+        train(tiny_config(tiny_data, tmp_path / "amp", **{"train.amp": "fp16", "device": "cpu"}))
+    assert not (tmp_path / "amp" / "checkpoints").exists()
+
+
+@pytest.mark.cpu_only
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(tiny_data, tmp_path, monkeypatch):
+    """Emulated bf16 is many times slower than fp32 (17x for the demo's step on an AVX2 CPU):
+    the run says so in its log instead of leaving the user to wonder."""
+    from afa.engine import precision
+
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
+    assert "set train.amp=none" in precision.precision_warning(torch.device("cpu"), "bf16")
+    assert precision.precision_warning(torch.device("cpu"), "none") is None
+    train(tiny_config(tiny_data, tmp_path / "w", **{"train.amp": "bf16", "device": "cpu",
+                                                      "train.max_iters": 1}))
+    log = (tmp_path / "w" / "train.log").read_text()
+    assert "WARNING train.amp=bf16 on a CPU without bfloat16 instructions" in log
+    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: True)
+    assert precision.precision_warning(torch.device("cpu"), "bf16") is None
+
+
+@pytest.mark.cpu_only
+def test_amp_auto_is_bf16_only_where_the_device_computes_it(tiny_data, tmp_path, monkeypatch):
+    """train.amp=auto is bf16 on a CPU with bfloat16 instructions, where the 144-px demo's joint
+    step runs 1.7-1.8x faster, and float32 on one without, where bf16 would be emulated 17x
+    slower (on CUDA: where the GPU supports bf16); the run trains exactly as the explicit setting
+    would and says which."""
+    from afa.engine import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native, expected in ((True, "bf16"), (False, "none")):
+        monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)
+        assert precision.resolve_amp(cpu, "auto") == expected
+        assert precision.resolve_amp(cuda, "auto") == expected
+        for explicit in ("none", "bf16", "fp16"):
+            assert precision.resolve_amp(cpu, explicit) == explicit
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="resolve_amp"):
+        precision.autocast(cpu, "auto")
+
+    overrides = {"device": "cpu", "train.max_iters": 2, "train.eval_iters": 100}
+    weights = {}
+    for native, expected in ((True, "bf16"), (False, "none")):
+        monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda native=native: native)
+        auto = _params(train(tiny_config(tiny_data, tmp_path / f"auto_{expected}",
+                                         **{**overrides, "train.amp": "auto"})).model)
+        log = (tmp_path / f"auto_{expected}" / "train.log").read_text()
+        assert f"Precision: train.amp=auto is {expected} on this cpu" in log
+        assert "WARNING train.amp" not in log
+        same = _params(train(tiny_config(tiny_data, tmp_path / f"explicit_{expected}",
+                                         **{**overrides, "train.amp": expected})).model)
+        _assert_same_run(auto, same, cpu)
+        weights[expected] = auto
+    assert any(not torch.equal(weights["bf16"][k], weights["none"][k]) for k in weights["none"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite losses on the device
+# ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.device
@@ -239,6 +281,31 @@ def test_non_finite_loss_can_skip_steps(tiny_data, tmp_path):
     train(cfg)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/skipped_steps"] for r in records if "train/skipped_steps" in r] == [1, 2]
+
+
+def test_skipped_steps_are_reported_at_the_log_interval(tiny_data, tmp_path, monkeypatch):
+    """log_iters 2: a NaN at iteration 0 is dropped at once and reported at iteration 2."""
+    original = trainer_module.train_step
+
+    def step(model, batch, phase, *args, **kwargs):
+        if phase.iteration == 0:
+            batch = {**batch, "image": torch.full_like(batch["image"], float("nan"))}
+        return original(model, batch, phase, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", step)
+    cfg = C.load_config(DEMO_CONFIG, tiny_overrides(tiny_data, tmp_path, **{
+        "train.nonfinite": "skip", "train.max_iters": 2, "train.log_iters": 2,
+        "train.eval_iters": 100, "train.ckpt_iters": 100, "train.image_log_iters": 0}))
+    train(cfg)
+    log = (tmp_path / "train.log").read_text()
+    assert "Non-finite loss or gradient at iteration 0" in log
+    state = torch.load(tmp_path / "checkpoints" / "iter_000002.pth", weights_only=True)
+    assert int(state["optimizer"]["state"][0]["step"]) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes: torchrun/gloo, accumulation, the batch of each process
+# ------------------------------------------------------------------------------------------------
 
 
 def _torchrun(nproc, data, work_dir, resume=None, **extra) -> str:
@@ -312,77 +379,20 @@ def test_accumulation_equals_more_processes(tiny_data, tmp_path):
         torch.testing.assert_close(value, ddp[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_unknown_key_wrong_type_and_missing_root_are_named(tiny_data, tmp_path):
-    with pytest.raises(ConfigError, match="train.max_iter'"):
-        load_config(DEMO_CONFIG, ["train.max_iter=3"])
-    with pytest.raises(ConfigError, match="train.max_iters"):
-        load_config(DEMO_CONFIG, ["train.max_iters=many"])
-    missing = tmp_path / "no_such_root"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train.py"), "--config", str(DEMO_CONFIG),
-         f"data.root={missing}", f"data.list_dir={tiny_data}", f"work_dir={tmp_path / 'w'}"],
-        capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 2
-    assert str(missing) in proc.stderr
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("world, given, expected", [(1, None, 4), (2, None, 2), (4, None, 1),
+                                                     (1, 2, 2), (2, 1, 1)])
+def test_batch_per_gpu_is_derived_when_not_given(world, given, expected):
+    cfg = load_config(DEMO_CONFIG, ["train.global_batch=4", f"train.batch_per_gpu={given}"
+                                    if given else "train.batch_per_gpu=null"])
+    assert _batch_per_process(cfg.train, world) == expected
 
 
 @pytest.mark.cpu_only
-def test_fp16_on_cpu_is_rejected_before_training(tiny_data, tmp_path):
-    # fp16 needs the CUDA gradient scaler: on a CPU run it must not silently train in fp32
-    # (bf16 runs on CPU: tests/test_gpu_ready.py).
-    with pytest.raises(ConfigError, match=r"train.amp=fp16 needs a CUDA device.*cpu"):
-        train(tiny_config(tiny_data, tmp_path / "amp", **{"train.amp": "fp16", "device": "cpu"}))
-    assert not (tmp_path / "amp" / "checkpoints").exists()
-
-
-@pytest.mark.cpu_only
-def test_bf16_on_a_cpu_without_bf16_instructions_warns(tiny_data, tmp_path, monkeypatch):
-    """Emulated bf16 is many times slower than fp32 (17x for the demo's step on an AVX2 CPU):
-    the run says so in its log instead of leaving the user to wonder."""
-    from afa.engine import precision
-
-    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: False)
-    assert "set train.amp=none" in precision.precision_warning(torch.device("cpu"), "bf16")
-    assert precision.precision_warning(torch.device("cpu"), "none") is None
-    train(tiny_config(tiny_data, tmp_path / "w", **{"train.amp": "bf16", "device": "cpu",
-                                                      "train.max_iters": 1}))
-    log = (tmp_path / "w" / "train.log").read_text()
-    assert "WARNING train.amp=bf16 on a CPU without bfloat16 instructions" in log
-    monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda: True)
-    assert precision.precision_warning(torch.device("cpu"), "bf16") is None
-
-
-@pytest.mark.cpu_only
-def test_amp_auto_is_bf16_only_where_the_device_computes_it(tiny_data, tmp_path, monkeypatch):
-    """train.amp=auto is bf16 on a CPU with bfloat16 instructions, where the 144-px demo's joint
-    step runs 1.7-1.8x faster, and float32 on one without, where bf16 would be emulated 17x
-    slower (on CUDA: where the GPU supports bf16); the run trains exactly as the explicit setting
-    would and says which."""
-    from afa.engine import precision
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for native, expected in ((True, "bf16"), (False, "none")):
-        monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda native=native: native)
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)
-        assert precision.resolve_amp(cpu, "auto") == expected
-        assert precision.resolve_amp(cuda, "auto") == expected
-        for explicit in ("none", "bf16", "fp16"):
-            assert precision.resolve_amp(cpu, explicit) == explicit
-    monkeypatch.undo()
-    with pytest.raises(ValueError, match="resolve_amp"):
-        precision.autocast(cpu, "auto")
-
-    overrides = {"device": "cpu", "train.max_iters": 2, "train.eval_iters": 100}
-    weights = {}
-    for native, expected in ((True, "bf16"), (False, "none")):
-        monkeypatch.setattr(precision, "_cpu_has_native_bf16", lambda native=native: native)
-        auto = _params(train(tiny_config(tiny_data, tmp_path / f"auto_{expected}",
-                                         **{**overrides, "train.amp": "auto"})).model)
-        log = (tmp_path / f"auto_{expected}" / "train.log").read_text()
-        assert f"Precision: train.amp=auto is {expected} on this cpu" in log
-        assert "WARNING train.amp" not in log
-        same = _params(train(tiny_config(tiny_data, tmp_path / f"explicit_{expected}",
-                                         **{**overrides, "train.amp": expected})).model)
-        _assert_same_run(auto, same, cpu)
-        weights[expected] = auto
-    assert any(not torch.equal(weights["bf16"][k], weights["none"][k]) for k in weights["none"])
+def test_batch_per_gpu_that_does_not_fit_is_named():
+    cfg = load_config(DEMO_CONFIG, ["train.global_batch=4", "train.batch_per_gpu=null"])
+    with pytest.raises(ConfigError, match="cannot be split over 3 processes"):
+        _batch_per_process(cfg.train, 3)
+    cfg = load_config(DEMO_CONFIG, ["train.global_batch=4", "train.batch_per_gpu=2"])
+    with pytest.raises(ConfigError, match="2 x 4.*batch_per_gpu=null"):
+        _batch_per_process(cfg.train, 4)  # 2 nodes x 2 tasks x 2 images > global batch 4
