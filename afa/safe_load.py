@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +87,10 @@ def read_torch_file(path: str | Path, what: str = "checkpoint"):
                 f"Python objects ({objects}) whose unpickling could run code; afa never writes "
                 "such a file. Nothing of it was executed") from None
         legacy = err
-    except (OSError, EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as err:
+    # A damaged file fails in whichever layer its bytes break: the zip reader (RuntimeError,
+    # BadZipFile), the file system (OSError), or the unpickler cut short (EOFError, IndexError,
+    # struct.error, ValueError, ...). Nothing of it has run, whatever the type.
+    except Exception as err:  # noqa: BLE001 - every failure here means "cannot be read"
         raise CheckpointError(f"Cannot read {what} '{path}': truncated, damaged or not a PyTorch "
                               f"file ({type(err).__name__}: {_first_line(err)})") from None
     # An afa training checkpoint written before RNG states were stored as tensors: the same

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,21 @@ def test_a_truncated_checkpoint_is_named_in_one_line(trained, tmp_path, capsys):
     argv = ["--config", str(DEMO_CONFIG), *_overrides(trained, work)]
     assert train_tool.main(["--resume", str(broken), *argv]) == 2
     assert f"Cannot read checkpoint '{broken}'" in _error_line(capsys.readouterr().err)
+
+
+def test_a_pickle_cut_short_inside_a_sound_archive_is_named(trained, tmp_path):
+    """The zip directory intact, the pickle inside it cut in half: the unpickler fails with
+    whatever error its opcode stream breaks on; the reader names the file, nothing else."""
+    source = zipfile.ZipFile(trained / "checkpoints" / "iter_000002.pth")
+    cut = tmp_path / "cut.pth"
+    with zipfile.ZipFile(cut, "w", compression=zipfile.ZIP_STORED) as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                data = data[: len(data) // 2]
+            out.writestr(item, data)
+    with pytest.raises(CheckpointError, match=f"Cannot read checkpoint '{cut}': truncated"):
+        read_torch_file(cut)
 
 
 def test_resume_auto_skips_a_truncated_newest_checkpoint(trained, tmp_path, capsys):
