@@ -22,11 +22,11 @@ install: $(STAMP)
 # (bfloat16 where the CPU has it: 29.7 minutes, every demo target in two runs of four), or
 #   make demo-full DEMO_ARGS="data.root=data/demo data.list_dir=data/demo data.crop_size=128"
 # (the set is made at data.crop_size pixels; 128 px: 22.4 minutes, every target in six runs of
-# nine; README, "The demos").
+# nine; docs/demo.md).
 demo: $(STAMP)
 	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
-# All of AFA's training, the affinity branch included, on 144-px images (README, "The demos"):
+# All of AFA's training, the affinity branch included, on 144-px images (docs/demo.md):
 # 33.7 minutes on 2 AMD EPYC cores with AVX-512 (37-41 on slower mornings), every demo
 # target in six float32 runs of eight.
 demo-full: $(STAMP)
