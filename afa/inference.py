@@ -64,7 +64,6 @@ from afa.engine.run_config import model_config_from_checkpoint
 from afa.errors import USER_ERRORS, UsageError
 from afa.host_memory import keep_freed_host_memory
 from afa.models import AFANet
-from afa.models.weights import load_checkpoint_weights
 
 __all__ = [
     "SETTINGS_FILE",
@@ -466,7 +465,7 @@ class InferenceRun:
         # The outputs are tied to the weights, not to the path (best.pth is rewritten as
         # training goes on): hash the file, load it, and make sure it is still the one hashed.
         checkpoint = FileFingerprint(args.checkpoint)
-        load_checkpoint_weights(model, args.checkpoint)
+        model.load_weights(args.checkpoint)
         checkpoint.check_unchanged()
         return cls(args, cfg, images, label, source, note, model, checkpoint)
 

@@ -57,7 +57,6 @@ from afa.errors import USER_ERRORS, UsageError
 from afa.host_memory import keep_freed_host_memory
 from afa.metrics import ConfusionMatrix
 from afa.models import PAR, AFANet
-from afa.models.weights import load_checkpoint_weights
 from afa.pseudo_labels import make_pseudo_labels
 
 ROWS = ("bkg_score", "low", "grid", "learned", "perfect")
@@ -243,7 +242,7 @@ def main(argv=None) -> int:
         if args.limit:
             dataset = Subset(dataset, range(min(args.limit, len(dataset))))
         model = AFANet(**C.model_kwargs(cfg))
-        load_checkpoint_weights(model, args.checkpoint)
+        model.load_weights(args.checkpoint)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("tools/ablate_affinity.py runs in one process: start it with "
                                "python, not torchrun")

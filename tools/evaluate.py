@@ -44,7 +44,6 @@ from afa.engine.run_config import model_config_from_checkpoint
 from afa.engine.validate import format_table, validate
 from afa.errors import USER_ERRORS
 from afa.models import PAR, AFANet
-from afa.models.weights import load_checkpoint_weights
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
                       f"{cfg.data.val_split} (--limit / data.val_max_images): not the split's "
                       "scores", flush=True)
         model = AFANet(**C.model_kwargs(cfg))
-        load_checkpoint_weights(model, args.checkpoint)
+        model.load_weights(args.checkpoint)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

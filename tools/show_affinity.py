@@ -28,7 +28,6 @@ from afa.errors import USER_ERRORS, UsageError
 from afa.inference import resize_long_side
 from afa.io import write_rgb_png
 from afa.models import AFANet
-from afa.models.weights import load_checkpoint_weights
 from afa.viz import affinity_overlay, colorize_label, make_grid
 
 
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
         if taken:
             print(taken)
         model = AFANet(**C.model_kwargs(cfg)).eval()
-        load_checkpoint_weights(model, args.checkpoint)
+        model.load_weights(args.checkpoint)
         image = read_image(args.image)
         picture = affinity_picture(model, image, args.pixels, cfg.infer.long_side)
     except USER_ERRORS as err:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afa.models import mix_transformer
+from afa.models.weights import load_pretrained
 from afa.safe_load import CheckpointError, read_torch_file
 from afa.models.segformer_head import SegFormerHead
 
@@ -82,7 +83,7 @@ class AFANet(nn.Module):
         # What was loaded (path, sha256 prefix, variant) for the run's log; None from scratch.
         self.pretrained_info = None
         if pretrained:
-            self.pretrained_info = mix_transformer.load_pretrained(
+            self.pretrained_info = load_pretrained(
                 self.encoder, pretrained, name=backbone)
         dims = self.encoder.embed_dims
         self.decoder = SegFormerHead(dims, embedding_dim, num_classes)
@@ -184,15 +185,15 @@ def load_state_dict_flexible(model: nn.Module, checkpoint: str | Path | dict) ->
     own = model.state_dict()
     for key, value in own.items():
         if key not in state_dict:
-            raise KeyError(f"Checkpoint {source} lacks '{key}' (shape {tuple(value.shape)}); "
+            raise CheckpointError(f"Checkpoint {source} lacks '{key}' (shape {tuple(value.shape)}); "
                            "was it trained with another backbone or number of classes?")
         if state_dict[key].shape != value.shape:
-            raise RuntimeError(
+            raise CheckpointError(
                 f"Checkpoint {source} does not fit this model: '{key}' has shape "
                 f"{tuple(state_dict[key].shape)}, the model expects {tuple(value.shape)} "
                 "(check backbone and num_classes).")
     extra = [k for k in state_dict if k not in own]
     if extra:
-        raise KeyError(f"Checkpoint {source} has keys this model does not: '{extra[0]}' "
+        raise CheckpointError(f"Checkpoint {source} has keys this model does not: '{extra[0]}' "
                        f"and {len(extra) - 1} more")
     model.load_state_dict(state_dict, strict=True)

@@ -328,18 +328,3 @@ def mit_b4(**kwargs) -> MixVisionTransformer:
 
 def mit_b5(**kwargs) -> MixVisionTransformer:
     return _create("mit_b5", **kwargs)
-
-
-# The weight loader lived in this module and moved to afa.models.weights, which imports this
-# module: resolving its names here lazily keeps ``mix_transformer.load_pretrained`` (used by
-# afa_net) and older imports working without a circular import.
-_MOVED_TO_WEIGHTS = frozenset({"PretrainedWeights", "WEIGHTS_HELP", "WeightsError",
-                               "load_pretrained", "sha256_prefix"})
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_WEIGHTS:
-        from afa.models import weights
-
-        return getattr(weights, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,9 +10,6 @@ one line naming the file, the variant the model wants and what the file holds in
 variant (told from the shapes and block counts of its keys), a full AFA checkpoint given by
 mistake, no MiT weights at all, or bytes that do not read as a checkpoint.
 ``.pth`` files are read through :func:`afa.safe_load.read_torch_file` (data only, never code).
-
-:func:`load_checkpoint_weights` loads a whole training checkpoint into an AFANet for a tool, a
-checkpoint of another network named as a :class:`~afa.safe_load.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -36,7 +33,6 @@ __all__ = [
     "WEIGHTS_HELP",
     "WeightsError",
     "hf_weight_file",
-    "load_checkpoint_weights",
     "load_pretrained",
     "sha256_prefix",
 ]
@@ -262,20 +258,3 @@ def _refusal(path: Path, state_dict, model_variant: str, mismatch: str | None) -
             f"model.backbone={variant} or model.pretrained={path.parent / model_variant}.pth")
     return WeightsError(f"{path} holds {what}; model.pretrained wants the ImageNet MiT encoder "
                         f"weights {model_variant}.pth")
-
-
-def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path | dict) -> None:
-    """``model.load_weights(checkpoint)`` for a command-line tool: our checkpoints or the authors'.
-
-    A checkpoint of another network (another backbone or number of classes) makes
-    ``load_weights`` raise a KeyError (a missing or extra key) or a RuntimeError (a shape); those
-    are re-raised as :class:`~afa.safe_load.CheckpointError` with the same text, so that the tool
-    prints the message as it always has, while a KeyError or RuntimeError from anywhere else stays
-    a bug with its traceback.
-    """
-    try:
-        model.load_weights(checkpoint)
-    except CheckpointError:
-        raise
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(str(err)) from err
