@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from afa.atomic import write_atomic
 from afa.data import DataError
 from afa.data.synthetic import make_demo_dataset
-from afa.data import VOCStyleDataset
 from afa.inference import (FileFingerprint, ImageSet, OutputFiles, check_run_settings,
                            file_sha256, likely_classes, mask_ignored, predict_seg_logits,
                            resize_long_side, save_npy_atomic, seg_logits)

@@ -314,7 +314,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous(cause, tra
         cause_text = "File too large" if limit else "No space left on device"
         assert err == (f"error: Cannot write checkpoint '{work / 'checkpoints' / 'iter_000003.pth'}"
                        f"': {cause_text}; the previous checkpoint iter_000002.pth is intact")
-        assert f"run ended: CheckpointError: Cannot write checkpoint" in \
+        assert "run ended: CheckpointError: Cannot write checkpoint" in \
             (work / "train.log").read_text()
         assert (work / "checkpoints" / "iter_000002.pth").read_bytes() == before
         assert not [p.name for p in (work / "checkpoints").iterdir() if ".tmp" in p.name]

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 
 from afa.models.hf_convert import convert_hf_mit_keys
 from afa.models.mix_transformer import MIT_SETTINGS, MixVisionTransformer, checkpoint_filter_fn
