@@ -2,7 +2,7 @@
 
     python benchmarks/infer.py                                  # CPU, mit_b1, 500x375, 2 threads
     python benchmarks/infer.py --device cuda --images 50
-    python benchmarks/infer.py --image-dir ../shared/data/voc_mini/VOC2012/JPEGImages
+    python benchmarks/infer.py --image-dir tests/data/voc_photos/JPEGImages
 
 What is timed per image is what ``tools/infer_seg.py`` does between reading the image and writing
 its files: ``afa.inference.predict_seg_logits`` at the paper's test setting (long side 512, scales

@@ -1,7 +1,7 @@
 """Seconds per image of the trainer's validation (``afa.engine.validate.predict_labels``).
 
     python benchmarks/validate.py                                    # CPU, mit_b1, 2 threads
-    python benchmarks/validate.py --image-dir ../shared/data/voc_mini/VOC2012/JPEGImages --images 10
+    python benchmarks/validate.py --image-dir tests/data/voc_photos/JPEGImages --images 10
 
 Per image: the five label maps validation scores (CAM, PAR-refined CAM, affinity CAM, affinity
 pseudo label, single-scale segmentation) with the VOC config's CAM scales (1.0, 0.5, 1.5), PAR and
