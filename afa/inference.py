@@ -15,6 +15,12 @@ test (``scripts/test_msc_flip.py`` of github.com/rulixiang/afa) step for step:
 5. upsample the fused logits once to the original image (bilinear) for the argmax, or for the
    softmax that the dense CRF (:mod:`afa.crf`) refines.
 
+Their script stops on an image so long and thin that a scaled input falls below the encoder's
+``min_input_side`` (29 px). Given ``min_side``, such an image is instead enlarged, aspect kept,
+until every scale's input is wide enough (:func:`seg_work_size`; steps 2-4 then run at that size
+with no long-side resize of their own) and its logits come back at the image's size; every other
+image goes through the five steps above unchanged.
+
 Only the segmentation logits are computed (:func:`seg_logits`): no attention maps, no affinity.
 
 The rest serves ``tools/infer_seg.py`` and ``tools/infer_cam.py``: :class:`ImageSet` (the
@@ -26,11 +32,13 @@ labels); :class:`OutputFiles` names the per-image outputs and tells which images
 settings, the checkpoint's content (:class:`FileFingerprint`, a SHA-256) among them;
 :func:`run_sharded` runs a tool's job on this process's share of the images and sums the
 results over processes, and :class:`InferenceRun` is the rest of both tools' ``main`` (the config,
-the images, the weights, the record of the settings, the run and its summary); :func:`save_npy_atomic` and :func:`write_rgb_png_atomic` (through
-:func:`afa.atomic.write_atomic`) write each file under a temporary name first, so that an
-interrupted run never leaves a truncated file that a resumed run would take for finished work;
-:func:`seg_input_sizes` gives the input sizes of :func:`predict_seg_logits`, for checking them
-against the encoder's ``min_input_side``.
+the images, the weights, the record of the settings, the run and its summary);
+:func:`save_npy_atomic` and :func:`write_rgb_png_atomic` (through :func:`afa.atomic.write_atomic`)
+write each file under a temporary name first, so that an interrupted run never leaves a
+truncated file that a resumed run would take for finished work;
+:func:`seg_input_sizes` gives the input sizes of :func:`predict_seg_logits`; :func:`min_side_size`
+and :func:`seg_work_size` the size a long and thin image is enlarged to so that none of them
+falls below the encoder's ``min_input_side``, and :func:`enlarged_note` the line that says so.
 """
 
 from __future__ import annotations
@@ -76,6 +84,9 @@ __all__ = [
     "seg_logits",
     "predict_seg_logits",
     "seg_input_sizes",
+    "min_side_size",
+    "seg_work_size",
+    "enlarged_note",
     "likely_classes",
     "classes_from_logits",
     "ImageSet",
@@ -132,7 +143,8 @@ def seg_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def predict_seg_logits(model: nn.Module, images: torch.Tensor,
                        scales: Sequence[float] = (1.0, 0.5, 0.75), flip: bool = True,
-                       long_side: int | None = 512) -> torch.Tensor:
+                       long_side: int | None = 512,
+                       min_side: int | None = None) -> torch.Tensor:
     """Fused multi-scale (+ flip) segmentation logits at the input's size (module docstring).
 
     Args:
@@ -144,6 +156,10 @@ def predict_seg_logits(model: nn.Module, images: torch.Tensor,
             the grid of the largest scale.
         flip: also run the horizontal flip of every scale and average the pair.
         long_side: the long side the image is first resized to; None keeps the size.
+        min_side: the encoder's ``min_input_side``: an image whose smallest scaled input would
+            be narrower is enlarged (bilinear, aspect kept) to :func:`seg_work_size` in place of
+            the long-side resize. None: no check (the authors' script; such an image then fails
+            in the encoder).
 
     Returns:
         (B, C, H, W) float32: the element-wise maximum over scales of the (flip-averaged) logits
@@ -152,7 +168,11 @@ def predict_seg_logits(model: nn.Module, images: torch.Tensor,
     if not scales:
         raise ValueError("predict_seg_logits needs at least one scale")
     batch, _, height, width = images.shape
-    base = resize_long_side(images, long_side)
+    work = seg_work_size(height, width, scales, long_side, min_side) if min_side else None
+    if work is None:
+        base = resize_long_side(images, long_side)
+    else:  # one resize from the image straight to the work size, not two
+        base = F.interpolate(images, size=work, mode="bilinear", align_corners=False)
     grid_scale = 1.0 if 1.0 in scales else max(scales)
     fused = None  # (B, C, h, w) on the fusion grid
     for scale in [grid_scale] + [s for s in scales if s != grid_scale]:
@@ -181,6 +201,47 @@ def seg_input_sizes(height: int, width: int, scales: Sequence[float] = (1.0, 0.5
     height, width = long_side_size(height, width, long_side)
     return [(height, width) if s == 1.0 else (math.floor(height * s), math.floor(width * s))
             for s in scales]
+
+
+def min_side_size(height: int, width: int, scales: Sequence[float],
+                  min_side: int) -> tuple[int, int]:
+    """(h, w) at which every input ``floor(s * side)`` of the ``scales`` is at least ``min_side``
+    pixels on both sides: ``(height, width)`` itself when it already is, else enlarged with its
+    aspect ratio kept (the short side grows to the least that suffices, the long side by the
+    same ratio, rounded up). The multi-scale CAM and :func:`predict_seg_logits` both size a
+    scaled input as ``floor(s * side)``.
+    """
+    smallest = min(scales)
+    need = math.ceil(min_side / smallest)
+    while math.floor(smallest * need) < min_side:  # float rounding of the division above
+        need += 1
+    short = min(height, width)
+    if short >= need:
+        return height, width
+    # Integer ceil(side * need / short): the float ratio makes 7 * (58 / 7) 58.000...01, a
+    # pixel too many.
+    return tuple(max(need, -(-side * need // short)) for side in (height, width))
+
+
+def seg_work_size(height: int, width: int, scales: Sequence[float], long_side: int | None,
+                  min_side: int) -> tuple[int, int] | None:
+    """The size :func:`predict_seg_logits` enlarges an image of ``height`` x ``width`` to, or
+    None when the long-side resize already leaves every scaled input ``min_side`` wide.
+
+    The long-side resize fixes the long side, so only the aspect ratio decides: a 20 x 300 strip
+    at ``long_side`` 512 is 34 x 512, and at scale 0.5 17 px high, below the encoder's 29. Such
+    an image is taken from its long-side size up to :func:`min_side_size` (58 x 874 here).
+    """
+    base = long_side_size(height, width, long_side)
+    work = min_side_size(*base, scales, min_side)
+    return None if work == base else work
+
+
+def enlarged_note(path, size: tuple[int, int], work: tuple[int, int], min_side: int) -> str:
+    """The line a tool prints for an image it enlarged for the network (sizes are (h, w))."""
+    return (f"note: {path}: a {size[1]}x{size[0]} image is enlarged to {work[1]}x{work[0]} for "
+            f"the network, whose inputs must be at least {min_side} px on each side at every "
+            "scale; its outputs are at its own size")
 
 
 def likely_classes(probs: np.ndarray, min_prob: float) -> np.ndarray:

@@ -280,13 +280,16 @@ def test_torchrun_shards_a_folder_like_one_process(setup, frame_outputs, tmp_pat
             np.array(Image.open(sharded / "pred" / f"{name}.png")))
 
 
-def test_an_image_too_narrow_for_the_network_is_named(setup, tmp_path, capsys):
+def test_an_image_too_narrow_for_the_network_is_enlarged_and_named(setup, tmp_path, capsys):
+    """It used to stop the run (exit 2); now it is predicted at a size the encoder takes and
+    its prediction comes back at its own size (tests/test_thin_images.py: the details)."""
     thin = tmp_path / "thin"
     thin.mkdir()
     _save(thin / "strip.png", np.zeros((30, 600, 3), np.uint8))
-    assert infer_seg.main(_seg_argv(setup, thin, tmp_path / "out")) == 2
-    err = capsys.readouterr().err
-    assert "strip.png: a 600x30 image is too narrow for the network" in err
+    assert infer_seg.main(_seg_argv(setup, thin, tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert f"note: {thin / 'strip.png'}: a 600x30 image is enlarged to 1392x58" in out
+    assert Image.open(tmp_path / "out" / "pred" / "strip.png").size == (600, 30)
 
 
 # --------------------------------------------------------------------------------------------

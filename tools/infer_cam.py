@@ -60,7 +60,9 @@ for the CAMs, PAR and the random walk (the affinity of a 12-megapixel photo woul
 memory), and the outputs are resized back to the image (labels nearest, CAMs bilinear); with
 ``--split`` there is no limit unless ``--max-side`` is given (training makes its labels at the
 image's size). In both modes an image whose short side would fall below the encoder's minimum
-(29 px for AFA's strides) at the smallest CAM scale is enlarged for the CAMs in the same way.
+(29 px for AFA's strides) at the smallest CAM scale is enlarged for the CAMs in the same way
+(``afa.inference.min_side_size``, the policy of ``tools/infer_seg.py`` too), with a line naming
+it.
 
 Labels are VOC-palette PNGs of class indices, 255 = ignore. Scoring a pseudo label with ignore
 pixels: the mIoU is taken over the pixels the label commits to (the ground truth is set to ignore
@@ -77,7 +79,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -97,8 +98,8 @@ from afa.data.folder import ImageFolder
 from afa.engine import distributed as D
 from afa.errors import USER_ERRORS, UsageError
 from afa.inference import (ImageSet, InferenceRun, OutputFiles, classes_from_logits,
-                           long_side_size, mask_ignored, run_config, save_npy_atomic,
-                           write_rgb_png_atomic)
+                           enlarged_note, long_side_size, mask_ignored, min_side_size, run_config,
+                           save_npy_atomic, write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_table
 from afa.models import PAR
@@ -252,19 +253,14 @@ class CamInference:
             self.ignored[index, 1] += valid
         self.scored += 1
 
-    def _work_size(self, height: int, width: int) -> tuple[int, int]:
-        """The size the CAMs are made at: the image's, its long side shrunk to --max-side, and
-        enlarged where the smallest CAM scale would leave a side too short for the encoder."""
+    def _work_size(self, height: int, width: int) -> tuple[tuple[int, int], bool]:
+        """The size the CAMs are made at -- the image's, its long side shrunk to --max-side, and
+        enlarged where the smallest CAM scale would leave a side too short for the encoder --
+        and whether it was enlarged."""
         if self.args.max_side and max(height, width) > self.args.max_side:
             height, width = long_side_size(height, width, self.args.max_side)
-        smallest = min(self.scales)
-        need = math.ceil(self.min_side / smallest)  # multi_scale_cam takes int(scale * side)
-        while int(smallest * need) < self.min_side:
-            need += 1
-        if min(height, width) < need:
-            ratio = need / min(height, width)
-            height, width = (max(need, math.ceil(side * ratio)) for side in (height, width))
-        return height, width
+        work = min_side_size(height, width, self.scales, self.min_side)
+        return work, work != (height, width)
 
     @torch.no_grad()
     def _classes(self, name: str, x: torch.Tensor,
@@ -290,7 +286,10 @@ class CamInference:
         image = self.images.image(name)
         height, width = image.shape[:2]
         x = normalize(image)[None].to(self.device)
-        size = self._work_size(height, width)
+        size, enlarged = self._work_size(height, width)
+        if enlarged:
+            tqdm.write(enlarged_note(self.images.image_path(name), (height, width), size,
+                                     self.min_side))
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         ms = multi_scale_cam(self.model, x, self.scales)

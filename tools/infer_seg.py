@@ -36,6 +36,12 @@ by the authors' dense CRF (``afa.crf.CRF_SETTINGS``) in a pool of worker process
 (``--crf-workers``; default: the usable CPUs shared among the ranks of the machine), while the
 network goes on with the next images.
 
+An image so long and thin that a scaled input would fall below the encoder's minimum (29 px for
+AFA's strides; a 20x300 strip at scale 0.5 of a 512 long side is 17 px high) is enlarged, aspect
+kept, until every input is wide enough, predicted at that size and its logits resized back to the
+image (``afa.inference.seg_work_size``), as ``tools/infer_cam.py`` does for its CAMs; a line
+names each such image. Its outputs are at its own size and a split run scores it as any other.
+
 Two named protocols (``--protocol``) set the ``infer.*`` values; ``key=value`` overrides and
 ``--scales`` (shorthand for ``infer.scales=[...]``) still win, and ``--crf`` still switches the
 CRF on. Both set ``infer.long_side=512``, ``infer.flip=true`` and the authors' CRF (10 iterations,
@@ -92,11 +98,11 @@ from tqdm import tqdm
 
 from afa import config as C
 from afa.crf import CRF_SETTINGS, dense_crf_many, import_densecrf
-from afa.data import DataError, class_names, normalize, write_mask
+from afa.data import class_names, normalize, write_mask
 from afa.engine import distributed as D
 from afa.errors import USER_ERRORS
-from afa.inference import (ImageSet, InferenceRun, OutputFiles, likely_classes,
-                           predict_seg_logits, run_config, save_npy_atomic, seg_input_sizes,
+from afa.inference import (ImageSet, InferenceRun, OutputFiles, enlarged_note, likely_classes,
+                           predict_seg_logits, run_config, save_npy_atomic, seg_work_size,
                            write_rgb_png_atomic)
 from afa.io import read_label_png
 from afa.metrics import ConfusionMatrix, format_scores
@@ -238,25 +244,21 @@ class SegInference:
             self.matrix.update(pred, self.images.mask(name, pred.shape))
             self.scored += 1
 
-    def _check_size(self, name: str, height: int, width: int) -> None:
-        """DataError naming an image whose smallest scaled input is too narrow for the encoder
-        (a very long and thin image: the long side is fixed, the short one shrinks with it)."""
-        sizes = seg_input_sizes(height, width, self.scales, self.long_side)
-        smallest = min(min(size) for size in sizes)
-        if smallest < self.min_side:
-            raise DataError(
-                f"{self.images.image_path(name)}: a {width}x{height} image is too narrow for the "
-                f"network: with infer.long_side={self.long_side} and scales {list(self.scales)} "
-                f"its short side becomes {smallest} px, below the {self.min_side} px the encoder "
-                "needs; crop it, or leave it out")
-
     def _predict(self, names: list[str]) -> Iterator[tuple[str, np.ndarray, torch.Tensor]]:
-        """(id, RGB image, fused logits (C, H, W)) per image; saves the logits if asked."""
+        """(id, RGB image, fused logits (C, H, W)) per image; saves the logits if asked.
+
+        An image too thin for the encoder at some scale is enlarged for the network (one note
+        line each) rather than stopping the run: its logits still come at its own size.
+        """
         for name in names:
             image = self.images.image(name)
-            self._check_size(name, *image.shape[:2])
+            work = seg_work_size(*image.shape[:2], self.scales, self.long_side, self.min_side)
+            if work is not None:
+                tqdm.write(enlarged_note(self.images.image_path(name), image.shape[:2], work,
+                                         self.min_side))
             x = normalize(image)[None].to(self.device)
-            logits = predict_seg_logits(self.model, x, self.scales, self.flip, self.long_side)[0]
+            logits = predict_seg_logits(self.model, x, self.scales, self.flip, self.long_side,
+                                        min_side=self.min_side)[0]
             if self.args.save_logits:
                 save_npy_atomic(self.files.path("logits", name), logits.half().cpu().numpy())
             yield name, image, logits
