@@ -169,3 +169,90 @@ def test_a_nine_class_set_is_named_as_the_demo_and_shows_precision_and_recall(di
     assert rows["disc"] == ["66.67", "75.00", "85.71"]  # IoU 6/9, precision 6/8, recall 6/7
     assert rows["square"] == ["40.00", "66.67", "50.00"]  # 2/5, 2/3, 2/4
     assert rows["ellipse"] == ["-", "-", "-"]
+
+
+# --------------------------------------------------------------------------------------------
+# Class names of one's own: a file, or the run that wrote the predictions
+# --------------------------------------------------------------------------------------------
+
+CUSTOM = ["background", "road", "car", "tree"]
+
+
+def _custom_dirs(tmp_path):
+    """A 4-class run: ``out/pred`` beside the ``out/config.yaml`` that infer_seg saves (only its
+    data section matters here), and the ground truth of classes 0..2."""
+    out, gt_dir = tmp_path / "out", tmp_path / "gt"
+    (out / "pred").mkdir(parents=True)
+    gt_dir.mkdir()
+    (out / "config.yaml").write_text(
+        "data:\n  name: custom\n  classes: [background, road, car, tree]\n")
+    for name in GT:
+        write_label_png(gt_dir / f"{name}.png", GT[name])
+        # Class 2 predicted as 3: every class of the 4 has a row.
+        write_label_png(out / "pred" / f"{name}.png", np.where(PRED[name] == 2, 3, PRED[name]))
+    list_file = tmp_path / "val.txt"
+    list_file.write_text("img_a\nimg_b\n")
+    return out, gt_dir, list_file
+
+
+def _custom_args(pred_dir, gt_dir, list_file, *extra):
+    return ["--pred-dir", str(pred_dir), "--gt-dir", str(gt_dir), "--list", str(list_file),
+            "--no-progress", *extra]
+
+
+def test_class_names_from_a_file_count_the_classes(tmp_path, capsys):
+    out, gt_dir, list_file = _custom_dirs(tmp_path)
+    names_file = tmp_path / "classes.txt"
+    names_file.write_text("background\nroad\n\n  car \ntree\n")
+    # Another folder than the run's, so that the file is what names them.
+    other = tmp_path / "pred_copy"
+    other.mkdir()
+    for path in (out / "pred").iterdir():
+        other.joinpath(path.name).write_bytes(path.read_bytes())
+    result = eval_miou.main(_custom_args(other, gt_dir, list_file, "--class-names",
+                                         str(names_file)))
+    assert result["class_names"] == CUSTOM and len(result["confusion_matrix"]) == 4
+    rows = _rows(capsys.readouterr().out)
+    assert rows["road"][0] == "66.67"  # the same confusion as above: 6/9
+    assert set(CUSTOM) <= set(rows)
+
+    # A list of objects alone: background is put first, as for training.
+    names_file.write_text("road\ncar\ntree\n")
+    result = eval_miou.main(_custom_args(other, gt_dir, list_file, "--class-names",
+                                         str(names_file), "--num-classes", "4"))
+    assert result["class_names"] == CUSTOM
+
+
+def test_class_names_from_the_run_that_wrote_the_predictions(tmp_path, capsys):
+    out, gt_dir, list_file = _custom_dirs(tmp_path)
+    result = eval_miou.main(_custom_args(out / "pred", gt_dir, list_file))
+    assert result["class_names"] == CUSTOM
+    assert "tree" in _rows(capsys.readouterr().out)
+    # The run's folder named explicitly does the same.
+    result = eval_miou.main(_custom_args(out / "pred", gt_dir, list_file, "--class-names",
+                                         str(out)))
+    assert result["class_names"] == CUSTOM
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    (lambda p: p.write_text("road\nroad\n"), (), "class names must be distinct; repeated: 'road'"),
+    (lambda p: p.write_text("\n\n"), (), "no class names"),
+    (lambda p: p.write_text("road\ncar\ntree\n"), ("--num-classes", "21"),
+     "has 4 classes but --num-classes is 21"),
+    (lambda p: p.mkdir(), (), "a folder without config.yaml"),
+    (lambda p: None, (), "neither a built-in set (voc, coco, demo) nor an existing file"),
+], ids=["repeated", "empty", "count", "folder", "missing"])
+def test_bad_class_names_are_one_line_errors(tmp_path, make, extra, message):
+    out, gt_dir, list_file = _custom_dirs(tmp_path)
+    names = tmp_path / "names"
+    make(names)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_miou.main(_custom_args(out / "pred", gt_dir, list_file, "--class-names",
+                                    str(names), *extra))
+    text = str(exit_info.value)
+    assert text.startswith("eval_miou: error: ") and message in text and "\n" not in text
+
+
+def test_without_names_or_a_count_the_tool_asks_for_one(dirs):
+    with pytest.raises(SystemExit, match="give --num-classes, or --class-names"):
+        eval_miou.main(_custom_args(*dirs))

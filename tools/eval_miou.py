@@ -25,8 +25,14 @@ Run::
         --list data/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt \\
         --num-classes 21 --json work_dirs/voc/miou_val.json
 
-``--class-names`` defaults to ``voc`` for 21 classes and ``coco`` for 81; ``--workers`` sets the
-number of reader threads.
+The class names of the table (``--class-names``): a built-in set (``voc``, ``coco``, ``demo``),
+``index`` (the numbers), a text file with one name per line, background first (``classes.txt``
+of ``tools/prepare_tags.py``), or an ``--out-dir`` of ``tools/infer_seg.py`` /
+``tools/infer_cam.py`` (the classes of its ``config.yaml``). Without it, a ``--pred-dir`` inside
+such an ``--out-dir`` (``out/seg/pred``) gives that run's classes; else ``voc`` for 21 classes,
+``coco`` for 81, ``demo`` for 9, the numbers otherwise. ``--num-classes`` may then be left out:
+it is the number of names; given, it must agree with them. ``--workers`` sets the number of
+reader threads.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import torch
 from tqdm import tqdm
 
 from afa.constants import CLASS_NAME_SETS
-from afa.io import read_label_png
+from afa.io import class_names_from, read_label_png, run_dir_class_names
 from afa.metrics import (ConfusionMatrix, SegmentationScores, confusion_matrix, format_table,
                          score_columns)
 
@@ -133,18 +139,29 @@ def _report(scores: dict[str, SegmentationScores], rule: str) -> str:
     return "\n".join([format_table(score_columns(table), table.class_names, summary), *legend])
 
 
-def _class_names(choice: str | None, num_classes: int) -> list[str]:
-    if choice is None:
-        by_size = {len(names): key for key, names in CLASS_NAME_SETS.items()}
-        choice = by_size.get(num_classes, "index")
+def _class_names(choice: str | None, num_classes: int | None,
+                 pred_dir: str | Path | None = None) -> list[str]:
+    """The table's class names (module docstring), checked against ``num_classes`` when given."""
+    names, source = None, None
     if choice == "index":
+        if num_classes is None:
+            raise ValueError("--class-names index needs --num-classes")
         return [str(i) for i in range(num_classes)]
-    names = CLASS_NAME_SETS[choice]
-    if len(names) != num_classes:
-        raise ValueError(
-            f"--class-names {choice} has {len(names)} classes but --num-classes is {num_classes}"
-        )
-    return list(names)
+    if choice is not None:
+        names, source = class_names_from(choice), f"--class-names {choice}"
+    elif pred_dir is not None:
+        names = run_dir_class_names([pred_dir])
+        source = f"the run of {pred_dir}"
+    if names is None:
+        if num_classes is None:
+            raise ValueError("give --num-classes, or --class-names (a set, a file of names or an "
+                             "inference --out-dir) to count the classes")
+        by_size = {len(set_names): key for key, set_names in CLASS_NAME_SETS.items()}
+        key = by_size.get(num_classes)
+        return list(CLASS_NAME_SETS[key]) if key else [str(i) for i in range(num_classes)]
+    if num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"{source} has {len(names)} classes but --num-classes is {num_classes}")
+    return names
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -152,13 +169,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pred-dir", required=True, help="directory of <id>.png predictions")
     parser.add_argument("--gt-dir", required=True, help="directory of <id>.png ground truth")
     parser.add_argument("--list", required=True, help="name list, one image id per line")
-    parser.add_argument("--num-classes", type=int, required=True, help="incl. background")
+    parser.add_argument("--num-classes", type=int,
+                        help="incl. background (default: the number of class names, when they "
+                             "come from a file or a run)")
     parser.add_argument("--json", help="write the scores to this JSON file")
     parser.add_argument(
         "--class-names",
-        choices=[*CLASS_NAME_SETS, "index"],
-        help="names for the table (default: voc for 21 classes, coco for 81, demo (make demo's "
-        "set) for 9, else indices)",
+        metavar="SET|FILE|RUN_DIR",
+        help=f"names for the table: {', '.join(CLASS_NAME_SETS)} or index; a text file, one name "
+        "per line, background first (prepare_tags' classes.txt); or an --out-dir of infer_seg / "
+        "infer_cam (its config.yaml). Default: the run holding --pred-dir, else voc for 21 "
+        "classes, coco for 81, demo (make demo's set) for 9, else indices",
     )
     parser.add_argument(
         "--class-rule",
@@ -177,10 +198,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Run the evaluation; returns the JSON dict. Input errors exit with a one-line message."""
     args = parse_args(argv)
     try:
-        names = _class_names(args.class_names, args.num_classes)
+        names = _class_names(args.class_names, args.num_classes, args.pred_dir)
         ids = read_ids(args.list)
         matrix = evaluate_dirs(
-            args.pred_dir, args.gt_dir, ids, args.num_classes, args.workers, not args.no_progress
+            args.pred_dir, args.gt_dir, ids, len(names), args.workers, not args.no_progress
         )
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"eval_miou: error: {err}") from err

@@ -48,15 +48,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from afa.atomic import write_atomic
-from afa.data import DataError, class_names, read_image
+from afa.data import DataError, read_image
 from afa.data.folder import ImageFolder
 from afa.errors import USER_ERRORS
-from afa.io import read_label_png
+from afa.io import RUN_CONFIG, read_label_png, run_class_names
 from afa.viz import label_legend, make_grid, overlay_label
 
 __all__ = ["compose_frame", "main", "parse_args", "render_frames", "write_gif", "write_mp4"]
@@ -109,11 +108,12 @@ def _class_names(dirs: Sequence[Path]) -> list[str]:
     """Class names of the config.yaml the inference tools saved in ``dirs``; they must agree."""
     found = {}
     for directory in dirs:
-        path = directory / "config.yaml"
-        if not path.is_file():
+        path = directory / RUN_CONFIG
+        names = run_class_names(directory)  # a custom set's too: its data.classes
+        if names is None:
             raise DataError(f"{path}: not found; is {directory} the --out-dir of "
                             "tools/infer_seg.py or tools/infer_cam.py?")
-        found[path] = class_names(OmegaConf.load(path))
+        found[path] = names
     names = list(found.values())
     if any(n != names[0] for n in names):
         raise DataError(f"{' and '.join(map(str, found))} name different classes: were they "

@@ -6,6 +6,12 @@ with ``C = num_classes - 1`` channel ``c`` is class ``c + 1``, with ``C = num_cl
 ``c``), ``--pseudo-dir``, ``--pred-dir`` and ``--gt-dir`` (``<id>.png`` class-index PNGs). Writes
 one PNG per id, ``<out-dir>/<id>.png``.
 
+The class names (``--class-names``): a built-in set (``voc``, ``coco``, ``demo``), a text file
+with one name per line, background first (``classes.txt`` of ``tools/prepare_tags.py``), or an
+``--out-dir`` of ``tools/infer_seg.py`` / ``tools/infer_cam.py`` (the classes of its
+``config.yaml``). Without it, the run that wrote ``--cam-dir``, ``--pseudo-dir`` or ``--pred-dir``
+(``out/cam/cam``, ``out/cam/refined``, ``out/seg/pred``) names them, else ``voc``.
+
 Run::
 
     python tools/visualize.py \\
@@ -26,10 +32,11 @@ import numpy as np
 from tqdm import tqdm
 
 from afa.constants import CLASS_NAME_SETS
-from afa.io import read_image, read_label_png, write_rgb_png
+from afa.io import (class_names_from, read_image, read_label_png, run_dir_class_names,
+                    write_rgb_png)
 from afa.viz import visualize_sample
 
-__all__ = ["load_cams", "render", "main"]
+__all__ = ["load_cams", "render", "resolve_class_names", "main"]
 
 IMAGE_SUFFIXES = (".jpg", ".png", ".jpeg")
 
@@ -107,8 +114,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pseudo-dir", type=Path, help="<id>.png pseudo labels")
     parser.add_argument("--pred-dir", type=Path, help="<id>.png predictions")
     parser.add_argument("--gt-dir", type=Path, help="<id>.png ground truth")
-    parser.add_argument("--class-names", choices=sorted(CLASS_NAME_SETS), default="voc",
-                        help="class names of the legend (default voc)")
+    parser.add_argument("--class-names", metavar="SET|FILE|RUN_DIR",
+                        help=f"class names: {', '.join(CLASS_NAME_SETS)}; a text file, one name "
+                             "per line, background first (prepare_tags' classes.txt); or an "
+                             "--out-dir of infer_seg / infer_cam (its config.yaml). Default: the "
+                             "run that wrote the given folders, else voc")
     parser.add_argument("--max-cams", type=int, default=3, help="CAMs shown per image")
     parser.add_argument("--limit", type=int, help="only the first LIMIT ids")
     args = parser.parse_args(argv)
@@ -117,19 +127,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def resolve_class_names(args: argparse.Namespace) -> list[str]:
+    """The names ``--class-names`` gives, else those of the run that wrote the output folders,
+    else VOC's."""
+    if args.class_names is not None:
+        return class_names_from(args.class_names)
+    names = run_dir_class_names([args.cam_dir, args.pseudo_dir, args.pred_dir])
+    return names if names is not None else list(CLASS_NAME_SETS["voc"])
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
     """Write the pictures; returns their paths. Missing or malformed inputs exit with a message."""
     args = parse_args(argv)
     ids = [line.split()[0] for line in Path(args.list).read_text().splitlines() if line.strip()]
     ids = ids[: args.limit]
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     try:
+        names = resolve_class_names(args)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
         for image_id in tqdm(ids, desc="visualize"):
             picture = render(
                 image_id,
                 args.image_dir,
-                class_names=CLASS_NAME_SETS[args.class_names],
+                class_names=names,
                 cam_dir=args.cam_dir,
                 pseudo_dir=args.pseudo_dir,
                 pred_dir=args.pred_dir,
