@@ -26,8 +26,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from afa.constants import CLASS_NAME_SETS, CamThresholds
 
-__all__ = ["CamThresholds", "Config", "ConfigError", "class_names", "config_warnings",
-           "load_config", "num_classes", "save_config", "thresholds", "upgrade_saved_config"]
+__all__ = ["CLASS_LIST_FILE", "CamThresholds", "Config", "ConfigError", "class_names",
+           "config_warnings", "load_config", "num_classes", "read_class_list", "save_config",
+           "thresholds", "upgrade_saved_config"]
 
 
 @dataclass
@@ -44,7 +45,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "voc"  # voc | coco | demo: the class names (and so their number)
+    # voc | coco | demo: their fixed class names (and so their number); custom: your own images
+    # with tags (tools/prepare_tags.py), whose class names are data.classes.
+    name: str = "voc"
+    # custom only: the class names, background first. null: read from <list_dir>/classes.txt,
+    # which tools/prepare_tags.py writes; a checkpoint carries them, so its tools need neither.
+    classes: Optional[list[str]] = None
     root: str = "data/VOCdevkit/VOC2012"  # holds JPEGImages/ and the mask folder
     list_dir: str = "data/voc"  # holds <split>.txt and cls_labels.json (tools/prepare_voc.py)
     mask_dir: str = "SegmentationClassAug"
@@ -199,7 +205,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "model.backbone": tuple(f"mit_b{i}" for i in range(6)),
     "model.pooling": ("gmp", "gap"),
-    "data.name": tuple(CLASS_NAME_SETS),
+    "data.name": (*CLASS_NAME_SETS, "custom"),
     "train.amp": ("none", "bf16", "fp16", "auto"),
     "train.nonfinite": ("stop", "skip"),
 }
@@ -342,6 +348,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Di
     except OmegaConfBaseException as err:  # e.g. a ${...} that names no key
         raise ConfigError(f"Bad config value: {str(err).splitlines()[0]}") from None
     _check_ranges(cfg)
+    _resolve_classes(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -403,6 +410,8 @@ def upgrade_saved_config(saved: dict) -> dict:
             node = node.setdefault(part, {})
         node[name] = value
 
+    if isinstance(saved.get("data"), dict):
+        saved["data"].setdefault("classes", None)  # added later; built-in sets leave it null
     for old in ("cam.bkg_score", "cam.high", "cam.low"):
         found, value = pop(old)
         if found:
@@ -428,14 +437,54 @@ def upgrade_saved_config(saved: dict) -> dict:
     return saved
 
 
+CLASS_LIST_FILE = "classes.txt"  # in data.list_dir: a custom set's class names, one per line
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line (blank lines skipped), background first: a
+    list without it gets "background" in front."""
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    if names[:1] != ["background"]:
+        names.insert(0, "background")
+    return names
+
+
+def _resolve_classes(cfg: DictConfig) -> None:
+    """``data.classes`` of a custom set from its list dir when not given; the built-in sets
+    have fixed names, which ``data.classes`` may only repeat."""
+    d = cfg.data
+    if d.name != "custom":
+        if d.classes is not None and list(d.classes) != list(CLASS_NAME_SETS[d.name]):
+            raise ConfigError(f"'data.classes' is for data.name=custom; data.name={d.name} has "
+                              f"its own {len(CLASS_NAME_SETS[d.name])} classes")
+        return
+    if d.classes is None:
+        path = Path(d.list_dir) / CLASS_LIST_FILE
+        if path.is_file():  # else left for a checkpoint's saved config to give (tools)
+            d.classes = read_class_list(path)
+    if d.classes is not None:
+        classes = list(d.classes)
+        if len(classes) < 2 or classes[0] != "background" or len(set(classes)) != len(classes):
+            raise ConfigError(f"'data.classes' must be distinct names, 'background' first and "
+                              f"at least one class after it, got {classes[:5]}")
+
+
 def class_names(cfg: DictConfig) -> list[str]:
-    """The class names of ``cfg.data.name``, background first."""
-    return list(CLASS_NAME_SETS[cfg.data.name])
+    """The class names of ``cfg.data``, background first."""
+    if cfg.data.name != "custom":
+        return list(CLASS_NAME_SETS[cfg.data.name])
+    if cfg.data.classes is None:
+        raise ConfigError(
+            f"data.name=custom needs its class names: {Path(cfg.data.list_dir) / CLASS_LIST_FILE} "
+            "is missing (tools/prepare_tags.py writes it), data.classes is not set, and no "
+            "checkpoint gave them")
+    return list(cfg.data.classes)
 
 
 def num_classes(cfg: DictConfig) -> int:
     """Classes including background (21 for VOC, 81 for COCO, 9 for the demo)."""
-    return len(CLASS_NAME_SETS[cfg.data.name])
+    return len(class_names(cfg))
 
 
 def thresholds(cfg: DictConfig) -> CamThresholds:

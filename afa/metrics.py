@@ -35,6 +35,7 @@ __all__ = [
     "score_columns",
     "format_table",
     "multilabel_f1",
+    "average_precision",
 ]
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -284,3 +285,23 @@ def multilabel_f1(
     if reduction == "mean":
         return f1.mean()
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Per-class average precision of image-level scores: ``(N, C)`` logits (any monotone
+    score) against ``(N, C)`` multi-hot labels; ``nan`` for a class no image has.
+
+    Non-interpolated AP, as scikit-learn's ``average_precision_score``: the mean, over the
+    images of the class, of the precision among the images scored at least as high. Ties are
+    broken by image order (stable sort), which only matters for equal scores.
+    """
+    if scores.shape != labels.shape or scores.dim() != 2:
+        raise ValueError(f"scores and labels must both be (N, C); got {tuple(scores.shape)} and "
+                         f"{tuple(labels.shape)}")
+    order = torch.sort(scores.double(), dim=0, descending=True, stable=True).indices
+    hits = torch.gather(labels.double() > 0.5, 0, order).double()  # (N, C) by rank
+    rank = torch.arange(1, len(scores) + 1, dtype=torch.float64, device=scores.device)[:, None]
+    precision_at_hit = hits.cumsum(0) / rank * hits
+    positives = hits.sum(0)
+    ap = precision_at_hit.sum(0) / positives.clamp(min=1)
+    return torch.where(positives > 0, ap, torch.full_like(ap, float("nan"))).tolist()

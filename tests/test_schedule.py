@@ -52,7 +52,8 @@ def test_a_config_saved_by_an_earlier_version_reads_in_todays_keys():
              "par": {"w1": 0.3, "w2": 0.5, "w3": 0.01}}
     new = upgrade_saved_config(saved)
     assert new["cam"] == {"thresholds": {"background": 0.4, "high": 0.6, "low": 0.3}}
-    assert new["train"] == {"lean_forwards": True} and new["data"] == {"name": "demo"}
+    assert new["train"] == {"lean_forwards": True}
+    assert new["data"] == {"name": "demo", "classes": None}
     assert new["optim"] == {}
     assert new["par"] == {"w2": 0.5}  # not the fixed value: kept, so a resume names it
     mixed = upgrade_saved_config({"cam": {"reuse_train_forward": True,

@@ -92,12 +92,13 @@ def main(argv=None) -> int:
         if args.split:
             overrides.append(f"data.val_split={args.split}")
         cfg = load_config(args.config, overrides)
+        # The run's own data (where it trained) unless the command line names other data.
+        cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, overrides, data=True)
+        if taken and main_process:
+            print(taken, flush=True)
         note = subset_note(Path(cfg.data.list_dir) / f"{cfg.data.val_split}.txt")
         if note and main_process:
             print(note, flush=True)
-        cfg, _, taken = model_config_from_checkpoint(cfg, args.checkpoint, args.overrides)
-        if taken and main_process:
-            print(taken, flush=True)
         names = class_names(cfg)
         _, dataset = build_datasets(cfg)
         split_images = len(dataset)

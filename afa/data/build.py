@@ -21,7 +21,14 @@ def build_datasets(cfg: DictConfig) -> tuple[VOCStyleDataset, VOCStyleDataset]:
         d.root, list_dir / f"{d.train_split}.txt", list_dir / "cls_labels.json", mode="cls",
         split=d.train_split if d.split_subdirs else None, crop_size=d.crop_size,
         scale_range=tuple(d.scale_range), hflip=True, **common)
-    val_set = VOCStyleDataset(
-        d.root, list_dir / f"{d.val_split}.txt", None, mode="seg",
-        split=d.val_split if d.split_subdirs else None, **common)
+    if d.name == "custom":
+        # Your own images: every one has its tags, masks are optional (validation scores the
+        # mIoU over those that have one, and the classifier's AP and F1 over all).
+        val_set = VOCStyleDataset(
+            d.root, list_dir / f"{d.val_split}.txt", list_dir / "cls_labels.json", mode="infer",
+            split=d.val_split if d.split_subdirs else None, **common)
+    else:
+        val_set = VOCStyleDataset(
+            d.root, list_dir / f"{d.val_split}.txt", None, mode="seg",
+            split=d.val_split if d.split_subdirs else None, **common)
     return train_set, val_set

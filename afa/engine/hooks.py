@@ -17,7 +17,7 @@ from afa.data import DataError
 from afa.engine import distributed as D
 from afa.engine.checkpoint import CheckpointManager, capture_rng_state, non_finite_tensors
 from afa.engine.logger import RunLogger
-from afa.engine.validate import ValidationStopped, format_table, validate
+from afa.engine.validate import KINDS, ValidationStopped, format_table, validate
 
 __all__ = ["Checkpointer", "LOSS_KEYS", "LossReport", "StopFlag", "TrainingInterrupted",
            "Validator", "data_problem"]
@@ -168,18 +168,31 @@ class Validator:
                 f"checkpoint of iteration {iteration} is saved. Fix or remove the file (or set "
                 "data.skip_bad=true), then continue with --resume auto, which redoes this "
                 "validation") from None
-        summary = {k: v["miou"] for k, v in self.scores.items() if isinstance(v, dict)}
-        summary["cls_f1"] = self.scores["cls_f1"]
-        if "skipped_images" in self.scores:
-            summary["skipped_images"] = self.scores["skipped_images"]
+        summary = _summary(self.scores)
         self.run_log.scalars(iteration, summary, prefix="val/")
         self.run_log.val_scores(iteration, self.scores)
         log.info("val iter %d: %s\n%s", iteration,
                  " ".join(f"{k} {100 * v:.2f}" for k, v in summary.items()
-                          if k != "skipped_images"), format_table(self.scores, self.class_names))
-        is_best = summary["seg"] > self.checkpointer.best
-        self.checkpointer.best = max(self.checkpointer.best, summary["seg"])
+                          if k in KINDS or k in ("cls_f1", "cls_map")),
+                 format_table(self.scores, self.class_names))
+        # best.pth: the segmentation's mIoU; with no mask anywhere, the classifier's mAP.
+        score = summary.get("seg", summary.get("cls_map", summary["cls_f1"]))
+        is_best = score > self.checkpointer.best
+        self.checkpointer.best = max(self.checkpointer.best, score)
         self.checkpointer.save(iteration, validated=True, is_best=is_best)
+
+
+def _summary(scores: dict) -> dict:
+    """The scalars of a validation for the logs: every finite mIoU, F1, mAP, coverage."""
+    summary = {k: scores[k]["miou"] for k in KINDS if scores[k]["miou"] is not None}
+    summary["cls_f1"] = scores["cls_f1"]
+    if scores.get("cls_map") is not None:
+        summary["cls_map"] = scores["cls_map"]
+    summary.update({f"coverage_{k}": v for k, v in scores.get("coverage", {}).items()})
+    for key in ("skipped_images", "masked_images"):
+        if key in scores:
+            summary[key] = scores[key]
+    return summary
 
 
 class LossReport:

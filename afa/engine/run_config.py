@@ -35,7 +35,7 @@ from afa.config import ConfigError, num_classes, upgrade_saved_config
 from afa.constants import CLASS_NAME_SETS
 from afa.safe_load import CheckpointError, read_torch_file
 
-__all__ = ["MATCHED_KEYS", "MODEL_KEYS", "CheckpointError", "CheckpointSettings",
+__all__ = ["DATA_KEYS", "MATCHED_KEYS", "MODEL_KEYS", "CheckpointError", "CheckpointSettings",
            "model_config_from_checkpoint", "read_checkpoint"]
 
 # Network settings a checkpoint's saved config decides (the keys of ``afa.config.model_kwargs``
@@ -44,6 +44,9 @@ MODEL_KEYS = ("model.backbone", "model.embedding_dim", "model.stride", "model.po
 # Settings the network shares with the data (its classes, so the classifier's and the decoder's
 # outputs): the checkpoint's value must equal the config's.
 MATCHED_KEYS = ("data.name",)
+# Where a run's data was: what evaluating its checkpoint should read (``data=True``).
+DATA_KEYS = ("data.root", "data.list_dir", "data.mask_dir", "data.split_subdirs",
+             "data.val_split")
 
 _ABSENT = object()
 
@@ -82,8 +85,33 @@ def _show(value) -> str:
     return "null" if value is None else str(value).replace(" ", "")
 
 
+def _take_data(cfg: DictConfig, saved: dict, explicit: set, changed: dict) -> None:
+    for key in DATA_KEYS:
+        value, current = _lookup(saved, key), _plain(OmegaConf.select(cfg, key))
+        if value is _ABSENT or value == current or key in explicit:
+            continue
+        if key in ("data.root", "data.list_dir") and not Path(str(value)).is_dir():
+            continue  # the run's folder is not on this machine: the config's is the one
+        changed[key] = (current, value)
+
+
+def _take_classes(cfg: DictConfig, saved: dict, source: str, changed: dict) -> None:
+    """A custom set's class names: the checkpoint's when the config has none (so a tool needs
+    no class list of its own), else they must be the same names in the same order."""
+    value = _lookup(saved, "data.classes")
+    if value is _ABSENT or value is None:
+        return
+    current = _plain(OmegaConf.select(cfg, "data.classes"))
+    if current is None:
+        changed["data.classes"] = (None, list(value))
+    elif list(current) != list(value):
+        raise ConfigError(f"{source} was trained on the classes {list(value)}, but the config "
+                          f"has {list(current)}: drop data.classes (the checkpoint's are used) or "
+                          "give the same names in the same order")
+
+
 def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
-                                 overrides=()) -> CheckpointSettings:
+                                 overrides=(), *, data: bool = False) -> CheckpointSettings:
     """``cfg`` with the network settings of ``checkpoint``'s saved config (see the module doc).
 
     Args:
@@ -91,6 +119,10 @@ def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
         checkpoint: a checkpoint path, or the dict ``torch.load`` returned for it.
         overrides: the ``key=value`` strings the user gave on the command line; a network key
             among them that contradicts the checkpoint is a :class:`~afa.config.ConfigError`.
+        data: also take where the run's data was (``DATA_KEYS``: root, lists, masks) from the
+            checkpoint, so that evaluating a run's checkpoint scores the data it trained with,
+            whatever ``--config`` says. A key given on the command line wins, and a saved
+            folder that does not exist here keeps the config's; the note says which.
 
     Raises ``ConfigError`` (an override or ``data.name`` that contradicts the checkpoint),
     ``FileNotFoundError`` and :class:`CheckpointError` (a missing or unreadable file).
@@ -133,6 +165,9 @@ def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
                     f"config's data is {key}={_show(current)} ({num_classes(cfg)} classes): use "
                     f"the config of the data the model was trained on, or {key}={_show(value)}")
             changed[key] = (current, value)
+        _take_classes(cfg, saved, source, changed)
+        if data:
+            _take_data(cfg, saved, explicit, changed)
     new = copy.deepcopy(cfg)
     OmegaConf.set_readonly(new, False)
     for key, (_, value) in changed.items():
@@ -141,7 +176,8 @@ def model_config_from_checkpoint(cfg: DictConfig, checkpoint: str | Path | dict,
     OmegaConf.set_readonly(new, True)
     note = None
     if changed:
-        note = (f"{source}: network settings taken from its saved config (they differ from "
+        kind = "settings" if any(k.startswith("data.") for k in changed) else "network settings"
+        note = (f"{source}: {kind} taken from its saved config (they differ from "
                 "--config): " + ", ".join(f"{key}={_show(new_value)} (config: {_show(old)})"
                                           for key, (old, new_value) in changed.items()))
     return CheckpointSettings(new, changed, note)

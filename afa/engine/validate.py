@@ -14,6 +14,13 @@ Five label maps are scored against the ground truth:
 - ``affinity``: those propagated maps refined by PAR, the affinity pseudo label of step 9 without
   the ignore band;
 - ``seg``: the argmax of the segmentation logits upsampled to the image.
+
+Masks may be missing for some or all images (a custom set, ``data.name=custom``): those images
+count in everything but the mIoUs, whose ``miou`` is None when no image had a mask. What needs no
+mask is always reported: the classifier's per-image F1 (``cls_f1``), its per-class average
+precision and their mean (``cls_ap``, ``cls_map``), and the share of pixels each label kind gives
+to a foreground class (``coverage``), which tells a CAM that covers its objects from one that
+marks a few pixels; ``masked_images`` counts the images that had a mask.
 """
 
 from __future__ import annotations
@@ -27,13 +34,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from afa.cam import multi_scale_cam
-from afa.constants import CamThresholds
+from afa.constants import IGNORE_INDEX, CamThresholds
 from afa.data import DataError, denormalize
 from afa.engine import distributed as D
 from afa.engine.logger import progress_enabled
 from afa.engine.precision import autocast
 from afa import metrics
-from afa.metrics import ConfusionMatrix, multilabel_f1
+from afa.metrics import ConfusionMatrix, average_precision, multilabel_f1
 from afa.pseudo_labels import make_pseudo_labels
 
 __all__ = ["KINDS", "ValidationStopped", "check_image_size", "format_table", "predict_labels",
@@ -119,19 +126,32 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales,
     model.eval()
     matrices = {k: ConfusionMatrix(len(class_names), device=device) for k in KINDS}
     f1 = torch.zeros(2, dtype=torch.float64, device=device)  # sum of per-image F1, image count
+    # Per label kind but seg: (foreground pixels, pixels); and the images that had a mask.
+    cover = torch.zeros(len(KINDS) - 1, 2, dtype=torch.float64, device=device)
+    masked = torch.zeros(1, dtype=torch.float64, device=device)
+    logits_seen, labels_seen = [], []  # for the classifier's average precision
     world, rank = D.world_size(), D.rank()
     groups: dict[tuple[int, int], list[dict]] = {}  # samples waiting for a batch of their size
 
     def run(samples: list[dict]) -> None:
         image = torch.stack([s["image"] for s in samples]).to(device)
         label = torch.stack([s["label"] for s in samples]).to(device)
-        mask = torch.stack([s["mask"] for s in samples]).to(device)
+        # An image without a mask is all ignore: it takes no part in the confusion matrices.
+        mask = torch.stack([s["mask"] if "mask" in s else torch.full(
+            s["image"].shape[-2:], IGNORE_INDEX, dtype=torch.int64) for s in samples]).to(device)
+        masked[0] += sum("mask" in s for s in samples)
         labels, cls_logits = predict_labels(model, image, label, par=par, cam_scales=cam_scales,
                                             thresholds=thresholds, radius=radius, amp=amp)
         for kind, pred in labels.items():
             matrices[kind].update(pred, mask)
+        for row, kind in enumerate(KINDS[:-1]):
+            foreground = (labels[kind] > 0) & (labels[kind] != IGNORE_INDEX)
+            cover[row] += torch.stack([foreground.sum(), torch.tensor(foreground.numel())
+                                       .to(device)]).double()
         f1[0] += multilabel_f1(cls_logits, label, reduction="sum").double()
         f1[1] += len(samples)
+        logits_seen.append(cls_logits)
+        labels_seen.append(label)
 
     skipped = torch.zeros(1, dtype=torch.float64, device=device)
     # Every rank takes the same number of turns (the last may have no image) so that the
@@ -169,7 +189,15 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales,
     for group in groups.values():
         run(group)
     D.all_reduce_sum(f1)
+    D.all_reduce_sum(cover)
+    D.all_reduce_sum(masked)
     scores = {"cls_f1": float(f1[0] / f1[1].clamp(min=1))}
+    ap = average_precision(*_gathered(logits_seen, labels_seen, len(class_names) - 1, device))
+    scores["cls_ap"] = {name: (None if math.isnan(v) else v) for name, v in zip(class_names[1:], ap)}
+    present = [v for v in ap if not math.isnan(v)]
+    scores["cls_map"] = sum(present) / len(present) if present else None
+    scores["coverage"] = {kind: float(c[0] / c[1].clamp(min=1)) for kind, c in zip(KINDS, cover)}
+    scores["masked_images"] = int(masked.item())
     for kind, matrix in matrices.items():
         matrix.reduce_(D.all_reduce_sum)
         scores[kind] = matrix.compute(class_names).to_dict()
@@ -179,8 +207,31 @@ def validate(model, dataset, *, par, device: torch.device, cam_scales,
     return scores
 
 
+def _gathered(logits: list, labels: list, num_fg: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's classifier logits and labels, and every other rank's: (N, C-1) each."""
+    mine = (torch.cat(logits) if logits else torch.zeros(0, num_fg, device=device),
+            torch.cat(labels) if labels else torch.zeros(0, num_fg, device=device))
+    if D.world_size() == 1:
+        return mine
+    everyone = [None] * D.world_size()
+    torch.distributed.all_gather_object(everyone, tuple(t.cpu() for t in mine))
+    return tuple(torch.cat([part[i] for part in everyone]) for i in range(2))
+
+
 def format_table(scores: dict, names: list[str]) -> str:
-    """The validation table: per-class IoU of every label kind, the mIoU row and the F1."""
-    table = metrics.format_table({k: scores[k]["iou"] for k in KINDS}, names,
-                                 {"mIoU": [scores[k]["miou"] for k in KINDS]})
-    return f"{table}\nclassification F1 {100 * scores['cls_f1']:.2f} %"
+    """The validation table: per-class IoU of every label kind and the mIoU row (when some image
+    had a mask), the classifier's F1 and mAP, and each label kind's foreground share."""
+    lines = []
+    if scores.get("masked_images", 1):
+        lines.append(metrics.format_table({k: scores[k]["iou"] for k in KINDS}, names,
+                                          {"mIoU": [scores[k]["miou"] for k in KINDS]}))
+    else:
+        lines.append("no validation image has a mask: no mIoU (scores without masks below)")
+    cls = f"classification F1 {100 * scores['cls_f1']:.2f} %"
+    if scores.get("cls_map") is not None:
+        cls += f", mAP {100 * scores['cls_map']:.2f} %"
+    lines.append(cls)
+    if "coverage" in scores:
+        lines.append("foreground share of the pixels: " + ", ".join(
+            f"{kind} {100 * share:.1f} %" for kind, share in scores["coverage"].items()))
+    return "\n".join(lines)
