@@ -162,6 +162,8 @@ def test_missing_file_shows_the_command_line_syntax(tmp_path):
     assert str(path) in message and "SegFormer" in message
     assert "model.pretrained=/path/to/mit_b1.pth" in message
     assert "model.pretrained=null" in message
+    # The hub id of the variant, where the weights can still be had (tests/test_hf_hub.py).
+    assert "model.pretrained=hf:nvidia/mit-b1" in message
 
 
 def test_right_file_loads_and_is_recorded(tmp_path):

@@ -15,7 +15,8 @@ mapping (Hugging Face name -> official name), per stage ``i`` (0-based) and bloc
     segformer.encoder.layer_norm.{i}                   -> norm{i+1}
     classifier.*                                       -> dropped (ImageNet head)
 
-Reading the download's weight file (and its checks) is :mod:`afa.models.weights`' job.
+Such weights come from a download folder or from ``model.pretrained=hf:nvidia/mit-b*`` (the file in
+the Hugging Face cache); reading either (and the checks) is :mod:`afa.models.weights`' job.
 """
 
 from __future__ import annotations
