@@ -19,8 +19,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["afa", "afa.*"]),
     install_requires=read_requirements("requirements.txt"),
-    # video: MP4 output of tools/make_video.py (the GIF needs nothing beyond requirements.txt)
+    # video: MP4 output of tools/make_video.py (the GIF needs nothing beyond requirements.txt);
+    # export: tools/export.py --format onnx (onnx writes the file, onnxruntime checks it against
+    # PyTorch; TorchScript needs neither)
     extras_require={"dev": read_requirements("requirements-dev.txt"),
-                    "video": ["imageio-ffmpeg>=0.4"]},
+                    "video": ["imageio-ffmpeg>=0.4"],
+                    "export": ["onnx>=1.16", "onnxruntime>=1.17"]},
     license="MIT",
 )
