@@ -123,6 +123,8 @@ SLOW: dict[str, tuple[str, ...]] = {
     # The tool in two subprocesses, one on a pseudo-terminal: 6 s.
     "test_demo_data.py": ("test_progress_bars_only_on_a_terminal",),
     "test_eval_miou.py": ("test_command_line",),  # a subprocess: 3 s
+    # tools/train.py in subprocesses against a local Hugging Face cache: 3-15 s.
+    "test_hf_hub.py": ("test_train_tool_*",),
     # tools/train.py in a subprocess: 3 s.
     "test_config.py": ("test_unknown_key_wrong_type_and_missing_root_are_named",),
     # A subprocess faulting a large tensor in: 9 s.

@@ -44,7 +44,10 @@ def test_a_few_iterations_write_every_artefact(tiny_data, tmp_path, device):
     log_text = (tmp_path / "train.log").read_text()
     assert f"Training mit_b0 on {device.type}" in log_text
     assert "Host memory: " in log_text  # afa.host_memory, decided once per process
-    assert set(result.scores) == {"cls_f1", "cam", "refined", "aff_cam", "affinity", "seg"}
+    assert set(result.scores) == {"cls_f1", "cls_ap", "cls_map", "coverage", "masked_images",
+                                  "cam", "refined", "aff_cam", "affinity", "seg"}
+    assert result.scores["masked_images"] == 3  # tiny_data's val images, every one with a mask
+    assert 0.0 <= result.scores["cls_map"] <= 1.0
     assert all(0.0 <= result.scores[k]["miou"] <= 1.0 for k in ("cam", "seg"))
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "train.log").is_file()
     assert load_config(tmp_path / "config.yaml") == cfg  # the saved config reproduces the run

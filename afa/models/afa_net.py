@@ -63,7 +63,8 @@ class AFANet(nn.Module):
         embedding_dim: width of the SegFormer decoder.
         stride: strides of the four encoder stages; AFA keeps stride 16 at stage 4.
         pooling: ``"gmp"`` (global max pooling, AFA's default) or ``"gap"`` for the classifier.
-        pretrained: path to the official ``mit_b*.pth`` (or a Hugging Face directory), or None.
+        pretrained: the official ``mit_b*.pth``, a Hugging Face download folder, a hub id
+            ``hf:nvidia/mit-b1[@revision]`` (afa.models.weights), or None.
         drop_path_rate: stochastic depth of the encoder.
     """
 
