@@ -6,6 +6,9 @@ CHW layout. Inputs may be numpy arrays or torch tensors (moved to the CPU here).
 
 Label maps use the VOC palette (class 0 black, 255 = ignore near-white). Heat maps use OpenCV's JET
 colour map (blue = low, red = high).
+
+Text never runs off its strip: a title or a legend name too long for its width is set in smaller
+type, down to half size, and then shortened with "..." (:func:`fit_text`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ __all__ = [
     "overlay_heatmap",
     "affinity_of_pixel",
     "affinity_overlay",
+    "fit_text",
     "add_title",
     "legend",
+    "label_entries",
     "label_legend",
     "make_grid",
     "visualize_sample",
@@ -35,6 +40,8 @@ __all__ = [
 _PALETTE = color_palette(256)
 _TITLE_HEIGHT = 22
 _MARKER_SIZE = 15
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_TEXT_MARGIN = 3  # pixels between text and the edges of its strip
 
 
 def _numpy(array) -> np.ndarray:
@@ -156,16 +163,37 @@ def affinity_overlay(
     return out
 
 
+def _text_width(text: str, scale: float) -> int:
+    return cv2.getTextSize(text, _FONT, scale, 1)[0][0]
+
+
+def fit_text(text: str, width: int, scale: float, min_ratio: float = 0.5) -> tuple[str, float]:
+    """``(text, scale)`` for drawing ``text`` in at most ``width`` pixels: ``scale`` when it fits,
+    else smaller type down to ``min_ratio * scale``, then the longest start of the text that fits
+    with "..." after it ("" when not even one letter and "..." do)."""
+    full = _text_width(text, scale)
+    if full <= width:
+        return text, scale
+    scale *= max(min_ratio, width / full)
+    if _text_width(text, scale) <= width:
+        return text, scale
+    low, high = 0, len(text)  # the longest prefix that fits, by bisection
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _text_width(text[:mid].rstrip() + "...", scale) <= width:
+            low = mid
+        else:
+            high = mid - 1
+    return (text[:low].rstrip() + "..." if low else ""), scale
+
+
 def add_title(panel, title: str, height: int = _TITLE_HEIGHT) -> np.ndarray:
-    """``panel`` with a white strip of ``height`` pixels on top holding ``title`` in black (in
-    smaller type where it would not fit the panel's width)."""
+    """``panel`` with a white strip of ``height`` pixels on top holding ``title`` in black,
+    fitted to the panel's width (:func:`fit_text`) rather than cut off at its edge."""
     panel = _rgb_image(panel)
     strip = np.full((height, panel.shape[1], 3), 255, dtype=np.uint8)
-    scale = height / 40.0
-    text_width = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
-    if text_width > panel.shape[1] - 6:
-        scale *= max(0.5, (panel.shape[1] - 6) / text_width)
-    cv2.putText(strip, title, (3, height - 6), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+    text, scale = fit_text(title, panel.shape[1] - 2 * _TEXT_MARGIN, height / 40.0)
+    cv2.putText(strip, text, (_TEXT_MARGIN, height - 6), _FONT, scale, (0, 0, 0), 1,
                 cv2.LINE_AA)
     return np.concatenate([strip, panel], axis=0)
 
@@ -173,30 +201,55 @@ def add_title(panel, title: str, height: int = _TITLE_HEIGHT) -> np.ndarray:
 def legend(entries: Sequence[tuple[str, Sequence[int]]], width: int,
            row_height: int = _TITLE_HEIGHT) -> np.ndarray:
     """A white strip ``width`` pixels wide naming each ``(name, rgb)`` entry beside a swatch of
-    its colour, left to right; entries that do not fit start another row of ``row_height``."""
+    its colour, left to right; entries that do not fit start another row of ``row_height``, and
+    a name too long for a row of its own is fitted to it (:func:`fit_text`)."""
     scale = row_height / 40.0
     swatch, gap = row_height - 8, 10
-    rows: list[list[tuple[int, str, Sequence[int]]]] = [[]]
-    x = 3
+    room = max(1, width - 2 * _TEXT_MARGIN - swatch - 4)  # for a name alone on its row
+    rows: list[list[tuple[int, str, float, Sequence[int]]]] = [[]]
+    x = _TEXT_MARGIN
     for name, colour in entries:
-        text_w = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
-        item_w = swatch + 4 + text_w
-        if rows[-1] and x + item_w > width:
+        text, text_scale = fit_text(name, room, scale)
+        item_w = swatch + 4 + _text_width(text, text_scale)
+        if rows[-1] and x + item_w > width - _TEXT_MARGIN:
             rows.append([])
-            x = 3
-        rows[-1].append((x, name, colour))
+            x = _TEXT_MARGIN
+        rows[-1].append((x, text, text_scale, colour))
         x += item_w + gap
     strip = np.full((row_height * len(rows), width, 3), 255, dtype=np.uint8)
     for index, row in enumerate(rows):
         top = index * row_height
-        for left, name, colour in row:
+        for left, text, text_scale, colour in row:
             cv2.rectangle(strip, (left, top + 4), (left + swatch - 1, top + 3 + swatch),
                           tuple(int(c) for c in colour), -1)
             cv2.rectangle(strip, (left, top + 4), (left + swatch - 1, top + 3 + swatch),
                           (0, 0, 0), 1)
-            cv2.putText(strip, name, (left + swatch + 4, top + row_height - 6),
-                        cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(strip, text, (left + swatch + 4, top + row_height - 6), _FONT,
+                        text_scale, (0, 0, 0), 1, cv2.LINE_AA)
     return strip
+
+
+def label_entries(labels: Sequence, class_names: Sequence[str],
+                  skip: Sequence[int] = (0, IGNORE_INDEX),
+                  min_fraction: float = 0.0) -> list[tuple[str, np.ndarray]]:
+    """``(name, palette colour)`` of every class present in the label maps ``labels`` (together),
+    by class index, but those in ``skip`` and those on no more than ``min_fraction`` of the
+    pixels. Index 255 is named "ignore"; an index past ``class_names``, "class <i>"."""
+    counts = np.zeros(256, dtype=np.int64)
+    total = 0
+    for label in labels:
+        label = _numpy(label)
+        counts += np.bincount(label.ravel().astype(np.int64), minlength=256)[:256]
+        total += label.size
+    present = [c for c in np.flatnonzero(counts)
+               if c not in skip and counts[c] > min_fraction * total]
+
+    def name(c: int) -> str:
+        if c < len(class_names):
+            return class_names[c]
+        return "ignore" if c == IGNORE_INDEX else f"class {c}"
+
+    return [(name(c), _PALETTE[c]) for c in present]
 
 
 def label_legend(label, class_names: Sequence[str], width: int,
@@ -204,12 +257,7 @@ def label_legend(label, class_names: Sequence[str], width: int,
     """:func:`legend` of the classes present in ``label`` (not those in ``skip``: background and
     ignore by default, which :func:`overlay_label` leaves bare), in palette colours; classes on
     no more than ``min_fraction`` of the pixels are left out."""
-    label = _numpy(label)
-    counts = np.bincount(label.ravel().astype(np.int64), minlength=256)
-    present = [c for c in np.flatnonzero(counts)
-               if c not in skip and counts[c] > min_fraction * label.size]
-    entries = [(class_names[c] if c < len(class_names) else f"class {c}", _PALETTE[c])
-               for c in present]
+    entries = label_entries([label], class_names, skip, min_fraction)
     return legend(entries or [("no object", (255, 255, 255))], width)
 
 
@@ -223,7 +271,9 @@ def make_grid(
     """Tile ``(H, W, 3)`` uint8 panels left to right, ``ncols`` per row (default: one row).
 
     Panels of another height than the first are resized (nearest, keeping their aspect ratio) to
-    the first panel's height; ``pad`` pixels of ``pad_value`` separate neighbouring cells.
+    the first panel's height; every cell is as wide as the widest panel, and a narrower one sits
+    in the middle of its cell, so that the columns line up; ``pad`` pixels of ``pad_value``
+    separate neighbouring cells.
     """
     if not panels:
         raise ValueError("make_grid needs at least one panel")
@@ -250,7 +300,7 @@ def make_grid(
     )
     for index, cell in enumerate(cells):
         top = (index // ncols) * (cell_h + pad)
-        left = (index % ncols) * (cell_w + pad)
+        left = (index % ncols) * (cell_w + pad) + (cell_w - cell.shape[1]) // 2
         grid[top : top + cell_h, left : left + cell.shape[1]] = cell
     return grid
 
@@ -265,11 +315,14 @@ def visualize_sample(
     gt=None,
     titles: bool = True,
     alpha: float = 0.5,
+    class_names: Sequence[str] | None = None,
 ) -> np.ndarray:
     """One row: image | CAM overlays | pseudo label | prediction | ground truth (those given).
 
     ``cams`` is a sequence (or ``(C, h, w)`` array) of score maps in ``[0, 1]``, resized to the
-    image; ``cam_titles`` names them (default ``"cam <i>"``). Label maps are drawn in VOC colours.
+    image; ``cam_titles`` names them (default ``"cam <i>"``). Label maps are drawn in VOC colours;
+    with ``class_names`` a legend below the row names every class they show, background and
+    ignore included (drawn black and near-white here, not left bare as in an overlay).
     """
     panels = [_rgb_image(image)]
     names = ["image"]
@@ -281,11 +334,17 @@ def visualize_sample(
             raise ValueError(f"{len(cam_titles)} CAM titles for {len(cams)} CAMs")
         panels += [overlay_heatmap(image, cam, alpha=alpha) for cam in cams]
         names += list(cam_titles)
+    labels = []
     for name, label in (("pseudo label", pseudo_label), ("prediction", pred), ("ground truth", gt)):
         if label is not None:
             panels.append(colorize_label(label))
             names.append(name)
-    return make_grid(panels, titles=names if titles else None)
+            labels.append(label)
+    grid = make_grid(panels, titles=names if titles else None)
+    if class_names is None or not labels:
+        return grid
+    strip = legend(label_entries(labels, class_names, skip=()), grid.shape[1])
+    return np.concatenate([grid, strip], axis=0)
 
 
 def to_chw(image) -> np.ndarray:

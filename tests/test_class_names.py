@@ -135,13 +135,14 @@ def test_make_video_names_a_custom_run_s_classes(outputs, tmp_path, monkeypatch,
     """The legend of the GIF names the 4-class run's classes (make_video used to look the names
     up by data.name alone, which knows no custom set)."""
     seen = []
-    legend = make_video.label_legend
+    label_entries = make_video.label_entries
 
-    def recording(label, class_names, *args, **kwargs):
-        seen.append([class_names[c] for c in np.unique(label) if c not in (0, 255)])
-        return legend(label, class_names, *args, **kwargs)
+    def recording(*args, **kwargs):
+        entries = label_entries(*args, **kwargs)
+        seen.append([name for name, _ in entries])
+        return entries
 
-    monkeypatch.setattr(make_video, "label_legend", recording)
+    monkeypatch.setattr(make_video, "label_entries", recording)
     gif = tmp_path / "a.gif"
     assert make_video.main(["--images", str(outputs / "img"), "--seg-dir",
                             str(outputs / "seg"), "--out", str(gif)]) == 0

@@ -432,6 +432,55 @@ def test_make_video_writes_one_gif_frame_per_image(setup, frame_outputs, tmp_pat
     assert seg_only.shape[1] == 2 * FRAME_W + make_video.PAD  # small frames are not enlarged
 
 
+def test_frames_of_other_shapes_sit_whole_in_the_middle_of_the_canvas(tmp_path):
+    """A portrait and a landscape frame: each is drawn whole (both panels, every pixel) in the
+    middle of the canvas, white around it, with its legend as wide as the canvas; a long title
+    is shortened with "..." rather than cut off."""
+    images, seg = tmp_path / "images", tmp_path / "seg"
+    images.mkdir()
+    (seg / "pred").mkdir(parents=True)
+    (seg / "config.yaml").write_text("data:\n  name: demo\n")
+    colours = {"a_portrait": (255, 0, 0), "b_landscape": (0, 0, 255)}
+    shapes = {"a_portrait": (120, 40), "b_landscape": (40, 120)}
+    for name, (h, w) in shapes.items():
+        _save(images / f"{name}.png", np.full((h, w, 3), colours[name], np.uint8))
+        pred = np.zeros((h, w), np.uint8)  # background: the overlay leaves the image bare
+        pred[-4:, -4:] = 4
+        Image.fromarray(pred).save(seg / "pred" / f"{name}.png")
+    folder = ImageFolder(images)
+    frames = make_video.render_frames(folder, seg_dir=seg, cam_dir=None, max_width=400)
+    height, width = frames[0].shape[:2]
+    assert all(f.shape == (height, width, 3) for f in frames) and width % 2 == height % 2 == 0
+    for name, frame in zip(folder.names, frames):
+        h, w = shapes[name]
+        own = np.all(frame == colours[name], axis=2)
+        rows, cols = np.flatnonzero(own.any(axis=1)), np.flatnonzero(own.any(axis=0))
+        # Both panels whole: image and bare overlay, but the 4x4 star in the overlay's corner.
+        assert own.sum() == 2 * h * w - 16, name
+        assert rows.max() - rows.min() + 1 == h and cols.max() - cols.min() + 1 == 2 * w + 4
+        # In the middle: as much white left of the panels as right of them.
+        assert abs(cols.min() - (width - 1 - cols.max())) <= 1, name
+        assert (frame[rows.min():rows.max() + 1, : cols.min()] == 255).all()
+        assert (frame[rows.min():rows.max() + 1, cols.max() + 1:] == 255).all()
+        # The frame as drawn alone at the canvas width, placed in the middle of the canvas.
+        alone = make_video.compose_frame(folder.image(name), names=DEMO_CLASSES, max_width=400,
+                                         pred=np.array(Image.open(seg / "pred" / f"{name}.png")),
+                                         width=width)
+        top = (height - alone.shape[0]) // 2
+        np.testing.assert_array_equal(frame[top : top + alone.shape[0]], alone)
+        assert (frame[:top] == 255).all() and (frame[top + alone.shape[0]:] == 255).all()
+        legend = alone[-22:]  # across the whole canvas: the star's swatch in its colour
+        assert tuple(color_palette(256)[4]) in {tuple(c) for c in legend.reshape(-1, 3).tolist()}
+
+    # A title longer than its panel: shortened, its last letters inside the panel.
+    frame = make_video.compose_frame(np.zeros((60, 40, 3), np.uint8), names=DEMO_CLASSES,
+                                     max_width=400, heat=np.zeros((60, 40, 3), np.uint8),
+                                     cam_class="a class with a very long name")
+    title = frame[:22, 44:84]  # the CAM panel's title strip
+    ink = np.flatnonzero((title.min(axis=2) < 128).any(axis=0))
+    assert ink.size and ink.max() < 40 - 3
+
+
 def test_make_video_mp4_needs_imageio_ffmpeg(setup, frame_outputs, tmp_path, capsys,
                                               monkeypatch):
     argv = ["--images", str(setup.frames), "--seg-dir", str(frame_outputs.seg),

@@ -8,12 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from afa.constants import VOC_CLASSES
+from afa.constants import VOC_CLASSES, color_palette
 from afa.io import write_label_png
 from afa.viz import (
+    add_title,
     affinity_of_pixel,
     affinity_overlay,
     colorize_label,
+    fit_text,
     heatmap,
     make_grid,
     overlay_heatmap,
@@ -125,7 +127,83 @@ def test_visualize_tool(tmp_path):
     picture = np.asarray(Image.open(written))
     assert written == dirs["out"] / "a.png"
     assert picture.shape[1] == 5 * W + 4 * 4 and picture.shape[0] > H  # image, 2 CAMs, pred, gt
+    # Below the panels, the legend: background and dog, in their colours.
+    band = picture[-LEGEND_ROW:]
+    assert tuple(PALETTE[12]) in _colours(band) and tuple(PALETTE[8]) not in _colours(band)
+    assert (band[:, :2] == 255).all()  # a white strip, not the bottom of a panel
 
     (dirs["pred"] / "a.png").unlink()
     with pytest.raises(SystemExit, match=r"pred[/\\]a\.png"):
         tool.main(args)
+
+
+# --------------------------------------------------------------------------------------------
+# Legends, titles that fit, panels in the middle of their cells
+# --------------------------------------------------------------------------------------------
+
+PALETTE = color_palette(256)
+LEGEND_ROW = 22  # a legend row, as tall as a title strip
+
+
+def _colours(picture) -> set:
+    return {tuple(c) for c in picture.reshape(-1, 3).tolist()}
+
+
+def test_fit_text_shrinks_then_shortens_with_an_ellipsis():
+    import cv2
+
+    def width(text, scale):
+        return cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0]
+
+    assert fit_text("dog", 100, 0.55) == ("dog", 0.55)
+    text, scale = fit_text("CAM: traffic light", 80, 0.55)  # smaller type is enough
+    assert text == "CAM: traffic light" and 0.275 <= scale < 0.55 and width(text, scale) <= 80
+    title = "CAM: a very long class name"
+    text, scale = fit_text(title, 54, 0.55)  # half size is not enough: shortened
+    prefix = text[:-3]
+    assert text.endswith("...") and title.startswith(prefix) and scale == 0.275
+    longer = title[: len(prefix) + 1]
+    while longer.endswith(" "):
+        longer = title[: len(longer) + 1]
+    assert width(text, scale) <= 54 < width(longer + "...", scale)  # the longest that fits
+    assert fit_text("CAM: anything", 4, 0.55)[0] == ""  # not even "...": nothing, not a stub
+
+
+def test_a_long_title_is_shortened_instead_of_cut_off_at_the_edge():
+    panel = np.zeros((20, 60, 3), np.uint8)
+    strip = add_title(panel, "CAM: a very long class name")[:22]
+    ink = np.flatnonzero((strip.min(axis=2) < 128).any(axis=0))
+    assert ink.size and ink.max() < 60 - 3  # its right margin stays white: nothing clipped
+
+
+def test_sample_row_has_a_legend_of_the_classes_its_label_maps_show():
+    pred = np.zeros((H, W), np.uint8)
+    pred[5:10, 5:10] = 12  # dog
+    pred[0, :] = 255  # ignore
+    gt = np.zeros((H, W), np.uint8)
+    gt[20:, 20:] = 15  # person
+    plain = visualize_sample(IMAGE, pred=pred, gt=gt)
+    row = visualize_sample(IMAGE, pred=pred, gt=gt, class_names=VOC_CLASSES)
+    legend_height = row.shape[0] - plain.shape[0]  # whole rows of names below the panels
+    assert row.shape[1] == plain.shape[1] and legend_height % LEGEND_ROW == 0 and legend_height
+    np.testing.assert_array_equal(row[: plain.shape[0]], plain)
+    band = _colours(row[plain.shape[0]:])
+    for c in (12, 15, 255):  # swatches: dog, person, ignore (background is black, as the frame)
+        assert tuple(PALETTE[c]) in band, c
+    assert tuple(PALETTE[8]) not in band  # cat: not in either map
+    # A row too narrow for two entries side by side: one row each, inside the picture.
+    narrow = visualize_sample(IMAGE[:, 28:], gt=gt[:, 28:], class_names=VOC_CLASSES, titles=False)
+    assert narrow.shape[0] == H + 2 * LEGEND_ROW  # background; person
+    # CAMs alone: no label map, no legend.
+    assert visualize_sample(IMAGE, cams=[np.zeros((4, 6))], class_names=VOC_CLASSES).shape == \
+        visualize_sample(IMAGE, cams=[np.zeros((4, 6))]).shape
+
+
+def test_a_narrower_panel_sits_in_the_middle_of_its_cell():
+    red = np.zeros((H, W, 3), np.uint8)
+    red[..., 0] = 255
+    narrow = np.zeros((H, 20, 3), np.uint8)  # as tall as the first: kept at its width
+    grid = make_grid([red, narrow, red], ncols=1, pad=4)
+    cell = grid[H + 4 : 2 * H + 4]
+    dark = np.flatnonzero((cell == 0).all(axis=2).any(axis=0))
+    assert (dark.min(), dark.max()) == ((W - 20) // 2, (W - 20) // 2 + 19)

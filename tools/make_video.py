@@ -23,8 +23,11 @@ with, below, a legend of the classes present in the segmentation (those on more 
 lists every class present). ``--seg-dir`` or ``--cam-dir`` alone gives two panels. The class
 names come from the ``config.yaml`` that the tools wrote into those folders.
 
-Every panel is shrunk so that a frame is at most ``--max-width`` pixels wide (default 640; small
-frames are not enlarged); frames of different sizes are padded (white) to the largest. All frames
+Every panel is shrunk so that a frame is at most ``--max-width`` pixels wide (default 640) and a
+panel at most as tall (small frames are not enlarged); frames of different sizes sit in the
+middle of one canvas as large as the largest, white around them, each with its legend as wide as
+the canvas. Titles and class names too long for their room are set smaller and then shortened
+with "...". All frames
 are held in memory (about 0.3 MB each at 640 px). The GIF loops forever at ``--fps`` (default 8)
 with one palette of ``--colors`` colours (default 255; fewer give a smaller file); Pillow writes
 consecutive identical frames as one frame shown for their total time. ``--limit N`` takes the
@@ -56,7 +59,7 @@ from afa.data import DataError, read_image
 from afa.data.folder import ImageFolder
 from afa.errors import USER_ERRORS
 from afa.io import RUN_CONFIG, read_label_png, run_class_names
-from afa.viz import label_legend, make_grid, overlay_label
+from afa.viz import label_entries, legend, make_grid, overlay_label
 
 __all__ = ["compose_frame", "main", "parse_args", "render_frames", "write_gif", "write_mp4"]
 
@@ -137,6 +140,14 @@ def _main_class(cam_dir: Path, name: str) -> str:
         raise DataError(f"{path}: not a classes record of tools/infer_cam.py ({err})") from err
 
 
+def _panel_width(height: int, width: int, count: int, max_width: int) -> int:
+    """The width of each of ``count`` panels of a ``height`` x ``width`` image: the frame at most
+    ``max_width`` wide and a panel at most ``max_width`` tall (a tall, thin image would
+    otherwise make every frame of the GIF that tall); never enlarged."""
+    room = (max_width - (count - 1) * PAD) // count
+    return max(1, min(width, room, width * max_width // height))
+
+
 def _resize(array: np.ndarray, width: int, nearest: bool = False) -> np.ndarray:
     """``array`` at ``width`` pixels wide, aspect kept (area averaging, or nearest for labels)."""
     if array.shape[1] == width:
@@ -146,14 +157,12 @@ def _resize(array: np.ndarray, width: int, nearest: bool = False) -> np.ndarray:
     return cv2.resize(array, (width, height), interpolation=mode)
 
 
-def compose_frame(image: np.ndarray, *, names: Sequence[str], max_width: int,
-                  heat: np.ndarray | None = None, cam_class: str | None = None,
-                  pred: np.ndarray | None = None, legend_min_area: float = 0.0) -> np.ndarray:
-    """One frame: image | CAM heat map | segmentation overlay (those given), titled, with the
-    legend of the classes in ``pred`` (on more than ``legend_min_area`` of it) below; panels
-    shrunk to fit ``max_width``."""
+def _frame_parts(image: np.ndarray, *, names: Sequence[str], max_width: int,
+                 heat: np.ndarray | None, cam_class: str | None, pred: np.ndarray | None,
+                 legend_min_area: float) -> tuple[np.ndarray, list | None]:
+    """The titled panels of a frame and its legend entries (None without a segmentation)."""
     count = 1 + (heat is not None) + (pred is not None)
-    width = min(image.shape[1], (max_width - (count - 1) * PAD) // count)
+    width = _panel_width(*image.shape[:2], count, max_width)
     small = _resize(image, width)
     panels, titles = [small], ["image"]
     if heat is not None:
@@ -164,17 +173,43 @@ def compose_frame(image: np.ndarray, *, names: Sequence[str], max_width: int,
         titles.append("segmentation")
     grid = make_grid(panels, titles=titles, pad=PAD)
     if pred is None:
-        return grid
-    strip = label_legend(pred, names, grid.shape[1], min_fraction=legend_min_area)
-    return np.concatenate([grid, strip], axis=0)
+        return grid, None
+    # Counted on the full-size prediction, so that --legend-min-area means the same at any size.
+    return grid, label_entries([pred], names, min_fraction=legend_min_area)
+
+
+def _assemble(grid: np.ndarray, entries: list | None, width: int) -> np.ndarray:
+    """The panels in the middle of a white band ``width`` wide, over the legend of ``entries``
+    drawn across that whole width (a narrow frame's legend gets the room of the widest)."""
+    band = np.full((grid.shape[0], width, 3), 255, dtype=np.uint8)
+    left = (width - grid.shape[1]) // 2
+    band[:, left : left + grid.shape[1]] = grid
+    if entries is None:
+        return band
+    strip = legend(entries or [("no object", (255, 255, 255))], width)
+    return np.concatenate([band, strip], axis=0)
+
+
+def compose_frame(image: np.ndarray, *, names: Sequence[str], max_width: int,
+                  heat: np.ndarray | None = None, cam_class: str | None = None,
+                  pred: np.ndarray | None = None, legend_min_area: float = 0.0,
+                  width: int | None = None) -> np.ndarray:
+    """One frame: image | CAM heat map | segmentation overlay (those given), titled, with the
+    legend of the classes in ``pred`` (on more than ``legend_min_area`` of it) below; panels
+    shrunk to fit ``max_width`` (and as tall at most). ``width``: a wider frame, the panels
+    centred in it."""
+    grid, entries = _frame_parts(image, names=names, max_width=max_width, heat=heat,
+                                 cam_class=cam_class, pred=pred, legend_min_area=legend_min_area)
+    return _assemble(grid, entries, max(grid.shape[1], width or 0))
 
 
 def render_frames(folder: ImageFolder, *, seg_dir: Path | None, cam_dir: Path | None,
                   max_width: int, legend_min_area: float = 0.0,
                   limit: int | None = None) -> list[np.ndarray]:
-    """The composed frames of ``folder``, padded (white) to one size with even sides."""
+    """The composed frames of ``folder`` on one canvas with even sides, each frame in its middle
+    (white around it) and its legend as wide as the canvas."""
     names = _class_names([d for d in (seg_dir, cam_dir) if d is not None])
-    frames = []
+    parts = []
     for name in tqdm(folder.names[:limit], desc="make_video"):
         image = folder.image(name)
         heat = cam_class = pred = None
@@ -189,16 +224,19 @@ def render_frames(folder: ImageFolder, *, seg_dir: Path | None, cam_dir: Path | 
                 raise DataError(f"{folder.image_path(name)}: its {what} is "
                                 f"{array.shape[1]}x{array.shape[0]}, the image "
                                 f"{image.shape[1]}x{image.shape[0]}: outputs of other images?")
-        frames.append(compose_frame(image, names=names, max_width=max_width, heat=heat,
-                                    cam_class=cam_class, pred=pred,
-                                    legend_min_area=legend_min_area))
+        parts.append(_frame_parts(image, names=names, max_width=max_width, heat=heat,
+                                  cam_class=cam_class, pred=pred,
+                                  legend_min_area=legend_min_area))
+    width = max(grid.shape[1] for grid, _ in parts)
+    width += width % 2  # H.264's 4:2:0 wants even sides
+    frames = [_assemble(grid, entries, width) for grid, entries in parts]
     height = max(f.shape[0] for f in frames)
-    width = max(f.shape[1] for f in frames)
-    height, width = height + height % 2, width + width % 2  # H.264's 4:2:0 wants even sides
+    height += height % 2
     canvas = []
     for frame in frames:
         padded = np.full((height, width, 3), 255, dtype=np.uint8)
-        padded[: frame.shape[0], : frame.shape[1]] = frame
+        top = (height - frame.shape[0]) // 2
+        padded[top : top + frame.shape[0]] = frame
         canvas.append(padded)
     return canvas
 

@@ -4,7 +4,9 @@ Reads, for every id of a name list, ``<image-dir>/<id>.jpg`` (or ``.png``/``.jpe
 of these directories are given: ``--cam-dir`` (``<id>.npy``, float ``(C, h, w)`` CAMs in [0, 1];
 with ``C = num_classes - 1`` channel ``c`` is class ``c + 1``, with ``C = num_classes`` it is class
 ``c``), ``--pseudo-dir``, ``--pred-dir`` and ``--gt-dir`` (``<id>.png`` class-index PNGs). Writes
-one PNG per id, ``<out-dir>/<id>.png``.
+one PNG per id, ``<out-dir>/<id>.png``: the panels side by side, each titled, and below them a
+legend naming, beside a swatch of its colour, every class the label maps show (background and
+ignore included).
 
 The class names (``--class-names``): a built-in set (``voc``, ``coco``, ``demo``), a text file
 with one name per line, background first (``classes.txt`` of ``tools/prepare_tags.py``), or an
@@ -91,7 +93,8 @@ def render(
     gt_dir: Path | None = None,
     max_cams: int = 3,
 ) -> np.ndarray:
-    """The ``(H, W, 3)`` uint8 picture of one id (see the module docstring for the inputs)."""
+    """The ``(H, W, 3)`` uint8 picture of one id (see the module docstring for the inputs),
+    with the legend of the classes its label maps show below."""
     cams, cam_titles = load_cams(cam_dir, image_id, class_names, max_cams)
     return visualize_sample(
         read_image(_find_image(image_dir, image_id)),
@@ -100,6 +103,7 @@ def render(
         pseudo_label=_label(pseudo_dir, image_id),
         pred=_label(pred_dir, image_id),
         gt=_label(gt_dir, image_id),
+        class_names=class_names,
     )
 
 
