@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
+from afa.config import read_class_list
 from afa.constants import CLASS_NAME_SETS, color_palette
 from afa.data.voc import DataError, read_image  # one reader of images: RGB, errors name the file
 
@@ -55,10 +56,9 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     ignored), background first; a file that does not start with "background" gets it in front,
     so that class i is the i-th line of a list of objects, as for training."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        names = read_class_list(path)  # the reading training uses, checked here
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not a UTF-8 text file of class names ({err.reason})") from None
-    names = [line.strip() for line in text.splitlines() if line.strip()]
     return _checked_names(names, str(path))
 
 
