@@ -125,6 +125,9 @@ SLOW: dict[str, tuple[str, ...]] = {
     "test_eval_miou.py": ("test_command_line",),  # a subprocess: 3 s
     # tools/train.py in subprocesses against a local Hugging Face cache: 3-15 s.
     "test_hf_hub.py": ("test_train_tool_*",),
+    # ONNX and TorchScript exports checked on photos, and the export benchmark: 3-7 s.
+    "test_export.py": ("test_onnx_runtime_and_torchscript_give_forward_seg_on_real_photos",
+                       "test_benchmark_script_reports_sizes_and_speeds"),
     # tools/train.py in a subprocess: 3 s.
     "test_config.py": ("test_unknown_key_wrong_type_and_missing_root_are_named",),
     # A subprocess faulting a large tensor in: 9 s.
