@@ -161,9 +161,10 @@ def _train_argv(data, work, *extra):
 def test_train_evaluate_and_infer_with_the_class_names_of_the_checkpoint(own, prepared,
                                                                          tmp_path, capsys):
     work = tmp_path / "work"
-    assert train_tool.main(_train_argv(prepared, work)) == 0
+    # Three of the seven validation images: the scores' form is under test, not their values.
+    assert train_tool.main(_train_argv(prepared, work, "data.val_max_images=3")) == 0
     scores = json.loads((work / "val_scores.json").read_text())["scores"]
-    assert scores["masked_images"] > 0 and scores["seg"]["miou"] is not None
+    assert scores["masked_images"] == 3 and scores["seg"]["miou"] is not None
     assert scores["cls_map"] is not None and set(scores["cls_ap"]) == set(own["classes"][1:])
     checkpoint = work / "checkpoints" / "iter_000002.pth"
     saved = torch.load(checkpoint, weights_only=True)["config"]["data"]
@@ -171,8 +172,8 @@ def test_train_evaluate_and_infer_with_the_class_names_of_the_checkpoint(own, pr
 
     # evaluate: the run's data (from the checkpoint), not configs/custom.yaml's data/custom.
     evaluate = load_tool("evaluate")
-    assert evaluate.main(["--config", str(CUSTOM), "--checkpoint", str(checkpoint),
-                          "device=cpu", "cam.scales=[1.0,0.5]"]) == 0
+    assert evaluate.main(["--config", str(CUSTOM), "--checkpoint", str(checkpoint), "--limit",
+                          "2", "device=cpu", "cam.scales=[1.0,0.5]"]) == 0
     out = capsys.readouterr().out
     assert f"data.root={prepared}" in out and "mAP" in out
 
@@ -187,7 +188,7 @@ def test_train_evaluate_and_infer_with_the_class_names_of_the_checkpoint(own, pr
     assert len(list((tmp_path / "seg" / "pred").glob("*.png"))) == len(own["ids"]) - 2
     assert infer_cam.main(["--config", str(CUSTOM), "--checkpoint", str(checkpoint),
                            "--images", str(own["photos"]), "--out-dir", str(tmp_path / "cam"),
-                           *nowhere]) == 0
+                           "--max-side", "96", *nowhere]) == 0
     chosen = json.loads((tmp_path / "cam" / "classes.json").read_text())  # {id: [names]}
     assert len(chosen) == len(own["ids"]) - 2
     assert all(names and set(names) <= set(own["classes"][1:]) for names in chosen.values())
