@@ -26,32 +26,31 @@ prepare_tags = load_tool("prepare_tags")
 train_tool = load_tool("train")
 
 
-def _voc_ids():
-    return sorted(p.stem for p in (PHOTOS / "JPEGImages").glob("*.jpg"))
+def _voc_ids(source):
+    return sorted(p.stem for p in (source / "JPEGImages").glob("*.jpg"))
 
 
-@pytest.fixture(scope="module")
-def own(tmp_path_factory):
+def _own_data(source, root):
     """photos/ (JPEG, one PNG, one greyscale, two in a sub-folder), tags.csv, masks/ for half
-    the photos (class indices of the sorted tag list), and the class list they imply."""
-    root = tmp_path_factory.mktemp("own")
+    the photos (class indices of the sorted tag list), and the class list they imply, made from
+    the VOC-style set at ``source``."""
     photos, masks = root / "photos", root / "masks"
     (photos / "trip").mkdir(parents=True)
     masks.mkdir()
-    ids = _voc_ids()
+    ids = _voc_ids(source)
     present = {}
     for i, name in enumerate(ids):
-        voc_mask = read_mask(PHOTOS / "SegmentationClassAug" / f"{name}.png", 21)
+        voc_mask = read_mask(source / "SegmentationClassAug" / f"{name}.png", 21)
         present[name] = sorted({VOC_CLASSES[c] for c in np.unique(voc_mask) if 0 < c < 255})
-        source = PHOTOS / "JPEGImages" / f"{name}.jpg"
+        image = source / "JPEGImages" / f"{name}.jpg"
         if i == 0:
-            Image.open(source).save(photos / f"{name}.png")  # any format
+            Image.open(image).save(photos / f"{name}.png")  # any format
         elif i == 1:
-            Image.open(source).convert("L").save(photos / f"{name}.jpg")  # greyscale
+            Image.open(image).convert("L").save(photos / f"{name}.jpg")  # greyscale
         elif i in (2, 3):
-            shutil.copyfile(source, photos / "trip" / f"{name}.jpg")  # nested
+            shutil.copyfile(image, photos / "trip" / f"{name}.jpg")  # nested
         else:
-            shutil.copyfile(source, photos / f"{name}.jpg")
+            shutil.copyfile(image, photos / f"{name}.jpg")
     classes = ["background", *sorted({c for tags in present.values() for c in tags})]
     lut = np.full(256, 255, dtype=np.uint8)
     for voc_index, voc_name in enumerate(VOC_CLASSES):
@@ -59,7 +58,7 @@ def own(tmp_path_factory):
             lut[voc_index] = classes.index(voc_name)
     lut[0] = 0
     for name in ids[::2]:  # half of them have a mask
-        voc_mask = read_mask(PHOTOS / "SegmentationClassAug" / f"{name}.png", 21)
+        voc_mask = read_mask(source / "SegmentationClassAug" / f"{name}.png", 21)
         folder = masks / "trip" if name in (ids[2], ids[3]) else masks
         folder.mkdir(exist_ok=True)
         Image.fromarray(lut[voc_mask]).save(folder / f"{name}.png")
@@ -72,6 +71,12 @@ def own(tmp_path_factory):
             writer.writerow([image, ";".join(present[name])])
     return {"root": root, "photos": photos, "masks": masks, "tags": root / "tags.csv",
             "classes": classes, "present": present, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """The repository's 18 photos as "your own data" (:func:`_own_data`)."""
+    return _own_data(PHOTOS, tmp_path_factory.mktemp("own"))
 
 
 def _prepare(own, out, *extra):
@@ -212,3 +217,33 @@ def test_a_set_with_tags_only_trains_and_validates_without_masks(own, tmp_path):
     val = [r for r in records if "val/cls_map" in r]
     assert val and "val/seg" not in val[-1]
     assert (work / "checkpoints" / "best.pth").is_file()  # chosen by the classifier's mAP
+
+
+@pytest.mark.slow
+def test_the_larger_photo_set_as_your_own_data(voc_mini, tmp_path, capsys):
+    """The optional 60-photo set the same way: preparation with its counts per class, a short
+    training from scratch validated on masked photos, and pseudo labels for every photo."""
+    mine = _own_data(voc_mini, tmp_path / "mine")
+    data = tmp_path / "set"
+    assert _prepare(mine, data, "--masks", str(mine["masks"]), "--val-fraction", "0.2") == 0
+    printed = capsys.readouterr().out
+    for name in mine["classes"][1:]:  # a count for every class
+        assert name in printed, name
+    val = (data / "val.txt").read_text().split()
+    assert len(val) == round(0.2 * len(mine["ids"])) == 12
+    work = tmp_path / "work"
+    assert train_tool.main(_train_argv(data, work, "data.val_max_images=2")) == 0
+    scores = json.loads((work / "val_scores.json").read_text())["scores"]
+    assert scores["masked_images"] == 2 and set(scores["cls_ap"]) == set(mine["classes"][1:])
+    out = tmp_path / "cam"
+    assert load_tool("infer_cam").main([
+        "--config", str(CUSTOM), "--checkpoint", str(work / "checkpoints" / "iter_000002.pth"),
+        "--images", str(mine["photos"]), "--out-dir", str(out), "--max-side", "64",
+        "cam.scales=[1.0]", "device=cpu"]) == 0
+    chosen = json.loads((out / "classes.json").read_text())
+    assert len(chosen) == len(mine["ids"]) - 2  # the folder's own photos, not trip/'s
+    sizes = {p.stem: Image.open(p).size for p in mine["photos"].glob("*.*")}
+    for name, classes in chosen.items():
+        assert classes and set(classes) <= set(mine["classes"][1:]), name
+        with Image.open(out / "refined" / f"{name}.png") as label:
+            assert label.size == sizes[name], name
