@@ -172,6 +172,11 @@ class LossConfig:
     # this process may use, less one) on CUDA, none on CPU (whose cores are busy anyway); 0: in
     # the training process. The numbers are the same either way.
     reg_workers: Optional[int] = None
+    # Where the bilateral filter runs: "pydensecrf" (CPU worker processes, the reference),
+    # "torch" (afa.permutohedral: the same lattice in PyTorch on the training device, equal to
+    # pydensecrf2's to float rounding), "auto": torch on CUDA, pydensecrf on the CPU, where it is
+    # the faster (docs/BENCHMARKS.md). The choice is written to train.log.
+    reg_backend: str = "auto"
     # true (not in the paper; configs/demo_full.yaml): the affinity loss averages
     # background-background and foreground-foreground positive pairs separately. With small
     # objects the background's pairs outnumber the objects' so far that the head learns
@@ -208,6 +213,7 @@ _CHOICES = {
     "data.name": (*CLASS_NAME_SETS, "custom"),
     "train.amp": ("none", "bf16", "fp16", "auto"),
     "train.nonfinite": ("stop", "skip"),
+    "loss.reg_backend": ("auto", "torch", "pydensecrf"),
 }
 
 

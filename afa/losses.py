@@ -4,13 +4,15 @@
 - ``affinity_loss``: pulls the predicted affinity to 1 on same-label pairs and to 0 across labels.
 - ``balanced_seg_loss``: cross-entropy averaged separately over background and foreground pixels.
 - ``DenseCRFLoss``: the regularized (DenseCRF) loss of Tang et al. as gated by AFA, with the
-  bilateral filter evaluated on the permutohedral lattice of ``pydensecrf2``, in worker processes
-  of :mod:`afa.worker_pool` (they ignore stop signals and die with the trainer).
+  bilateral filter evaluated on a permutohedral lattice: ``pydensecrf2``'s, in worker processes
+  of :mod:`afa.worker_pool` (they ignore stop signals and die with the trainer), or the same
+  lattice in PyTorch on the training device (:mod:`afa.permutohedral`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from afa.cam import box_mask, host_to_device
 from afa.constants import IGNORE_INDEX
+from afa.permutohedral import bilateral_filter_torch
 from afa.worker_pool import children_ignore_stop_signals, kill_pool, make_pool
 
 try:
@@ -38,7 +41,11 @@ __all__ = [
     "bilateral_filter",
     "DenseCRFLoss",
     "PendingCRFLoss",
+    "REG_BACKENDS",
+    "time_filter",
 ]
+
+REG_BACKENDS = ("pydensecrf", "torch")
 
 
 def classification_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -160,23 +167,31 @@ class PendingCRFLoss:
 
     ``loss(label)`` waits for the filter and returns the scalar loss; the filter does not depend
     on the pseudo label, so it can run while the pseudo labels are being made.
+
+    ``work``: the filtered values as a tensor on the device (the torch backend), or per image a
+    NumPy array or the Future of one (pydensecrf), whose ``inputs`` refilter here if a worker
+    process died.
     """
 
-    def __init__(self, owner: "DenseCRFLoss", probs: torch.Tensor, work, inputs):
+    def __init__(self, owner: "DenseCRFLoss", probs: torch.Tensor, work, inputs=None):
         self.owner, self.probs, self._work, self._inputs = owner, probs, work, inputs
 
-    def _filtered(self) -> np.ndarray:
+    def _filtered(self) -> torch.Tensor:
+        """(B, K, h, w) float32 on the device of ``probs``."""
+        if isinstance(self._work, torch.Tensor):
+            return self._work
         try:
-            return np.stack([w.result() if isinstance(w, Future) else w for w in self._work])
+            filtered = np.stack([w.result() if isinstance(w, Future) else w for w in self._work])
         except BrokenProcessPool:  # a filter process was killed (out of memory, say)
             self.owner._discard_broken_pool()
-            return np.stack([bilateral_filter(*args) for args in self._inputs])
+            filtered = np.stack([bilateral_filter(*args) for args in self._inputs])
+        filtered = torch.from_numpy(filtered).view(self.probs.shape)
+        return host_to_device(filtered, self.probs.device, dtype=filtered.dtype)  # no GPU wait
 
     def loss(self, label: torch.Tensor) -> torch.Tensor:
         """Scalar loss; ``label`` (B, H, W) pseudo label: ignore pixels are fully regularized."""
         probs = self.probs  # (B, K, h, w) at the loss resolution, masked to the boxes
-        filtered = torch.from_numpy(self._filtered()).view(probs.shape)
-        filtered = host_to_device(filtered, probs.device, dtype=filtered.dtype)  # no GPU wait
+        filtered = self._filtered()
         label = F.interpolate(label[:, None].float(), size=probs.shape[-2:], mode="nearest")[:, 0]
         # Confident pixels are left alone (gate 1 - max S); unsupervised pixels get the full term.
         gate = torch.where(label == self.owner.ignore_index, torch.ones_like(label),
@@ -194,29 +209,38 @@ class DenseCRFLoss(nn.Module):
         scale_factor: the loss is evaluated at this fraction of the crop resolution.
         energy_scale: multiplies the energy (the authors' 1e-7); the caller applies the loss weight.
         ignore_index: pixels with this pseudo label get the full gate of 1.
-        workers: processes that run the bilateral filter (on the CPU, one image each) while the
-            caller goes on (:meth:`start`); 0 filters in this process, at once. The numbers are
-            the same either way. The processes (:func:`afa.worker_pool.make_pool`) ignore the
-            stop signals, which the trainer handles, and end when the process that started
-            them ends, however it ends (``kill -9`` included).
-
-    The filter runs on the CPU (``pydensecrf2``'s permutohedral lattice). The trainer starts it
-    right after the training forward, so that on a GPU it overlaps with the multi-scale CAM and
-    the pseudo labels instead of adding to the step.
+        workers: with ``backend="pydensecrf"``, processes that run the bilateral filter (on the
+            CPU, one image each) while the caller goes on (:meth:`start`); 0 filters in this
+            process, at once. The numbers are the same either way. The processes
+            (:func:`afa.worker_pool.make_pool`) ignore the stop signals, which the trainer
+            handles, and end when the process that started them ends, however it ends
+            (``kill -9`` included).
+        backend: where the bilateral filter runs. ``"pydensecrf"``: ``pydensecrf2``'s
+            permutohedral lattice on the CPU, the reference; the trainer starts it right after
+            the training forward, so that on a GPU it overlaps with the multi-scale CAM and the
+            pseudo labels. ``"torch"``: the same lattice in PyTorch on the inputs' device
+            (:func:`afa.permutohedral.bilateral_filter_torch`), the whole batch at once, with
+            no CPU process; its values equal pydensecrf2's to float rounding (bit for bit on
+            the CPU).
     """
 
     def __init__(self, sigma_rgb: float = 15.0, sigma_xy: float = 100.0, scale_factor: float = 0.5,
-                 energy_scale: float = 1e-7, ignore_index: int = IGNORE_INDEX, workers: int = 0):
+                 energy_scale: float = 1e-7, ignore_index: int = IGNORE_INDEX, workers: int = 0,
+                 backend: str = "pydensecrf"):
         super().__init__()
-        if dcrf is None:
+        if backend not in REG_BACKENDS:
+            raise ValueError(f"backend must be one of {REG_BACKENDS}, got {backend!r}")
+        if backend == "pydensecrf" and dcrf is None:
             raise ImportError("The regularized (DenseCRF) loss needs pydensecrf2: "
-                              "`pip install pydensecrf2`, or disable the loss.")
+                              "`pip install pydensecrf2`, disable the loss, or use "
+                              "loss.reg_backend=torch.")
+        self.backend = backend
         self.sigma_rgb = sigma_rgb
         self.sigma_xy = sigma_xy
         self.scale_factor = scale_factor
         self.energy_scale = energy_scale
         self.ignore_index = ignore_index
-        self.workers = workers
+        self.workers = workers if backend == "pydensecrf" else 0
         self._pool = None
 
     def _executor(self) -> ProcessPoolExecutor | None:
@@ -263,10 +287,15 @@ class DenseCRFLoss(nn.Module):
         inside = F.interpolate(inside, size=size, mode="nearest")  # (B, 1, h, w)
         probs = probs * inside
         batch, num_labels = probs.shape[:2]
+        sigma_xy = self.sigma_xy * self.scale_factor
+        if self.backend == "torch":
+            with torch.autocast(probs.device.type, enabled=False):
+                filtered = bilateral_filter_torch(probs.detach(), image.detach(), self.sigma_rgb,
+                                                  sigma_xy)
+            return PendingCRFLoss(self, probs, filtered)
         # The one wait for the device: the filter runs on the CPU.
         probs_np = probs.detach().cpu().numpy().reshape(batch, num_labels, -1)
         images_np = image.detach().permute(0, 2, 3, 1).cpu().numpy()
-        sigma_xy = self.sigma_xy * self.scale_factor
         inputs = [(probs_np[b], images_np[b], self.sigma_rgb, sigma_xy) for b in range(batch)]
         pool = self._executor()
         if pool is None:
@@ -291,3 +320,26 @@ class DenseCRFLoss(nn.Module):
             boxes: (B, 4) valid regions ``[y0, y1, x0, x1]``; probabilities outside are zeroed.
         """
         return self.start(rgb, probs, boxes).loss(label)
+
+
+def time_filter(crf: DenseCRFLoss, batch: int, num_labels: int, height: int, width: int,
+                device: torch.device, repeats: int = 3) -> float:
+    """Seconds from :meth:`DenseCRFLoss.start` until the batch's filtered values are on
+    ``device``, for random inputs of a training crop's size (the fastest of ``repeats`` after
+    one warm-up): the cost the trainer reports for the chosen backend.
+    """
+    gen = torch.Generator().manual_seed(0)
+    rgb = torch.rand(batch, 3, height, width, generator=gen).to(device)
+    probs = torch.rand(batch, num_labels, height, width, generator=gen).softmax(1).to(device)
+    boxes = torch.tensor([[0, height, 0, width]] * batch, device=device)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        crf.start(rgb, probs, boxes)._filtered()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first run builds the worker processes and warms the kernels up
+            best = min(best, time.perf_counter() - begin)
+    return best

@@ -172,6 +172,9 @@ def main() -> None:
     p.add_argument("--reg-workers", type=int, default=None,
                    help="processes for its filter (loss.reg_workers; default: the trainer's rule, "
                         "one per image on CUDA, none on CPU)")
+    p.add_argument("--reg-backend", default="auto", choices=("auto", "torch", "pydensecrf"),
+                   help="where its bilateral filter runs (loss.reg_backend; auto: torch on CUDA, "
+                        "pydensecrf on CPU)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage iterations")
     args = p.parse_args()
     if args.amp == "fp16" and args.device != "cuda":
@@ -199,7 +202,9 @@ def main() -> None:
         workers = args.reg_workers
         if workers is None:
             workers = trainer._reg_workers(None, info, args.batch)
-        crf_loss = DenseCRFLoss(workers=workers)
+        backend, _ = trainer.reg_backend(args.reg_backend, device)
+        crf_loss = DenseCRFLoss(workers=workers, backend=backend)
+        args.reg_backend = backend
     optimizer = build_optimizer(model.param_groups(), cfg.optim.lr, cfg.optim.weight_decay,
                                 lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16" and device.type == "cuda")
@@ -253,9 +258,11 @@ def main() -> None:
         stages = {s: round(statistics.median(r.get(s, 0.0) for r in runs), 4) for s in STAGES}
 
     median = statistics.median(times)
+    backend_note = f" ({args.reg_backend})" if args.reg_loss else ""
     print(f"{args.backbone} crop {args.crop} batch {args.batch} {args.device} amp={args.amp} "
           f"phase={args.phase} config={args.config or 'defaults'} "
-          f"threads={args.threads} tf32={args.tf32} reg_loss={args.reg_loss}: median {median:.3f} s/iter "
+          f"threads={args.threads} tf32={args.tf32} reg_loss={args.reg_loss}"
+          f"{backend_note}: median {median:.3f} s/iter "
           f"(min {min(times):.3f}, {args.iters} iters after {args.warmup} warm-up), "
           f"peak {'RSS' if device.type == 'cpu' else 'CUDA allocated'} {peak_mb:.0f} MB; "
           f"host memory: {host_memory}")
@@ -264,7 +271,8 @@ def main() -> None:
     print(json.dumps({"backbone": args.backbone, "crop": args.crop, "batch": args.batch,
                       "device": args.device, "amp": args.amp, "threads": args.threads,
                       "tf32": args.tf32, "reg_loss": args.reg_loss,
-                      "reg_workers": crf_loss.workers if crf_loss else None, "config": args.config, "overrides": args.overrides,
+                      "reg_workers": crf_loss.workers if crf_loss else None,
+                      "reg_backend": args.reg_backend if crf_loss else None, "config": args.config, "overrides": args.overrides,
                       "phase": args.phase, "iteration": iteration, "iters": args.iters,
                       "warmup": args.warmup, "median_s": round(median, 4),
                       "min_s": round(min(times), 4), "peak_mb": round(peak_mb, 1),

@@ -325,7 +325,7 @@ def _build(cfg: DictConfig, resume: str | None, allowed, info: D.DistInfo, log) 
                                 lr_mults=C.lr_mults(cfg))
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and info.device.type == "cuda")
     run = _Run(cfg, info, log, model, optimizer, scaler, PAR(**C.par_kwargs(cfg)).to(info.device),
-               _crf_loss(cfg, info, batch_size), Schedule.from_config(cfg),
+               _crf_loss(cfg, info, batch_size, log), Schedule.from_config(cfg),
                StepSettings.from_config(cfg, amp), train_set, val_set, batch_size,
                t.global_batch // (batch_size * world),
                CheckpointManager(Path(cfg.work_dir) / "checkpoints", keep_last=t.keep_last))
@@ -350,12 +350,37 @@ def _log_weights(cfg: DictConfig, model: AFANet, log) -> None:
                     "from-scratch setting", m.backbone_norm, m.heads)
 
 
-def _crf_loss(cfg: DictConfig, info: D.DistInfo, batch_size: int):
+def _crf_loss(cfg: DictConfig, info: D.DistInfo, batch_size: int, log):
+    """The regularized loss on the backend ``loss.reg_backend`` names, its cost measured once."""
     if not cfg.loss.reg_loss:
         return None
-    from afa.losses import DenseCRFLoss
+    from afa import losses
 
-    return DenseCRFLoss(workers=_reg_workers(cfg.loss.reg_workers, info, batch_size))
+    backend, why = reg_backend(cfg.loss.reg_backend, info.device)
+    crf = losses.DenseCRFLoss(workers=_reg_workers(cfg.loss.reg_workers, info, batch_size),
+                              backend=backend)
+    size = int(cfg.data.crop_size * crf.scale_factor)
+    classes = C.num_classes(cfg)
+    seconds = losses.time_filter(crf, batch_size, classes, size, size, info.device)
+    where = (f"on {info.device.type}" if backend == "torch" else
+             f"in {crf.workers} CPU processes" if crf.workers else "in the training process")
+    log.info("Regularized loss: bilateral filter by %s %s (%s); %d x %d x %d x %d takes %.1f ms",
+             backend, where, why, batch_size, classes, size, size, seconds * 1e3)
+    return crf
+
+
+def reg_backend(configured: str, device: torch.device) -> tuple[str, str]:
+    """``loss.reg_backend`` resolved, and why: auto is torch on CUDA, pydensecrf on the CPU,
+    where pydensecrf2's C++ lattice is the faster (docs/BENCHMARKS.md), unless it is absent."""
+    if configured != "auto":
+        return configured, f"loss.reg_backend={configured}"
+    from afa import losses
+
+    if device.type == "cuda":
+        return "torch", "loss.reg_backend=auto on CUDA"
+    if losses.dcrf is None:
+        return "torch", "loss.reg_backend=auto, pydensecrf2 is not installed"
+    return "pydensecrf", "loss.reg_backend=auto on the CPU"
 
 
 def _resume(run: _Run, resume: str | None, allowed) -> None:
