@@ -9,7 +9,7 @@
 # agreement 12-19 s each, inference 59 s, 12 training-step runs of 15-25 s. BUDGET (below)
 # keeps the whole under 9 minutes whatever another machine takes.
 #
-# Steps, each under a header, in the order a, d, c, b (checks before timings, so that the time
+# Steps, each under a header, in the order a, d, f, c, b (checks before timings, so that the time
 # budget cuts timings, never checks; the training-step sweep last, its target setting first):
 #   a. the device tests: TORCH_DEVICE=cuda pytest -m device (every test that takes the `device`
 #      fixture; the gloo DDP, pydensecrf and signal tests are cpu_only and skipped here);
@@ -20,6 +20,8 @@
 #      weights and batch (fp32, TF32 off, with the regularized loss): pseudo-label agreement and
 #      loss differences, which must pass; then TF32 and bf16 against the same CPU reference, for
 #      information only (they are expected to differ more);
+#   f. benchmarks/bilateral_filter.py: the regularized loss's filter alone on each backend
+#      (loss.reg_backend), batch 4 at the loss's resolution, with its values against pydensecrf2's;
 #   e. one Markdown table of everything (and the per-stage times), for docs/BENCHMARKS.md, with
 #      the GPU, torch, CUDA and the commit (benchmarks/gpu_check_summary.py).
 # A failing step is recorded and the others still run; the exit status is 1 if any step failed,
@@ -73,6 +75,7 @@ if [ "$DEVICE" = cuda ]; then
   INFER=(--device cuda --backbone mit_b1 --images "$IMAGES" --crf-workers 4)
   AGREE=(--device cuda --other cpu)
   AGREE_INFO="tf32 bf16"
+  FILTER=(--device cuda --batch 4 --crop 512 --workers 4)
 else
   TESTS=(tests/test_affinity.py tests/test_cam.py)
   MODEL=(--backbone mit_b0 model.embedding_dim=32)
@@ -81,6 +84,7 @@ else
   INFER=(--device cpu --backbone mit_b0 --images 1 --crf-workers 1 --threads 2)
   AGREE=(--device cpu --other cpu --backbone mit_b0 --crop 64 --threads 2 model.embedding_dim=32)
   if [ "$QUICK" = 1 ]; then AGREE_INFO=""; else AGREE_INFO="bf16"; fi
+  FILTER=(--device cpu --batch 2 --crop 64 --workers 1 --repeats 1)
 fi
 
 FAILED=()
@@ -147,6 +151,9 @@ for precision in $AGREE_INFO; do
     "$PY" benchmarks/device_agreement.py "${AGREE[@]}" "${flags[@]}"
 done
 
+header "f. the regularized loss's bilateral filter on each backend"
+run filter must "$RUN_TIMEOUT" "${FILTER[*]}" "$PY" benchmarks/bilateral_filter.py "${FILTER[@]}"
+
 header "c. inference: multi-scale + flip, with and without the CRF"
 run infer must "$RUN_TIMEOUT" "${INFER[*]}" "$PY" benchmarks/infer.py "${INFER[@]}"
 
@@ -158,10 +165,17 @@ for batch in $BATCHES; do
       tf32) flags=(--tf32) ;;
       bf16) flags=(--amp bf16) ;;
     esac
-    for reg in off on; do
-      extra=(); [ "$reg" = on ] && extra=(--reg-loss)
+    regs="off on"  # on: loss.reg_backend=auto, the torch filter on CUDA
+    # The target setting (the first batch and precision) also with the CPU filter processes.
+    [ "$batch" = "${BATCHES%% *}" ] && [ "$precision" = "${PRECISIONS%% *}" ] && regs+=" pydensecrf"
+    for reg in $regs; do
+      case $reg in
+        off) extra=() ;;
+        on) extra=(--reg-loss) ;;
+        pydensecrf) extra=(--reg-loss --reg-backend pydensecrf) ;;
+      esac
       run "train_b${batch}_${precision}_reg${reg}" must "$RUN_TIMEOUT" \
-        "batch $batch, $precision, reg loss $reg" \
+        "batch $batch, $precision, reg loss $reg$([ "$reg" = on ] && echo " (auto)")" \
         "$PY" benchmarks/train_step.py --device "$DEVICE" --crop "$CROP" --batch "$batch" \
         "${ITERS[@]}" "${THREADS[@]}" "${flags[@]}" "${extra[@]}" "${MODEL[@]}"
     done

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-STEP_NAMES = {"tests": "a. device tests", "infer": "c. inference"}
+STEP_NAMES = {"tests": "a. device tests", "infer": "c. inference", "filter": "f. reg-loss filter"}
 
 
 def _load(out: Path, name: str) -> dict | None:
@@ -53,6 +53,14 @@ def _infer(r: dict) -> str:
     return f"{text} ({r['backbone']}, {r['images']} images {', '.join(r['sizes'])})"
 
 
+def _filter(r: dict) -> str:
+    shape = f"{r['batch']} x {r['classes']} x {r['size']} x {r['size']}"
+    runs = "; ".join(f"{x['backend']} ({x['where']}) {x['median_ms']:.1f} ms"
+                     + ("" if x["equal"] else f", {x['max_relative_difference']:.1e} off")
+                     for x in r["runs"])
+    return f"{shape}, median of each: {runs}"
+
+
 def _agreement(r: dict) -> str:
     labels = r["labels"]
     name, worst = max(r["losses"].items(), key=lambda kv: kv[1]["rel_diff"])
@@ -83,6 +91,8 @@ def summarize(out: Path, gpu: str, commit: str, quick: bool = False) -> str:
                     stage_rows.append((setting, r["stages_s"], r["stages_sum_s"]))
             elif name == "infer":
                 result = _infer(r)
+            elif name == "filter":
+                result = _filter(r)
             elif name.startswith("agree_"):
                 result = _agreement(r)
             else:

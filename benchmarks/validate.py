@@ -2,11 +2,12 @@
 
     python benchmarks/validate.py                                    # CPU, mit_b1, 2 threads
     python benchmarks/validate.py --image-dir tests/data/voc_photos/JPEGImages --images 10
+    python benchmarks/validate.py --config configs/coco.yaml --size 480x640   # COCO's setting
 
 Per image: the five label maps validation scores (CAM, PAR-refined CAM, affinity CAM, affinity
-pseudo label, single-scale segmentation) with the VOC config's CAM scales (1.0, 0.5, 1.5), PAR and
-radius, a randomly initialised VOC model (21 classes), one image at a time at its own size. Random
-images are 500x375 smooth colour fields; ``--image-dir`` times real photos (the first ``--images``
+pseudo label, single-scale segmentation) with the config's CAM scales, PAR and radius (VOC's by
+default: 1.0, 0.5, 1.5), a randomly initialised model with the config's classes, one image at a
+time at its own size. Random images are ``--size`` (375x500) smooth colour fields; ``--image-dir`` times real photos (the first ``--images``
 JPEGs, sorted by name). One warm-up image is not timed. Prints one JSON line.
 """
 
@@ -37,22 +38,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=5)
     parser.add_argument("--image-dir", type=Path)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "voc.yaml")
+    parser.add_argument("--size", default="375x500", help="HxW of the random images")
     args = parser.parse_args()
+    height, width = (int(v) for v in args.size.split("x"))
     torch.set_num_threads(args.threads)
     print(f"host memory: {keep_freed_host_memory()}")  # as the tools; AFA_KEEP_HOST_MEMORY=0: not
-    cfg = load_config(REPO / "configs" / "voc.yaml", [f"model.backbone={args.backbone}"])
+    cfg = load_config(args.config, [f"model.backbone={args.backbone}"])
+    classes = C.num_classes(cfg)
     torch.manual_seed(0)
-    model = AFANet(args.backbone, num_classes=21).eval()
+    model = AFANet(args.backbone, num_classes=classes).eval()
     par = PAR(**C.par_kwargs(cfg))
     if args.image_dir:
         paths = sorted(args.image_dir.glob("*.jpg"))[:args.images + 1]
         images = [normalize(read_image(p))[None] for p in paths]
     else:
         gen = torch.Generator().manual_seed(0)
-        images = [F.interpolate(torch.randn(1, 3, 12, 16, generator=gen), size=(375, 500),
+        images = [F.interpolate(torch.randn(1, 3, 12, 16, generator=gen), size=(height, width),
                                 mode="bicubic", align_corners=False)
                   for _ in range(args.images + 1)]
-    label = torch.zeros(1, 20)
+    label = torch.zeros(1, classes - 1)
     label[0, [6, 14]] = 1
     kwargs = dict(par=par, cam_scales=tuple(cfg.cam.scales), thresholds=C.thresholds(cfg),
                   radius=cfg.cam.radius)
@@ -64,7 +69,8 @@ def main() -> None:
             times.append(time.perf_counter() - start)
     print(json.dumps({"backbone": args.backbone, "threads": args.threads, "images": len(times),
                       "sec_per_image": round(statistics.median(times), 3),
-                      "source": str(args.image_dir) if args.image_dir else "random 500x375"}))
+                      "config": str(args.config), "par_iters": cfg.par.num_iter,
+                      "source": str(args.image_dir) if args.image_dir else f"random {args.size}"}))
 
 
 if __name__ == "__main__":

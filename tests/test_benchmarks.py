@@ -91,12 +91,13 @@ def test_gpu_check_out_of_time_skips_every_run_fails_and_still_summarizes(tmp_pa
                 env=dict(ENV, DEVICE="cpu", QUICK="1", BUDGET="0", OUT=str(out)))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
-    assert [r[0] for r in rows] == ["tests", "agree_fp32", "infer", "train_b2_fp32_regoff",
-                                    "train_b2_fp32_regon"]  # checks, inference, then timings
+    assert [r[0] for r in rows] == [  # checks, the filter, inference, then timings
+        "tests", "agree_fp32", "filter", "infer", "train_b2_fp32_regoff", "train_b2_fp32_regon",
+        "train_b2_fp32_regpydensecrf"]
     assert all(r[2].startswith("SKIPPED") for r in rows)
     summary = (out / "summary.md").read_text()
     assert "| step | setting | result | status | s |" in summary
-    assert summary.count("SKIPPED") == 5
+    assert summary.count("SKIPPED") == 7
     assert "FAILED: tests agree_fp32" in proc.stdout
 
 
@@ -108,6 +109,10 @@ def test_summary_of_real_outputs(agreement, tmp_path):
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     (out / "train_b2_fp32_regoff.json").write_text(train.stdout.strip().splitlines()[-1])
     (out / "agree_fp32.json").write_text(agreement.stdout.strip().splitlines()[-1])
+    filt = _run(sys.executable, "benchmarks/bilateral_filter.py", "--batch", "2", "--crop", "48",
+                "--classes", "3", "--workers", "0", "--repeats", "1")
+    assert filt.returncode == 0, filt.stdout[-3000:] + filt.stderr[-3000:]
+    (out / "filter.json").write_text(filt.stdout.strip().splitlines()[-1])
     (out / "tests.log").write_text("....\n15 passed in 1.41s\n")
     # The keys benchmarks/infer.py prints (too slow to run here).
     (out / "infer.json").write_text(json.dumps({
@@ -119,7 +124,8 @@ def test_summary_of_real_outputs(agreement, tmp_path):
         "agree_fp32\tmust\tok\t3\tfp32, TF32 off, reg loss\n"
         "train_b2_fp32_regoff\tmust\tok\t10\tbatch 2, fp32, reg loss off\n"
         "train_b2_bf16_regoff\tmust\tFAILED (exit 1)\t5\tbatch 2, bf16, reg loss off\n"
-        "infer\tmust\tok\t29\t--device cpu\n")
+        "infer\tmust\tok\t29\t--device cpu\n"
+        "filter\tmust\tok\t3\t--device cpu\n")
     proc = _run(sys.executable, "benchmarks/gpu_check_summary.py", str(out), "--gpu", "none",
                 "--commit", "abc")
     assert proc.returncode == 0, proc.stderr
@@ -131,5 +137,8 @@ def test_summary_of_real_outputs(agreement, tmp_path):
     assert "s/iter" in rows[4] and "MB peak RSS" in rows[4]
     assert "no result (see the log)" in rows[5] and "FAILED (exit 1)" in rows[5]
     assert "0.35 img/s without CRF" in rows[6] and "1 CRF processes" in rows[6]
+    assert rows[7].startswith("| f. reg-loss filter | ") and "2 x 3 x 24 x 24" in rows[7]
+    assert "pydensecrf (in this process)" in rows[7] and "torch (cpu, 2 threads)" in rows[7]
+    assert " off" not in rows[7]  # the torch filter equals the reference bit for bit on the CPU
     # The per-stage table: one row for the one run that timed its stages.
     assert "| setting | forward |" in text and "| batch 2, fp32, reg loss off | " in rows[-1]

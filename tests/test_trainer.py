@@ -70,6 +70,24 @@ def test_a_few_iterations_write_every_artefact(tiny_data, tmp_path, device):
     assert list((tmp_path / "tb").iterdir())
 
 
+def test_periodic_validations_score_a_fixed_subset_and_the_last_one_everything(tiny_data,
+                                                                              tmp_path):
+    """train.eval_subset (configs/coco.yaml): iteration 2 scores 2 of the 3 val images, evenly
+    spread; the last iteration scores all 3, and the log says which."""
+    cfg = tiny_config(tiny_data, tmp_path, device="cpu", **{"train.eval_iters": 2,
+                                                            "train.eval_subset": 2})
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    val = {r["iter"]: r for r in records if "val/cls_f1" in r}
+    assert sorted(val) == [2, 4]
+    assert val[2]["val/masked_images"] == 2 and val[2]["val/subset_images"] == 2
+    assert val[4]["val/masked_images"] == 3 and "val/subset_images" not in val[4]
+    log = (tmp_path / "train.log").read_text()
+    assert "val iter 2: 2 of the 3 val images, evenly spread (train.eval_subset" in log
+    assert "val iter 4: 2 of the 3" not in log
+    assert json.loads((tmp_path / "val_scores.json").read_text())["scores"]["masked_images"] == 3
+
+
 def _params(model):
     """The state dict, copied to the CPU."""
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.data import Subset
 
 from afa.constants import STOP_SIGNALS
 from afa.data import DataError
@@ -150,12 +151,26 @@ class Validator:
     class_names: list[str]
     kwargs: dict  # validate()'s arguments: par, device, cam_scales, thresholds, radius, amp, ...
     scores: dict = field(default_factory=dict)
+    subset: int | None = None  # train.eval_subset: images of the periodic validations
+    max_iters: int = 0  # whose validation scores the whole split
+
+    def _dataset(self, iteration: int):
+        """The whole split, or (train.eval_subset, before the last iteration) every k-th image."""
+        total = len(self.dataset)
+        if self.subset is None or self.subset >= total or iteration >= self.max_iters:
+            return self.dataset
+        return Subset(self.dataset, [i * total // self.subset for i in range(self.subset)])
 
     def __call__(self, iteration: int) -> None:
         stop = self.checkpointer.stop
         D.broadcast_buffers(self.model)
+        dataset = self._dataset(iteration)
+        if dataset is not self.dataset:
+            log.info("val iter %d: %d of the %d val images, evenly spread (train.eval_subset; "
+                     "the last iteration's validation scores them all)", iteration,
+                     len(dataset), len(self.dataset))
         try:
-            self.scores = validate(self.model, self.dataset, should_stop=stop.requested,
+            self.scores = validate(self.model, dataset, should_stop=stop.requested,
                                    class_names=self.class_names, **self.kwargs)
         except ValidationStopped:
             raise stop.interrupted(
@@ -168,6 +183,8 @@ class Validator:
                 f"checkpoint of iteration {iteration} is saved. Fix or remove the file (or set "
                 "data.skip_bad=true), then continue with --resume auto, which redoes this "
                 "validation") from None
+        if dataset is not self.dataset:
+            self.scores["subset_images"] = len(dataset)
         summary = _summary(self.scores)
         self.run_log.scalars(iteration, summary, prefix="val/")
         self.run_log.val_scores(iteration, self.scores)
@@ -189,7 +206,7 @@ def _summary(scores: dict) -> dict:
     if scores.get("cls_map") is not None:
         summary["cls_map"] = scores["cls_map"]
     summary.update({f"coverage_{k}": v for k, v in scores.get("coverage", {}).items()})
-    for key in ("skipped_images", "masked_images"):
+    for key in ("skipped_images", "masked_images", "subset_images"):
         if key in scores:
             summary[key] = scores[key]
     return summary

@@ -141,7 +141,8 @@ def _loop(run: _Run) -> TrainResult:
         validate = Validator(run.bare, run.val_set, ckpt, run_log, C.class_names(cfg), dict(
             par=run.par, device=run.info.device, cam_scales=run.settings.cam_scales,
             thresholds=run.settings.thresholds, radius=cfg.cam.radius, amp=run.settings.amp,
-            skip_bad=cfg.data.skip_bad, batch_size=cfg.data.val_batch))
+            skip_bad=cfg.data.skip_bad, batch_size=cfg.data.val_batch),
+            subset=t.eval_subset, max_iters=t.max_iters)
         batches = iter(_loader(run))  # its workers start after the signal handlers are set
         log.info("Training %s on %s: %d images, %d processes x %d per batch x %d accumulation = "
                  "global batch %d, %d iterations from %d", cfg.model.backbone, run.info.device,

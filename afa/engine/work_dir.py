@@ -14,8 +14,9 @@ from afa.engine import distributed as D
 
 __all__ = ["RESUME_FREE_KEYS", "check_resume_config", "config_differences", "prepare_work_dir"]
 
-# Saved-config keys that a resumed run may change freely: they change no number of the run.
-RESUME_FREE_KEYS = ("work_dir", "data.num_workers")
+# Saved-config keys that a resumed run may change freely: they change no number of the run
+# (the two filters of the regularized loss agree to float rounding, bit for bit on the CPU).
+RESUME_FREE_KEYS = ("work_dir", "data.num_workers", "loss.reg_workers", "loss.reg_backend")
 # What a run writes into its work dir; a fresh run refuses a dir holding the first three.
 _RUN_FILES = ("checkpoints", "metrics.jsonl", "tb", "val_scores.json", "train.log", "config.yaml")
 
