@@ -9,7 +9,7 @@
 # agreement 12-19 s each, inference 59 s, 12 training-step runs of 15-25 s. BUDGET (below)
 # keeps the whole under 9 minutes whatever another machine takes.
 #
-# Steps, each under a header, in the order a, d, f, c, b (checks before timings, so that the time
+# Steps, each under a header, in the order a, d, f, c, g, b (checks before timings, so that the time
 # budget cuts timings, never checks; the training-step sweep last, its target setting first):
 #   a. the device tests: TORCH_DEVICE=cuda pytest -m device (every test that takes the `device`
 #      fixture; the gloo DDP, pydensecrf and signal tests are cpu_only and skipped here);
@@ -22,6 +22,8 @@
 #      information only (they are expected to differ more);
 #   f. benchmarks/bilateral_filter.py: the regularized loss's filter alone on each backend
 #      (loss.reg_backend), batch 4 at the loss's resolution, with its values against pydensecrf2's;
+#   g. benchmarks/validate.py with configs/coco.yaml: seconds per validation image (480 x 640),
+#      to project the share of COCO's periodic validations in its schedule;
 #   e. one Markdown table of everything (and the per-stage times), for docs/BENCHMARKS.md, with
 #      the GPU, torch, CUDA and the commit (benchmarks/gpu_check_summary.py).
 # A failing step is recorded and the others still run; the exit status is 1 if any step failed,
@@ -76,6 +78,7 @@ if [ "$DEVICE" = cuda ]; then
   AGREE=(--device cuda --other cpu)
   AGREE_INFO="tf32 bf16"
   FILTER=(--device cuda --batch 4 --crop 512 --workers 4)
+  VALIDATE=(--device cuda --amp bf16 --config configs/coco.yaml --size 480x640 --images 8)
 else
   TESTS=(tests/test_affinity.py tests/test_cam.py)
   MODEL=(--backbone mit_b0 model.embedding_dim=32)
@@ -85,6 +88,7 @@ else
   AGREE=(--device cpu --other cpu --backbone mit_b0 --crop 64 --threads 2 model.embedding_dim=32)
   if [ "$QUICK" = 1 ]; then AGREE_INFO=""; else AGREE_INFO="bf16"; fi
   FILTER=(--device cpu --batch 2 --crop 64 --workers 1 --repeats 1)
+  VALIDATE=(--device cpu --config configs/coco.yaml --backbone mit_b0 --size 96x128 --images 1)
 fi
 
 FAILED=()
@@ -156,6 +160,9 @@ run filter must "$RUN_TIMEOUT" "${FILTER[*]}" "$PY" benchmarks/bilateral_filter.
 
 header "c. inference: multi-scale + flip, with and without the CRF"
 run infer must "$RUN_TIMEOUT" "${INFER[*]}" "$PY" benchmarks/infer.py "${INFER[@]}"
+
+header "g. validation with COCO's config"
+run validate must "$RUN_TIMEOUT" "${VALIDATE[*]}" "$PY" benchmarks/validate.py "${VALIDATE[@]}"
 
 header "b. training step: crop $CROP, batch $BATCHES x $PRECISIONS x regularized loss off/on"
 for batch in $BATCHES; do

@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-STEP_NAMES = {"tests": "a. device tests", "infer": "c. inference", "filter": "f. reg-loss filter"}
+STEP_NAMES = {"tests": "a. device tests", "infer": "c. inference", "filter": "f. reg-loss filter",
+              "validate": "g. validation"}
 
 
 def _load(out: Path, name: str) -> dict | None:
@@ -93,6 +94,9 @@ def summarize(out: Path, gpu: str, commit: str, quick: bool = False) -> str:
                 result = _infer(r)
             elif name == "filter":
                 result = _filter(r)
+            elif name == "validate":
+                result = (f"{r['sec_per_image']:.3f} s per image ({r['source']}, "
+                          f"{r['backbone']}, {r['amp']}, {r['images']} images)")
             elif name.startswith("agree_"):
                 result = _agreement(r)
             else:

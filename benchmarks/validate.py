@@ -40,15 +40,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "voc.yaml")
     parser.add_argument("--size", default="375x500", help="HxW of the random images")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--amp", default="none", choices=("none", "bf16"),
+                        help="the forwards' precision (train.amp)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     height, width = (int(v) for v in args.size.split("x"))
     torch.set_num_threads(args.threads)
     print(f"host memory: {keep_freed_host_memory()}")  # as the tools; AFA_KEEP_HOST_MEMORY=0: not
     cfg = load_config(args.config, [f"model.backbone={args.backbone}"])
     classes = C.num_classes(cfg)
     torch.manual_seed(0)
-    model = AFANet(args.backbone, num_classes=classes).eval()
-    par = PAR(**C.par_kwargs(cfg))
+    model = AFANet(args.backbone, num_classes=classes).eval().to(device)
+    par = PAR(**C.par_kwargs(cfg)).to(device)
     if args.image_dir:
         paths = sorted(args.image_dir.glob("*.jpg"))[:args.images + 1]
         images = [normalize(read_image(p))[None] for p in paths]
@@ -57,17 +61,23 @@ def main() -> None:
         images = [F.interpolate(torch.randn(1, 3, 12, 16, generator=gen), size=(height, width),
                                 mode="bicubic", align_corners=False)
                   for _ in range(args.images + 1)]
-    label = torch.zeros(1, classes - 1)
+    label = torch.zeros(1, classes - 1, device=device)
     label[0, [6, 14]] = 1
     kwargs = dict(par=par, cam_scales=tuple(cfg.cam.scales), thresholds=C.thresholds(cfg),
-                  radius=cfg.cam.radius)
+                  radius=cfg.cam.radius, amp=args.amp)
     times = []
     for i, image in enumerate(images):
+        image = image.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         predict_labels(model, image, label, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if i:  # the first is a warm-up
             times.append(time.perf_counter() - start)
-    print(json.dumps({"backbone": args.backbone, "threads": args.threads, "images": len(times),
+    print(json.dumps({"backbone": args.backbone, "device": args.device, "amp": args.amp,
+                      "threads": args.threads, "images": len(times),
                       "sec_per_image": round(statistics.median(times), 3),
                       "config": str(args.config), "par_iters": cfg.par.num_iter,
                       "source": str(args.image_dir) if args.image_dir else f"random {args.size}"}))

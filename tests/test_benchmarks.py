@@ -92,12 +92,12 @@ def test_gpu_check_out_of_time_skips_every_run_fails_and_still_summarizes(tmp_pa
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     assert [r[0] for r in rows] == [  # checks, the filter, inference, then timings
-        "tests", "agree_fp32", "filter", "infer", "train_b2_fp32_regoff", "train_b2_fp32_regon",
-        "train_b2_fp32_regpydensecrf"]
+        "tests", "agree_fp32", "filter", "infer", "validate", "train_b2_fp32_regoff",
+        "train_b2_fp32_regon", "train_b2_fp32_regpydensecrf"]
     assert all(r[2].startswith("SKIPPED") for r in rows)
     summary = (out / "summary.md").read_text()
     assert "| step | setting | result | status | s |" in summary
-    assert summary.count("SKIPPED") == 7
+    assert summary.count("SKIPPED") == 8
     assert "FAILED: tests agree_fp32" in proc.stdout
 
 

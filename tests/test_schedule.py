@@ -52,10 +52,28 @@ def test_a_config_saved_by_an_earlier_version_reads_in_todays_keys():
              "par": {"w1": 0.3, "w2": 0.5, "w3": 0.01}}
     new = upgrade_saved_config(saved)
     assert new["cam"] == {"thresholds": {"background": 0.4, "high": 0.6, "low": 0.3}}
-    assert new["train"] == {"lean_forwards": True}
+    assert new["train"] == {"lean_forwards": True, "eval_subset": None}
     assert new["data"] == {"name": "demo", "classes": None}
     assert new["optim"] == {}
     assert new["par"] == {"w2": 0.5}  # not the fixed value: kept, so a resume names it
     mixed = upgrade_saved_config({"cam": {"reuse_train_forward": True,
                                           "update_decoder_bn": True}})
     assert mixed["cam"] == {"reuse_train_forward": True, "update_decoder_bn": True}
+
+
+def test_a_run_saved_before_the_filter_backends_and_eval_subset_resumes_with_todays_config(
+        tmp_path):
+    """Keys added since: absent from an old checkpoint's config, they read as what the old run
+    did (every image validated); the filter's backend and processes may change on resume."""
+    from omegaconf import OmegaConf
+
+    from afa.engine.work_dir import config_differences
+
+    voc = REPO / "configs" / "voc.yaml"
+    saved = OmegaConf.to_container(load_config(voc), resolve=True)
+    del saved["loss"]["reg_backend"], saved["train"]["eval_subset"]
+    assert config_differences(saved, load_config(voc)) == []
+    changed = load_config(voc, ["loss.reg_backend=torch", "loss.reg_workers=2"])
+    assert config_differences(saved, changed) == []
+    subset = load_config(voc, ["train.eval_subset=100"])
+    assert config_differences(saved, subset) == [("train.eval_subset", None, 100)]
