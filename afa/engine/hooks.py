@@ -51,6 +51,7 @@ class StopFlag:
     def __init__(self):
         self.signum = None
         self.last_checkpoint = None  # iteration of the last checkpoint written by this run
+        self.finished = False  # every iteration done and saved: see __exit__
         self._previous = {}
         self._announced = False
 
@@ -83,9 +84,21 @@ class StopFlag:
         raise TrainingInterrupted(signum, f"second stop signal ({signal.Signals(signum).name}): "
                                   f"exited at once; {saved}", forced=True)
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for sig, handler in self._previous.items():
+            if (sig == signal.SIGUSR1 and self.finished and exc_type is None
+                    and handler == signal.SIG_DFL):
+                # A finished run has nothing left to save. SLURM's time-limit signal arriving
+                # while the process winds down would otherwise end it with status 138, which
+                # launch/slurm_*.sh answer with a needless requeue.
+                handler = _after_the_run
             signal.signal(sig, handler)
+
+
+def _after_the_run(signum, frame) -> None:
+    """Ignore the signal (without logging: a handler must not write to train.log, see
+    :meth:`StopFlag.requested`). A caught signal, unlike SIG_IGN, is not inherited by programs
+    this process starts."""
 
 
 def data_problem(err: Exception) -> str:

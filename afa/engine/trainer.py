@@ -191,6 +191,7 @@ def _loop(run: _Run) -> TrainResult:
                                        f"iteration {iteration}; checkpoint saved{pending}")
             if validate_now:
                 validate(iteration)
+        stop.finished = True
     D.broadcast_buffers(run.bare)
     bar.close()
     run_log.close()
@@ -362,11 +363,14 @@ def _crf_loss(cfg: DictConfig, info: D.DistInfo, batch_size: int, log):
                               backend=backend)
     size = int(cfg.data.crop_size * crf.scale_factor)
     classes = C.num_classes(cfg)
-    seconds = losses.time_filter(crf, batch_size, classes, size, size, info.device)
+    # Timed in this process: the worker processes start at the first step that needs them.
+    probe = crf if not crf.workers else losses.DenseCRFLoss(backend=backend)
+    seconds = losses.time_filter(probe, batch_size, classes, size, size, info.device)
     where = (f"on {info.device.type}" if backend == "torch" else
              f"in {crf.workers} CPU processes" if crf.workers else "in the training process")
-    log.info("Regularized loss: bilateral filter by %s %s (%s); %d x %d x %d x %d takes %.1f ms",
-             backend, where, why, batch_size, classes, size, size, seconds * 1e3)
+    log.info("Regularized loss: bilateral filter by %s %s (%s); %d x %d x %d x %d takes %.1f ms "
+             "%s", backend, where, why, batch_size, classes, size, size, seconds * 1e3,
+             "in one process" if crf.workers else "")
     return crf
 
 
