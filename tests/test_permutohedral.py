@@ -220,3 +220,26 @@ def test_training_with_either_backend_gives_the_same_weights(tiny_data, tmp_path
     assert any(v for v in losses_ref if v) and losses_t == losses_ref
     for name, tensor in weights_ref.items():
         assert torch.equal(weights_t[name], tensor), name
+
+
+@needs_pydensecrf
+def test_the_loss_on_training_crops_of_each_photo_set_is_the_same_with_either_backend(voc_set):
+    """The loss's real inputs: 320-pixel crops (padded where a photo is smaller, as the training
+    crop is) of the first photos of each set, 21 classes, at the loss's half resolution."""
+    paths = sorted((voc_set / "JPEGImages").glob("*.jpg"))[:4]
+    crops, boxes = [], []
+    for path in paths:
+        image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32))
+        image = image.permute(2, 0, 1)[:, :320, :320] / 255
+        h, w = image.shape[1:]
+        crops.append(F.pad(image, (0, 320 - w, 0, 320 - h)))
+        boxes.append([0, h, 0, w])
+    rgb, boxes = torch.stack(crops), torch.tensor(boxes)
+    gen = torch.Generator().manual_seed(1)
+    logits = F.interpolate(torch.randn(len(paths), 21, 20, 20, generator=gen) * 3, size=(320, 320),
+                           mode="bilinear")
+    label = logits.argmax(dim=1)
+    label[:, ::7] = 255
+    loss, grad = _loss_and_grad(DenseCRFLoss(backend="pydensecrf"), rgb, logits, label, boxes)
+    loss_t, grad_t = _loss_and_grad(DenseCRFLoss(backend="torch"), rgb, logits, label, boxes)
+    assert torch.equal(loss_t, loss) and torch.equal(grad_t, grad)
