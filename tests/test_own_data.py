@@ -204,7 +204,7 @@ def test_a_set_with_tags_only_trains_and_validates_without_masks(own, tmp_path):
     data = tmp_path / "tags_only"
     assert _prepare(own, data) == 0
     work = tmp_path / "work"
-    assert train_tool.main(_train_argv(data, work)) == 0
+    assert train_tool.main(_train_argv(data, work, "train.image_log_iters=2")) == 0
     scores = json.loads((work / "val_scores.json").read_text())["scores"]
     assert scores["masked_images"] == 0
     assert all(scores[k]["miou"] is None for k in ("cam", "refined", "aff_cam", "affinity",
@@ -217,6 +217,12 @@ def test_a_set_with_tags_only_trains_and_validates_without_masks(own, tmp_path):
     val = [r for r in records if "val/cls_map" in r]
     assert val and "val/seg" not in val[-1]
     assert (work / "checkpoints" / "best.pth").is_file()  # chosen by the classifier's mAP
+    # The picture grid of the pseudo labels, in TensorBoard, without any mask.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "tb"), size_guidance={"images": 0}).Reload()
+    (grid,) = events.Images("train/pseudo_labels")
+    assert grid.step == 2 and grid.width > 3 * grid.height
 
 
 @pytest.mark.slow

@@ -180,7 +180,7 @@ def _loop(run: _Run) -> TrainResult:
                     bar.set_postfix(loss=f"{means['total']:.3f}", lr=f"{phase.lr:.2e}")
             if (main and t.image_log_iters and iteration % t.image_log_iters == 0
                     and step.terms.seg_target is not None):
-                _log_images(run_log, iteration, micro_batches[-1], step)
+                _log_images(run_log, iteration, micro_batches[-1], step, C.class_names(cfg))
             if checkpoint_now:  # before validating: a failed validation costs no iterations
                 ckpt.save(iteration, validated=not validate_now)
             if stop_now:
@@ -471,8 +471,10 @@ def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in tensors]))
 
 
-def _log_images(run_log: RunLogger, iteration: int, batch: dict, step: StepOutput) -> None:
-    """TensorBoard grid of the first crop: image, CAM of its first class, labels, prediction."""
+def _log_images(run_log: RunLogger, iteration: int, batch: dict, step: StepOutput,
+                class_names: list[str]) -> None:
+    """TensorBoard grid of the first crop: image, CAM of its first class (named), labels,
+    prediction. Masks play no part: a set with tags only gets it too."""
     from afa.viz import colorize_label, make_grid, overlay_heatmap
 
     image = (denormalize(batch["image"][:1])[0] * 255).byte().permute(1, 2, 0).cpu().numpy()
@@ -484,6 +486,6 @@ def _log_images(run_log: RunLogger, iteration: int, batch: dict, step: StepOutpu
     panels += [colorize_label(label[0]) for label in
                (t.cam_label, t.refined_label, t.aff_pseudo_label, t.seg_target)]
     panels.append(colorize_label(seg))
-    grid = make_grid(panels, titles=["crop", f"CAM class {first_class + 1}", "CAM label",
+    grid = make_grid(panels, titles=["crop", f"CAM {class_names[first_class + 1]}", "CAM label",
                                      "refined (PAR)", "affinity", "seg target", "prediction"])
     run_log.image(iteration, "train/pseudo_labels", grid)
