@@ -122,8 +122,8 @@ class TrainConfig:
     # null (the paper): every validation scores the whole val split. N: the periodic ones score
     # a fixed subset of N images spread evenly over the split (every k-th), and the validation
     # of the last iteration scores the whole split; configs/coco.yaml, whose 40,137 val images
-    # would otherwise cost more than the training (docs/BENCHMARKS.md). best.pth follows the
-    # subset's scores, then the final full pass's.
+    # would otherwise take about three quarters of the training's time (docs/BENCHMARKS.md).
+    # best.pth follows the subset's scores, then the final full pass's.
     eval_subset: Optional[int] = None
     log_iters: int = 50
     ckpt_iters: int = 2000

@@ -322,17 +322,13 @@ class DenseCRFLoss(nn.Module):
         return self.start(rgb, probs, boxes).loss(label)
 
 
-def time_filter(crf: DenseCRFLoss, batch: int, num_labels: int, height: int, width: int,
-                device: torch.device, repeats: int = 3) -> float:
-    """Seconds from :meth:`DenseCRFLoss.start` until the batch's filtered values are on
-    ``device``, for random inputs of a training crop's size (the fastest of ``repeats`` after
-    one warm-up): the cost the trainer reports for the chosen backend.
-    """
-    gen = torch.Generator().manual_seed(0)
-    rgb = torch.rand(batch, 3, height, width, generator=gen).to(device)
-    probs = torch.rand(batch, num_labels, height, width, generator=gen).softmax(1).to(device)
-    boxes = torch.tensor([[0, height, 0, width]] * batch, device=device)
-    best = float("inf")
+def time_filter(crf: DenseCRFLoss, rgb: torch.Tensor, probs: torch.Tensor, boxes: torch.Tensor,
+                repeats: int = 3) -> list[float]:
+    """Seconds from :meth:`DenseCRFLoss.start` until the filtered values are on the inputs'
+    device, for each of ``repeats`` runs after one untimed warm-up (which starts any worker
+    processes and warms the kernels up): the cost the trainer reports for the chosen backend, and
+    ``benchmarks/bilateral_filter.py``'s figures."""
+    device, times = probs.device, []
     for i in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -340,6 +336,6 @@ def time_filter(crf: DenseCRFLoss, batch: int, num_labels: int, height: int, wid
         crf.start(rgb, probs, boxes)._filtered()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:  # the first run builds the worker processes and warms the kernels up
-            best = min(best, time.perf_counter() - begin)
-    return best
+        if i:
+            times.append(time.perf_counter() - begin)
+    return times

@@ -26,7 +26,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from afa.losses import DenseCRFLoss
+from afa.losses import DenseCRFLoss, time_filter
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "tests" / "data" / "voc_photos" / "JPEGImages"
@@ -54,19 +53,10 @@ def inputs(batch: int, crop: int, classes: int) -> tuple[torch.Tensor, torch.Ten
     return rgb, probs, boxes
 
 
-def timed(crf: DenseCRFLoss, args_on_device, device: torch.device, repeats: int):
-    """(seconds of each timed run, the filtered values of the last)."""
-    times, out = [], None
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        begin = time.perf_counter()
-        out = crf.start(*args_on_device)._filtered()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i:
-            times.append(time.perf_counter() - begin)
-    return times, out.cpu()
+def timed(crf: DenseCRFLoss, inputs_on_device, repeats: int):
+    """(seconds of each timed run, the filtered values, on the CPU)."""
+    times = time_filter(crf, *inputs_on_device, repeats=repeats)
+    return times, crf.start(*inputs_on_device)._filtered().cpu()
 
 
 def main() -> None:
@@ -97,7 +87,7 @@ def main() -> None:
               "torch": torch.__version__, "runs": []}
     reference = None
     for backend, where, crf, device in runs:
-        times, out = timed(crf, [x.to(device) for x in (rgb, probs, boxes)], device, args.repeats)
+        times, out = timed(crf, [x.to(device) for x in (rgb, probs, boxes)], args.repeats)
         crf.close()
         if reference is None:
             reference = out

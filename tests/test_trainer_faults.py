@@ -258,19 +258,21 @@ def test_second_signal_exits_at_once(tiny_data, tmp_path, monkeypatch):
 def test_the_requeue_signal_after_a_finished_run_ends_it_normally(tiny_data, tmp_path):
     """SLURM's SIGUSR1 landing while a finished run winds down: exit 0, not 138 (which
     launch/slurm_*.sh would answer with a needless requeue). A stand-in for the wind-down: the
-    signal sent right after train() returns, in the process that trained."""
+    signal sent to the whole process group (loader workers on) right after train() returns, in
+    the process that trained."""
     overrides = conftest.tiny_overrides(tiny_data, tmp_path, device="cpu",
-                                        **{"train.max_iters": 2, "train.eval_iters": 2})
+                                        **{"train.max_iters": 2, "train.eval_iters": 2,
+                                           "data.num_workers": 2})
     script = (
         "import os, signal, sys, time\n"
         "from afa.config import load_config\n"
         "from afa.engine.trainer import train\n"
         f"train(load_config({str(DEMO_CONFIG)!r}, {overrides!r}))\n"
-        "os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "os.killpg(0, signal.SIGUSR1)\n"
         "time.sleep(0.2)\n"
         "print('wound down')\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=conftest.REPO, text=True,
-                          capture_output=True, timeout=300)
+                          capture_output=True, timeout=300, start_new_session=True)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout.strip().endswith("wound down")
 

@@ -361,16 +361,20 @@ def _crf_loss(cfg: DictConfig, info: D.DistInfo, batch_size: int, log):
     backend, why = reg_backend(cfg.loss.reg_backend, info.device)
     crf = losses.DenseCRFLoss(workers=_reg_workers(cfg.loss.reg_workers, info, batch_size),
                               backend=backend)
-    size = int(cfg.data.crop_size * crf.scale_factor)
-    classes = C.num_classes(cfg)
-    # Timed in this process: the worker processes start at the first step that needs them.
+    # The cost, timed on random inputs of the step's size in this process: the worker processes
+    # start at the first step that needs them.
+    size, classes = int(cfg.data.crop_size * crf.scale_factor), C.num_classes(cfg)
+    gen = torch.Generator().manual_seed(0)  # the global generators stay untouched
+    rgb = torch.rand(batch_size, 3, size, size, generator=gen).to(info.device)
+    probs = torch.rand(batch_size, classes, size, size, generator=gen).softmax(1).to(info.device)
+    boxes = torch.tensor([[0, size, 0, size]] * batch_size, device=info.device)
     probe = crf if not crf.workers else losses.DenseCRFLoss(backend=backend)
-    seconds = losses.time_filter(probe, batch_size, classes, size, size, info.device)
+    seconds = min(losses.time_filter(probe, rgb, probs, boxes))
     where = (f"on {info.device.type}" if backend == "torch" else
              f"in {crf.workers} CPU processes" if crf.workers else "in the training process")
-    log.info("Regularized loss: bilateral filter by %s %s (%s); %d x %d x %d x %d takes %.1f ms "
-             "%s", backend, where, why, batch_size, classes, size, size, seconds * 1e3,
-             "in one process" if crf.workers else "")
+    log.info("Regularized loss: bilateral filter by %s %s (%s); %d x %d x %d x %d takes %.1f ms%s",
+             backend, where, why, batch_size, classes, size, size, seconds * 1e3,
+             " in one process" if crf.workers else "")
     return crf
 
 
