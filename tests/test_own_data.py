@@ -151,6 +151,26 @@ def test_prepare_refuses_what_it_cannot_use_and_writes_nothing(case, own, tmp_pa
         assert not out.exists()
 
 
+def test_prepare_again_replaces_its_own_output_and_nothing_else(own, tmp_path, capsys):
+    out = tmp_path / "set"
+    assert _prepare(own, out, "--val-fraction", "0.4") == 0
+    first_val = (out / "val.txt").read_text()
+    # Again with another split: its own earlier output is replaced.
+    assert _prepare(own, out, "--val-fraction", "0.4", "--seed", "7") == 0
+    val = (out / "val.txt").read_text().split()
+    assert (out / "val.txt").read_text() != first_val
+    assert sorted(p.stem for p in (out / "JPEGImages").iterdir()) == sorted(
+        (out / "train.txt").read_text().split() + val)
+    # A file of the user's in its image folder: refused, and everything stays as it was.
+    mine = out / "JPEGImages" / "holiday.jpg"
+    mine.write_bytes(b"mine")
+    capsys.readouterr()
+    assert _prepare(own, out, "--val-fraction", "0.4") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and f"{mine} was not written by prepare_tags.py" in err
+    assert mine.read_bytes() == b"mine" and (out / "val.txt").read_text().split() == val
+
+
 def _train_argv(data, work, *extra):
     return ["--config", str(CUSTOM), "--work-dir", str(work), f"data.root={data}",
             f"data.list_dir={data}", "model.backbone=mit_b0", "model.pretrained=null",

@@ -244,6 +244,17 @@ def _check_out(out: Path) -> None:
     if not ours:
         raise Problems(f"{out} exists and was not made by prepare_tags.py: choose a new --out "
                        "(nothing in it was touched)")
+    # Its image and mask folders are replaced: they must hold only what this tool put there.
+    ids = set()
+    for listed in ("train.txt", "val.txt"):
+        if (out / listed).is_file():
+            ids.update(line.strip() for line in (out / listed).read_text().splitlines())
+    for sub, suffix in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png")):
+        folder = out / sub
+        for entry in sorted(folder.iterdir()) if folder.is_dir() else ():
+            if entry.suffix != suffix or entry.stem not in ids or entry.is_dir():
+                raise Problems(f"{entry} was not written by prepare_tags.py: move it out of {out} "
+                               "or choose a new --out (nothing in it was touched)")
 
 
 def write(out: Path, images: dict[str, Path], masks: dict[str, Path], tagged: dict[str, list],
