@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afa.data.synthetic import (  # noqa: E402
     DEMO_CLASSES,
     ELLIPSE_TEXTURES,
+    RIM_FADE,
     NotADemoSet,
     check_demo_args,
     demo_meta,
@@ -104,10 +105,14 @@ def main(argv=None) -> int:
                         help="with --parts: the share of objects textured in part, each drawn "
                              "at random; the others are whole (default 1: all)")
     parser.add_argument("--ellipse-texture", choices=ELLIPSE_TEXTURES, default=ELLIPSE_TEXTURES[0],
-                        help="the ellipse's texture: concentric rings (default), nearly straight "
-                             "bands away from the centre like the stripes of the triangle it "
-                             "co-occurs with, or bubbles (hollow circles), which no other class "
-                             "resembles; the same set otherwise")
+                        help="the ellipse's texture: bubbles (hollow circles, default), which no "
+                             "other class resembles, or concentric rings (version 3's), nearly "
+                             "straight bands away from the centre like the stripes of the "
+                             "triangle it co-occurs with; the same set otherwise")
+    parser.add_argument("--rim-fade", type=float, default=RIM_FADE, metavar="F",
+                        help="each object's texture fades towards its outline over this share of "
+                             f"the shape's inradius (default {RIM_FADE}; 0: full contrast to the "
+                             "edge, version 3's); the same set otherwise")
     parser.add_argument("--check", action="store_true",
                         help="write nothing: exit 0 if OUT/meta.json says OUT holds the set these "
                              "flags make, 1 if not (missing, another version or other flags)")
@@ -123,10 +128,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     meta_args = dict(seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                      size=args.size, parts=args.parts, parts_share=args.parts_share,
-                     ellipse_texture=args.ellipse_texture)
+                     ellipse_texture=args.ellipse_texture, rim_fade=args.rim_fade)
     if args.frames is None:
         try:  # before --check too: a flag that makes no set must not count as "another set"
-            check_demo_args(args.size, args.parts, args.parts_share, args.ellipse_texture)
+            check_demo_args(args.size, args.parts, args.parts_share, args.ellipse_texture,
+                            args.rim_fade)
         except ValueError as err:
             parser.error(str(err))
     if args.check:
