@@ -13,7 +13,13 @@ from afa.data.synthetic import (
     CO_OCCURRING,
     DEMO_CLASSES,
     DEMO_VERSION,
+    ELLIPSE_TEXTURES,
+    RIM_CONTRAST,
+    RIM_FADE,
+    _depth_scale,
+    _rim_contrast,
     _sample_rng,
+    _SHAPES,
     _texture,
     make_demo_dataset,
     render_sample,
@@ -116,31 +122,81 @@ def _band_coherence(kind: str, period: float = 11.0) -> float:
     return float(coherence[w:-w, w:-w].mean())
 
 
-def test_bubbles_give_the_ellipse_a_texture_no_band_shares():
-    """The default pairs the triangle's stripes with the ellipse's concentric rings, which away
+def test_no_co_occurring_pair_shares_bands():
+    """Version 3 paired the triangle's stripes with the ellipse's concentric rings, which away
     from their centre are bands too: two classes that share most two-class images and a local
-    pattern, told apart only at a corner or a centre (the two shapes runs lost). With
-    ``ellipse_texture="bubbles"`` no co-occurring pair is two bands."""
+    pattern, told apart only at a corner or a centre (the two shapes runs lost). The default
+    ellipse texture, bubbles, leaves no co-occurring pair of two bands."""
     assert _band_coherence("stripes") > 0.95  # the measure sees bands...
     assert _band_coherence("concentric") > 0.95  # ...and the rings as bands, far from the centre
-    textures = CLASS_TEXTURES[:-1] + ("bubbles",)
+    assert CLASS_TEXTURES[8] == ELLIPSE_TEXTURES[0] == "bubbles"
     for first, second in CO_OCCURRING:
-        coherences = sorted(_band_coherence(textures[c]) for c in (first, second))
+        coherences = sorted(_band_coherence(CLASS_TEXTURES[c]) for c in (first, second))
         assert coherences[0] < 0.5, (DEMO_CLASSES[first], DEMO_CLASSES[second], coherences)
+    old = CLASS_TEXTURES[:-1] + ("concentric",)
+    assert min(_band_coherence(old[3]), _band_coherence(old[8])) > 0.95
 
 
 def test_ellipse_texture_changes_the_ellipses_pixels_and_nothing_else():
-    textures = CLASS_TEXTURES[:-1] + ("bubbles",)
+    textures = CLASS_TEXTURES[:-1] + ("concentric",)
     changed = 0
     for index in range(40):
         image, mask = render_sample(_sample_rng(0, "train", index), 64)
-        bubbles, same_mask = render_sample(_sample_rng(0, "train", index), 64, textures=textures)
+        rings, same_mask = render_sample(_sample_rng(0, "train", index), 64, textures=textures)
         np.testing.assert_array_equal(mask, same_mask)
-        differ = (image != bubbles).any(-1)
+        differ = (image != rings).any(-1)
         # The ellipses' pixels (their boundary band included), but no other object's.
         assert not (differ & ~np.isin(mask, (8, 255))).any(), index
         changed += differ[mask == 8].mean() > 0.2 if (mask == 8).any() else 0
     assert changed >= 5
+
+
+def test_depth_scale_is_the_shapes_inradius():
+    radius = 40.0
+    # disc, square, triangle, star, ring (half its width), ellipse: in radii, from their formulas
+    for cls, inradius in ((1, 1.0), (2, 0.8), (3, 0.5), (4, 0.45), (5, 0.225), (8, 0.45)):
+        assert abs(_depth_scale(cls, radius) - inradius * radius) <= 1.5, DEMO_CLASSES[cls]
+
+
+def test_rim_contrast_falls_from_full_in_the_core_to_the_rim_contrast_at_the_outline():
+    yy, xx = np.mgrid[0:101, 0:101].astype(np.float32)
+    radius = 30.0
+    inside = _SHAPES[1]((xx - 50) / radius, (yy - 50) / radius)
+    contrast = np.zeros(inside.shape, np.float32)
+    contrast[inside] = _rim_contrast(inside, 1, radius, RIM_FADE)
+    depth = radius - np.hypot(xx - 50, yy - 50)
+    assert (contrast[inside & (depth > RIM_FADE * radius + 1)] == 1).all()
+    outline = inside & (depth < 1)
+    assert RIM_CONTRAST <= contrast[outline].min() and contrast[outline].max() < RIM_CONTRAST + 0.1
+    profile = contrast[50, 50:81]  # centre to outline
+    assert (np.diff(profile) <= 0).all() and profile[0] == 1
+    # An object cut by the image border keeps its full contrast along the cut.
+    cut = _SHAPES[1]((xx + 5) / radius, (yy - 50) / radius)  # centre 5 px left of the image
+    cut_contrast = np.zeros(cut.shape, np.float32)
+    cut_contrast[cut] = _rim_contrast(cut, 1, radius, RIM_FADE)
+    assert cut_contrast[50, 0] == 1
+
+
+def test_rim_fade_softens_the_objects_rims_and_changes_nothing_else():
+    """The same geometry, masks, colours and background as without the fade: only object pixels
+    change, and along the objects' outlines the texture's local contrast drops."""
+    rim_faded = rim_sharp = 0.0
+    for index in range(20):
+        faded, mask = render_sample(_sample_rng(0, "train", index), 144)
+        sharp, same_mask = render_sample(_sample_rng(0, "train", index), 144, rim_fade=0)
+        np.testing.assert_array_equal(mask, same_mask)
+        assert not ((faded != sharp).any(-1) & (mask == 0)).any(), index
+        objects = ((mask > 0) & (mask != 255)).astype(np.uint8)
+        rim = cv2.distanceTransform(objects, cv2.DIST_L2, 5)
+        rim = (rim > 0) & (rim <= 3)
+        for image, total in ((faded, "faded"), (sharp, "sharp")):
+            grey = image.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
+            gradient = np.abs(np.diff(grey, axis=1))[rim[:, 1:] & rim[:, :-1]].sum()
+            if total == "faded":
+                rim_faded += gradient
+            else:
+                rim_sharp += gradient
+    assert rim_faded < 0.6 * rim_sharp
 
 
 def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
@@ -151,19 +207,23 @@ def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
     stamp = (demo / "meta.json").stat().st_mtime_ns
     assert tool.main([*same, "--check"]) == 0
     for other in (["--seed", "4"], ["--num-val", "9"], ["--size", "96"], ["--parts", "0.5"],
-                  ["--ellipse-texture", "bubbles"]):
+                  ["--ellipse-texture", "concentric"], ["--rim-fade", "0"]):
         assert tool.main([*same, *other, "--check"]) == 1, other
     assert (demo / "meta.json").stat().st_mtime_ns == stamp  # --check writes nothing
     assert tool.main(["--out", str(tmp_path / "none"), "--check"]) == 1
     assert not (tmp_path / "none").exists()
-    bubbles = ["--out", str(tmp_path / "b"), "--num-train", "4", "--num-val", "2", "--size", "48",
-               "--ellipse-texture", "bubbles"]
-    assert tool.main(bubbles) == 0
-    assert json.loads((tmp_path / "b" / "meta.json").read_text())["ellipse_texture"] == "bubbles"
-    assert tool.main([*bubbles, "--check"]) == 0
-    assert tool.main([*bubbles[:-2], "--check"]) == 1
+    version3 = ["--out", str(tmp_path / "b"), "--num-train", "4", "--num-val", "2", "--size", "48",
+                "--ellipse-texture", "concentric", "--rim-fade", "0"]
+    assert tool.main(version3) == 0
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["ellipse_texture"] == "concentric" and meta["rim_fade"] == 0
+    assert tool.main([*version3, "--check"]) == 0
+    assert tool.main([*version3[:-2], "--check"]) == 1
+    assert tool.main([*version3[:-4], "--check"]) == 1
     with pytest.raises(ValueError, match="ellipse_texture must be one of"):
         make_demo_dataset(tmp_path / "c", num_train=1, num_val=1, size=48, ellipse_texture="x")
+    with pytest.raises(ValueError, match="rim_fade must lie in"):
+        make_demo_dataset(tmp_path / "c", num_train=1, num_val=1, size=48, rim_fade=1.5)
 
 
 def test_parts_texture_only_part_of_each_object_and_change_nothing_else():

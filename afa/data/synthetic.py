@@ -14,18 +14,25 @@ texture, drawn in the object's rotated frame:
     ring       annulus (background inside)   grid of thin lines
     cross      plus sign                     random blocks (binary noise)
     crescent   disc minus an offset disc     zigzag (chevron) stripes
-    ellipse    ellipse, aspect ~0.45         concentric rings
+    ellipse    ellipse, aspect ~0.45         bubbles (hollow circles)
 
 What makes it a WSSS problem rather than a colour-threshold one:
 
 - the background is a smooth random colour field (same colour distribution) with a fine irregular
   grain, a few random lines and small blobs on top, then pixel noise over the whole image;
 - several textures share local statistics (stripes, zigzag and bricks are all straight-edged
-  bands; dots and concentric rings are both curved), so shape and context still matter. Away
-  from their centre the ellipse's rings are nearly straight bands, like the stripes of the
-  triangle it co-occurs with: ``ellipse_texture="bubbles"`` (hollow circles, curved everywhere)
-  gives the ellipse a texture no band shares, the same set otherwise (docs/demo.md, "Earlier
-  studies", says what it changed in training);
+  bands; dots and bubbles are both round), so shape and context still matter. But no
+  co-occurring pair (below) is two bands: in version 3 the ellipse wore concentric rings, which
+  away from their centre are bands like the stripes of the triangle it co-occurs with, and in
+  some runs the classifier told the two apart only at a corner or a centre and lost the triangle
+  (``ellipse_texture="concentric"`` draws them again);
+- each object's texture fades towards its outline (version 4, ``rim_fade``): full contrast deeper
+  than half the shape's inradius, falling to a tenth at the outline, towards the mean of its two
+  colours. As on a real object, whose CAM fires on the distinctive part and weakly on the rest,
+  the rim carries little class evidence, so the CAM is partial there, while the rim's colours
+  run on continuously from the core, which PAR's colour kernel and an affinity can follow. With
+  full contrast to the edge (``rim_fade=0``) and no confusable pair, a CAM covers the shapes
+  about as well as any walk could spread it, and the affinity branch has nothing to add;
 - 1-3 objects per image from 1-2 classes, diameters 30-65% of the image side, random rotation and
   position (objects may be cut by the border), later objects partially occlude earlier ones (each
   keeps at least half of its visible area), and sometimes a thin occluding stick crosses the scene;
