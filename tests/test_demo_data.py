@@ -167,7 +167,9 @@ def test_rim_contrast_falls_from_full_in_the_core_to_the_rim_contrast_at_the_out
     depth = radius - np.hypot(xx - 50, yy - 50)
     assert (contrast[inside & (depth > RIM_FADE * radius + 1)] == 1).all()
     outline = inside & (depth < 1)
-    assert RIM_CONTRAST <= contrast[outline].min() and contrast[outline].max() < RIM_CONTRAST + 0.1
+    # within a pixel of the outline: the nearest pixel outside is at most 2 px away
+    top = RIM_CONTRAST + (1 - RIM_CONTRAST) * 2.0 / (RIM_FADE * radius)
+    assert RIM_CONTRAST <= contrast[outline].min() and contrast[outline].max() <= top + 1e-6
     profile = contrast[50, 50:81]  # centre to outline
     assert (np.diff(profile) <= 0).all() and profile[0] == 1
     # An object cut by the image border keeps its full contrast along the cut.
@@ -196,7 +198,7 @@ def test_rim_fade_softens_the_objects_rims_and_changes_nothing_else():
                 rim_faded += gradient
             else:
                 rim_sharp += gradient
-    assert rim_faded < 0.6 * rim_sharp
+    assert rim_faded < 0.9 * rim_sharp  # 1 without the fade; the pixel noise is not faded
 
 
 def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
@@ -207,7 +209,8 @@ def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
     stamp = (demo / "meta.json").stat().st_mtime_ns
     assert tool.main([*same, "--check"]) == 0
     for other in (["--seed", "4"], ["--num-val", "9"], ["--size", "96"], ["--parts", "0.5"],
-                  ["--ellipse-texture", "concentric"], ["--rim-fade", "0"]):
+                  ["--ellipse-texture", "concentric"], ["--rim-fade", "0"],
+                  ["--rim-contrast", "0.5"]):
         assert tool.main([*same, *other, "--check"]) == 1, other
     assert (demo / "meta.json").stat().st_mtime_ns == stamp  # --check writes nothing
     assert tool.main(["--out", str(tmp_path / "none"), "--check"]) == 1
@@ -224,6 +227,8 @@ def test_check_says_whether_a_set_is_the_one_the_flags_make(demo, tmp_path):
         make_demo_dataset(tmp_path / "c", num_train=1, num_val=1, size=48, ellipse_texture="x")
     with pytest.raises(ValueError, match="rim_fade must lie in"):
         make_demo_dataset(tmp_path / "c", num_train=1, num_val=1, size=48, rim_fade=1.5)
+    with pytest.raises(ValueError, match="rim_contrast must lie in"):
+        make_demo_dataset(tmp_path / "c", num_train=1, num_val=1, size=48, rim_contrast=-0.1)
 
 
 def test_parts_texture_only_part_of_each_object_and_change_nothing_else():

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from afa.data.synthetic import (  # noqa: E402
     DEMO_CLASSES,
     ELLIPSE_TEXTURES,
+    RIM_CONTRAST,
     RIM_FADE,
     NotADemoSet,
     check_demo_args,
@@ -113,6 +114,9 @@ def main(argv=None) -> int:
                         help="each object's texture fades towards its outline over this share of "
                              f"the shape's inradius (default {RIM_FADE}; 0: full contrast to the "
                              "edge, version 3's); the same set otherwise")
+    parser.add_argument("--rim-contrast", type=float, default=RIM_CONTRAST, metavar="C",
+                        help="with --rim-fade: the texture's contrast left at the outline "
+                             f"(default {RIM_CONTRAST}; 1: no fade)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing: exit 0 if OUT/meta.json says OUT holds the set these "
                              "flags make, 1 if not (missing, another version or other flags)")
@@ -128,11 +132,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     meta_args = dict(seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                      size=args.size, parts=args.parts, parts_share=args.parts_share,
-                     ellipse_texture=args.ellipse_texture, rim_fade=args.rim_fade)
+                     ellipse_texture=args.ellipse_texture, rim_fade=args.rim_fade,
+                     rim_contrast=args.rim_contrast)
     if args.frames is None:
         try:  # before --check too: a flag that makes no set must not count as "another set"
             check_demo_args(args.size, args.parts, args.parts_share, args.ellipse_texture,
-                            args.rim_fade)
+                            args.rim_fade, args.rim_contrast)
         except ValueError as err:
             parser.error(str(err))
     if args.check:

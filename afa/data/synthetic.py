@@ -26,9 +26,9 @@ What makes it a WSSS problem rather than a colour-threshold one:
   away from their centre are bands like the stripes of the triangle it co-occurs with, and in
   some runs the classifier told the two apart only at a corner or a centre and lost the triangle
   (``ellipse_texture="concentric"`` draws them again);
-- each object's texture fades towards its outline (version 4, ``rim_fade``): full contrast deeper
-  than half the shape's inradius, falling to a tenth at the outline, towards the mean of its two
-  colours. As on a real object, whose CAM fires on the distinctive part and weakly on the rest,
+- each object's texture fades towards its outline (version 4, ``rim_fade``, ``rim_contrast``):
+  full contrast deeper than a quarter of the shape's inradius, falling to a fifth at the outline,
+  towards the mean of its two colours. As on a real object, whose CAM fires on the distinctive part and weakly on the rest,
   the rim carries little class evidence, so the CAM is partial there, while the rim's colours
   run on continuously from the core, which PAR's colour kernel and an affinity can follow. With
   full contrast to the edge (``rim_fade=0``) and no confusable pair, a CAM covers the shapes
@@ -103,8 +103,8 @@ CO_OCCURRING = ((1, 5), (2, 6), (3, 8), (4, 7))
 ELLIPSE_TEXTURES = ("bubbles", "concentric")
 # The rim fade of version 4 (render_sample's rim_fade): the share of each object's depth over
 # which its texture's contrast falls towards the rim, and the contrast left at the rim itself.
-RIM_FADE = 0.5
-RIM_CONTRAST = 0.1
+RIM_FADE = 0.25
+RIM_CONTRAST = 0.2
 
 _SPLIT_CODES = {"train": 0, "val": 1}
 _JPEG_QUALITY = 90
@@ -190,13 +190,14 @@ def _depth_scale(cls: int, radius: float) -> float:
     return float(cv2.distanceTransform(shape, cv2.DIST_L2, 5).max())
 
 
-def _rim_contrast(inside: np.ndarray, cls: int, radius: float, rim_fade: float) -> np.ndarray:
+def _rim_contrast(inside: np.ndarray, cls: int, radius: float, rim_fade: float,
+                  rim_contrast: float = RIM_CONTRAST) -> np.ndarray:
     """Contrast of the texture at each pixel of ``inside``: 1 deeper than ``rim_fade`` of the
-    shape's inradius, falling linearly to :data:`RIM_CONTRAST` at the outline. Depth is measured
+    shape's inradius, falling linearly to ``rim_contrast`` at the outline. Depth is measured
     in the image, so an object cut by the border keeps full contrast along the cut."""
     depth = cv2.distanceTransform(inside.astype(np.uint8), cv2.DIST_L2, 5)[inside]
     ramp = np.clip(depth / (rim_fade * _depth_scale(cls, radius)), 0.0, 1.0)
-    return (RIM_CONTRAST + (1 - RIM_CONTRAST) * ramp).astype(np.float32)
+    return (rim_contrast + (1 - rim_contrast) * ramp).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,7 +307,8 @@ def _boundary_band(mask: np.ndarray) -> np.ndarray:
 def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
                   parts_rng: np.random.Generator | None = None, parts_share: float = 1.0,
                   textures: tuple[str | None, ...] = CLASS_TEXTURES,
-                  rim_fade: float = RIM_FADE) -> tuple[np.ndarray, np.ndarray]:
+                  rim_fade: float = RIM_FADE, rim_contrast: float = RIM_CONTRAST,
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """One image (size, size, 3) uint8 RGB and its mask (size, size) uint8 (0, 1..8, 255).
 
     ``parts`` > 0: only a part of each object carries its class texture, the pixels within
@@ -321,7 +323,7 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
     ``textures``: each class's texture (index 0 unused); a texture draws nothing from ``rng``, so
     another one changes the pixels of that class's objects and nothing else.
     ``rim_fade`` > 0: each object's texture fades towards its outline over this share of the
-    shape's inradius, to :data:`RIM_CONTRAST` at the outline (towards the mean of its two colours);
+    shape's inradius, to ``rim_contrast`` at the outline (towards the mean of its two colours);
     0 keeps full contrast to the edge (version 3). It draws nothing from ``rng`` either.
     """
     if parts and parts < 1 and parts_rng is None:
@@ -342,7 +344,8 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
             along = (a[inside] * np.cos(direction) + b[inside] * np.sin(direction)) / radius
             t = np.where((along >= 1 - 2 * parts)[:, None], t, 0.0)
         if rim_fade:
-            t = 0.5 + (t - 0.5) * _rim_contrast(inside, cls, radius, rim_fade)[:, None]
+            t = 0.5 + (t - 0.5) * _rim_contrast(inside, cls, radius, rim_fade,
+                                                rim_contrast)[:, None]
         image[inside] = np.clip(((1 - t) * first + t * second) * light, 0, 255)
         mask[inside] = cls
     if rng.random() < 0.3:  # a thin occluding stick in front of everything
@@ -363,7 +366,7 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
 
 def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
                   width: int = 160, noise: float = 0.0, rim_fade: float = RIM_FADE,
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+                  rim_contrast: float = RIM_CONTRAST) -> list[tuple[np.ndarray, np.ndarray]]:
     """Frames of 1-2 demo objects gliding and turning over one still background.
 
     The objects (classes drawn as for a training image, at most two objects) keep their texture,
@@ -371,7 +374,7 @@ def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
     while it turns, the later one in front. ``noise`` > 0 adds fresh pixel noise of that
     standard deviation to every frame, as a camera would (the training images have 2-8); by
     default the background stays the same to the bit, which keeps a GIF of the frames small.
-    ``rim_fade``: as :func:`render_sample`'s.
+    ``rim_fade``, ``rim_contrast``: as :func:`render_sample`'s.
 
     Returns ``num_frames`` pairs ``(image (H, W, 3) uint8 RGB, mask (H, W) uint8)``, masks as
     :func:`render_sample`'s (0, 1..8, 255 on boundaries).
@@ -410,7 +413,8 @@ def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
             weight = _texture(CLASS_TEXTURES[obj["cls"]], a[inside] + obj["phase"][0],
                               b[inside] + obj["phase"][1], obj["period"])[:, None]
             if rim_fade:
-                contrast = _rim_contrast(inside, obj["cls"], obj["radius"], rim_fade)
+                contrast = _rim_contrast(inside, obj["cls"], obj["radius"], rim_fade,
+                                         rim_contrast)
                 weight = 0.5 + (weight - 0.5) * contrast[:, None]
             first, second = obj["colours"]
             image[inside] = (1 - weight) * first + weight * second
@@ -452,10 +456,11 @@ def generate_split(
     root: str | os.PathLike, split: str, num: int, seed: int, size: int,
     progress: bool | None = None, parts: float = 0.0, parts_share: float = 1.0,
     textures: tuple[str | None, ...] = CLASS_TEXTURES, rim_fade: float = RIM_FADE,
+    rim_contrast: float = RIM_CONTRAST,
 ) -> dict[str, list[int]]:
     """Write ``num`` images and masks of ``split`` under ``root``; returns ``{id: classes}``.
     ``progress``: see :func:`make_demo_dataset`; ``parts``, ``parts_share``, ``textures``,
-    ``rim_fade``: see :func:`render_sample`."""
+    ``rim_fade``, ``rim_contrast``: see :func:`render_sample`."""
     if progress is None:
         progress = _interactive()
     root = Path(root)
@@ -466,7 +471,7 @@ def generate_split(
         name = f"{split}_{index:05d}"
         image, mask = render_sample(_sample_rng(seed, split, index), size, parts,
                                     _sample_rng(seed, split, index, stream=1), parts_share,
-                                    textures, rim_fade)
+                                    textures, rim_fade, rim_contrast)
         Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=_JPEG_QUALITY)
         write_mask(root / "SegmentationClassAug" / f"{name}.png", mask)
         labels[name] = labels_from_mask(mask, len(DEMO_CLASSES))
@@ -481,7 +486,8 @@ def _interactive() -> bool:
 
 def demo_meta(seed: int = 0, num_train: int = 3000, num_val: int = 300, size: int = 128,
               parts: float = 0.0, parts_share: float = 1.0,
-              ellipse_texture: str = ELLIPSE_TEXTURES[0], rim_fade: float = RIM_FADE) -> dict:
+              ellipse_texture: str = ELLIPSE_TEXTURES[0], rim_fade: float = RIM_FADE,
+              rim_contrast: float = RIM_CONTRAST) -> dict:
     """The ``meta.json`` that :func:`make_demo_dataset` writes for these arguments. A set whose
     ``meta.json`` equals it is byte for byte the set they make (``make_demo_data.py --check``);
     one whose ``meta.json`` equals it less ``"generator"`` was written before that field was, and
@@ -497,12 +503,14 @@ def demo_meta(seed: int = 0, num_train: int = 3000, num_val: int = 300, size: in
         meta["ellipse_texture"] = ellipse_texture
     if rim_fade != RIM_FADE:
         meta["rim_fade"] = rim_fade
+    if rim_contrast != RIM_CONTRAST:
+        meta["rim_contrast"] = rim_contrast
     return meta
 
 
 def check_demo_args(size: int = 128, parts: float = 0.0, parts_share: float = 1.0,
                     ellipse_texture: str = ELLIPSE_TEXTURES[0], rim_fade: float = RIM_FADE,
-                    ) -> None:
+                    rim_contrast: float = RIM_CONTRAST) -> None:
     """Raise ``ValueError`` for arguments :func:`make_demo_dataset` makes no set of; a tool asks
     before it removes an earlier set, which a bad flag must not cost."""
     if size < 32:
@@ -516,6 +524,8 @@ def check_demo_args(size: int = 128, parts: float = 0.0, parts_share: float = 1.
                          f"{ellipse_texture!r}")
     if not 0 <= rim_fade <= 1:
         raise ValueError(f"rim_fade must lie in [0, 1], got {rim_fade}")
+    if not 0 <= rim_contrast <= 1:
+        raise ValueError(f"rim_contrast must lie in [0, 1], got {rim_contrast}")
 
 
 def make_demo_dataset(
@@ -529,6 +539,7 @@ def make_demo_dataset(
     parts_share: float = 1.0,
     ellipse_texture: str = ELLIPSE_TEXTURES[0],
     rim_fade: float = RIM_FADE,
+    rim_contrast: float = RIM_CONTRAST,
 ) -> dict[str, list[int]]:
     """Write the demo set under ``root`` in the VOC layout; returns the labels of all ids.
 
@@ -537,7 +548,7 @@ def make_demo_dataset(
 
     ``parts`` > 0 (at most 1): objects textured only in part, each with probability
     ``parts_share`` (see :func:`render_sample`); ``ellipse_texture``: one of
-    :data:`ELLIPSE_TEXTURES`; ``rim_fade``: see :func:`render_sample`. Options away from their
+    :data:`ELLIPSE_TEXTURES`; ``rim_fade``, ``rim_contrast``: see :func:`render_sample`. Options away from their
     defaults are recorded in ``meta.json`` (:func:`demo_meta`).
 
     Besides ``JPEGImages/`` and ``SegmentationClassAug/`` it writes what ``tools/prepare_voc.py``
@@ -547,11 +558,11 @@ def make_demo_dataset(
     :data:`DEMO_GENERATOR`). ``root`` is written into as it is: whether it may be (a folder of
     someone else's) is for the caller to ask, see :func:`demo_set_contents`.
     """
-    check_demo_args(size, parts, parts_share, ellipse_texture, rim_fade)
+    check_demo_args(size, parts, parts_share, ellipse_texture, rim_fade, rim_contrast)
     textures = CLASS_TEXTURES[:-1] + (ellipse_texture,)
     root = Path(root)
     meta = demo_meta(seed, num_train, num_val, size, parts, parts_share, ellipse_texture,
-                     rim_fade)
+                     rim_fade, rim_contrast)
     # Marked first, as unfinished: a run stopped half-way leaves a folder that is known to be
     # this module's (so make demo may replace it) and that no check takes for a finished set.
     root.mkdir(parents=True, exist_ok=True)
@@ -560,7 +571,7 @@ def make_demo_dataset(
     lists = {}
     for split, num, list_name in (("train", num_train, "train_aug"), ("val", num_val, "val")):
         split_labels = generate_split(root, split, num, seed, size, progress, parts, parts_share,
-                                      textures, rim_fade)
+                                      textures, rim_fade, rim_contrast)
         labels.update(split_labels)
         lists[list_name] = sorted(split_labels)
     for list_name, names in lists.items():
@@ -592,7 +603,8 @@ _SET_FILE = re.compile(r"meta\.json|train_aug\.txt|val\.txt|cls_labels\.json"
 _SET_DIRS = frozenset({"JPEGImages", "SegmentationClassAug", "ImageSets", "ImageSets/Segmentation"})
 # meta.json as written before it carried DEMO_GENERATOR: exactly these keys, no others.
 _OLD_META_KEYS = frozenset({"classes", "num_classes", "seed", "num_train", "num_val", "size"})
-_OLD_META_OPTIONS = frozenset({"version", "parts", "parts_share", "ellipse_texture", "rim_fade"})
+_OLD_META_OPTIONS = frozenset({"version", "parts", "parts_share", "ellipse_texture", "rim_fade",
+                               "rim_contrast"})
 
 
 def _is_demo_meta(meta: object) -> bool:
