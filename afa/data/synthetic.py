@@ -103,8 +103,8 @@ CO_OCCURRING = ((1, 5), (2, 6), (3, 8), (4, 7))
 ELLIPSE_TEXTURES = ("bubbles", "concentric")
 # The rim fade of version 4 (render_sample's rim_fade): the share of each object's depth over
 # which its texture's contrast falls towards the rim, and the contrast left at the rim itself.
-RIM_FADE = 0.25
-RIM_CONTRAST = 0.2
+RIM_FADE = 0.3
+RIM_CONTRAST = 0.1
 
 _SPLIT_CODES = {"train": 0, "val": 1}
 _JPEG_QUALITY = 90
