@@ -26,9 +26,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
-# All of AFA's training, the affinity branch included, on 144-px images (docs/demo.md):
-# 33.7 minutes on 2 AMD EPYC cores with AVX-512 (37-41 on slower mornings), every demo
-# target in six float32 runs of eight.
+# All of AFA's training, the affinity branch included, on 144-px images (docs/demo.md). On the
+# version-4 set (the default): every demo target in the one run so far, 41.7 minutes on 2 AMD
+# EPYC Zen 4 cores; on version-3 sets: 33.7 minutes on a Zen 5 EPYC (37-41 on slower
+# mornings), every target in six float32 runs of eight.
 demo-full: $(STAMP)
 	DEMO_CONFIG=configs/demo_full.yaml $(PY) tools/run_demo.py $(DEMO_ARGS)
 
