@@ -417,6 +417,22 @@ def test_frames_replace_an_earlier_sequence_only(tmp_path, capsys):
     assert tool.main(["--frames", "2", "--size", "32", "--out", str(demo)]) == 2
 
 
+def test_frames_take_the_sets_texture_options():
+    """``--frames`` draws the objects as the set does, version 3's look included."""
+    from afa.data.synthetic import render_frames
+
+    new = render_frames(np.random.default_rng([0, 2]), 3, 96, 120)
+    old = render_frames(np.random.default_rng([0, 2]), 3, 96, 120, rim_fade=0,
+                        textures=CLASS_TEXTURES[:-1] + ("concentric",))
+    for (image, mask), (old_image, old_mask) in zip(new, old):
+        np.testing.assert_array_equal(mask, old_mask)
+        differ = (image != old_image).any(-1)
+        assert differ.any() and not (differ & (mask == 0)).any()
+    tool = load_tool("make_demo_data")
+    with pytest.raises(SystemExit):
+        tool.main(["--frames", "2", "--size", "32", "--out", "unused", "--rim-fade", "2"])
+
+
 def test_progress_bars_only_on_a_terminal(tmp_path):
     """Redirected to a file, the tool writes its summary and no progress bar (tqdm redraws a bar
     with carriage returns: a log would get one line per update); on a terminal it still draws."""

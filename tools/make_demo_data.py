@@ -134,12 +134,11 @@ def main(argv=None) -> int:
                      size=args.size, parts=args.parts, parts_share=args.parts_share,
                      ellipse_texture=args.ellipse_texture, rim_fade=args.rim_fade,
                      rim_contrast=args.rim_contrast)
-    if args.frames is None:
-        try:  # before --check too: a flag that makes no set must not count as "another set"
-            check_demo_args(args.size, args.parts, args.parts_share, args.ellipse_texture,
-                            args.rim_fade, args.rim_contrast)
-        except ValueError as err:
-            parser.error(str(err))
+    try:  # before --check too: a flag that makes no set must not count as "another set"
+        check_demo_args(args.size, args.parts, args.parts_share, args.ellipse_texture,
+                        args.rim_fade, args.rim_contrast)
+    except ValueError as err:
+        parser.error(str(err))
     if args.check:
         try:
             held = json.loads((out / "meta.json").read_text())
@@ -158,7 +157,9 @@ def main(argv=None) -> int:
             return _refuse(err)
         start = time.time()
         paths = make_demo_frames(args.out, args.frames, args.size, args.width or args.size,
-                                 seed=args.seed, noise=args.frame_noise)
+                                 seed=args.seed, noise=args.frame_noise,
+                                 ellipse_texture=args.ellipse_texture, rim_fade=args.rim_fade,
+                                 rim_contrast=args.rim_contrast)
         for path in set(earlier) - set(paths):  # a longer sequence's tail would play on
             path.unlink()
         print(f"wrote {len(paths)} frames of {args.width or args.size}x{args.size} px to "

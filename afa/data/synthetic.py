@@ -366,7 +366,9 @@ def render_sample(rng: np.random.Generator, size: int = 128, parts: float = 0.0,
 
 def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
                   width: int = 160, noise: float = 0.0, rim_fade: float = RIM_FADE,
-                  rim_contrast: float = RIM_CONTRAST) -> list[tuple[np.ndarray, np.ndarray]]:
+                  rim_contrast: float = RIM_CONTRAST,
+                  textures: tuple[str | None, ...] = CLASS_TEXTURES,
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Frames of 1-2 demo objects gliding and turning over one still background.
 
     The objects (classes drawn as for a training image, at most two objects) keep their texture,
@@ -374,7 +376,7 @@ def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
     while it turns, the later one in front. ``noise`` > 0 adds fresh pixel noise of that
     standard deviation to every frame, as a camera would (the training images have 2-8); by
     default the background stays the same to the bit, which keeps a GIF of the frames small.
-    ``rim_fade``, ``rim_contrast``: as :func:`render_sample`'s.
+    ``rim_fade``, ``rim_contrast``, ``textures``: as :func:`render_sample`'s.
 
     Returns ``num_frames`` pairs ``(image (H, W, 3) uint8 RGB, mask (H, W) uint8)``, masks as
     :func:`render_sample`'s (0, 1..8, 255 on boundaries).
@@ -410,7 +412,7 @@ def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
             a = (xx - cx) * cos + (yy - cy) * sin  # object frame, pixels
             b = -(xx - cx) * sin + (yy - cy) * cos
             inside = _SHAPES[obj["cls"]](a / obj["radius"], b / obj["radius"])
-            weight = _texture(CLASS_TEXTURES[obj["cls"]], a[inside] + obj["phase"][0],
+            weight = _texture(textures[obj["cls"]], a[inside] + obj["phase"][0],
                               b[inside] + obj["phase"][1], obj["period"])[:, None]
             if rim_fade:
                 contrast = _rim_contrast(inside, obj["cls"], obj["radius"], rim_fade,
@@ -427,14 +429,21 @@ def render_frames(rng: np.random.Generator, num_frames: int, height: int = 128,
 
 
 def make_demo_frames(out: str | os.PathLike, num_frames: int = 24, height: int = 128,
-                     width: int = 160, seed: int = 0, noise: float = 0.0) -> list[Path]:
+                     width: int = 160, seed: int = 0, noise: float = 0.0,
+                     ellipse_texture: str = ELLIPSE_TEXTURES[0], rim_fade: float = RIM_FADE,
+                     rim_contrast: float = RIM_CONTRAST) -> list[Path]:
     """Write :func:`render_frames` as ``out/frame_NNN.png`` (lossless, so a still background
-    stays still); returns the paths. The same arguments give the same files."""
+    stays still); returns the paths. The same arguments give the same files. The last three:
+    as :func:`make_demo_dataset`'s."""
+    check_demo_args(ellipse_texture=ellipse_texture, rim_fade=rim_fade,
+                    rim_contrast=rim_contrast)
+    textures = CLASS_TEXTURES[:-1] + (ellipse_texture,)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 2])  # 2: neither the train (0) nor the val (1) stream
     paths = []
-    for index, (image, _) in enumerate(render_frames(rng, num_frames, height, width, noise)):
+    frames = render_frames(rng, num_frames, height, width, noise, rim_fade, rim_contrast, textures)
+    for index, (image, _) in enumerate(frames):
         path = out / f"frame_{index:03d}.png"
         Image.fromarray(image).save(path)
         paths.append(path)
