@@ -27,12 +27,14 @@ What makes it a WSSS problem rather than a colour-threshold one:
   some runs the classifier told the two apart only at a corner or a centre and lost the triangle
   (``ellipse_texture="concentric"`` draws them again);
 - each object's texture fades towards its outline (version 4, ``rim_fade``, ``rim_contrast``):
-  full contrast deeper than a quarter of the shape's inradius, falling to a fifth at the outline,
-  towards the mean of its two colours. As on a real object, whose CAM fires on the distinctive part and weakly on the rest,
-  the rim carries little class evidence, so the CAM is partial there, while the rim's colours
-  run on continuously from the core, which PAR's colour kernel and an affinity can follow. With
-  full contrast to the edge (``rim_fade=0``) and no confusable pair, a CAM covers the shapes
-  about as well as any walk could spread it, and the affinity branch has nothing to add;
+  full contrast deeper than 0.3 of the shape's inradius, falling to a tenth at the outline,
+  towards the mean of its two colours. As on a real object, whose CAM fires on the distinctive
+  part and weakly on the rest, the rim carries little class evidence, so the CAM is partial
+  there, while the rim's colours run on continuously from the core, which PAR's colour kernel
+  and an affinity can follow. With full contrast to the edge (``rim_fade=0``) and no confusable
+  pair, a CAM covers the shapes about as well as any walk could spread it, and the affinity
+  branch has nothing to add; fading half the inradius leaves CAMs on the cores only
+  (docs/demo.md gives the runs);
 - 1-3 objects per image from 1-2 classes, diameters 30-65% of the image side, random rotation and
   position (objects may be cut by the border), later objects partially occlude earlier ones (each
   keeps at least half of its visible area), and sometimes a thin occluding stick crosses the scene;
