@@ -182,6 +182,10 @@ def test_rim_contrast_falls_from_full_in_the_core_to_the_rim_contrast_at_the_out
 def test_rim_fade_softens_the_objects_rims_and_changes_nothing_else():
     """The same geometry, masks, colours and background as without the fade: only object pixels
     change, and along the objects' outlines the texture's local contrast drops."""
+    def rim_gradient(image, rim):  # summed horizontal luma steps between two rim pixels
+        grey = image.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
+        return np.abs(np.diff(grey, axis=1))[rim[:, 1:] & rim[:, :-1]].sum()
+
     rim_faded = rim_sharp = 0.0
     for index in range(20):
         faded, mask = render_sample(_sample_rng(0, "train", index), 144)
@@ -189,15 +193,10 @@ def test_rim_fade_softens_the_objects_rims_and_changes_nothing_else():
         np.testing.assert_array_equal(mask, same_mask)
         assert not ((faded != sharp).any(-1) & (mask == 0)).any(), index
         objects = ((mask > 0) & (mask != 255)).astype(np.uint8)
-        rim = cv2.distanceTransform(objects, cv2.DIST_L2, 5)
-        rim = (rim > 0) & (rim <= 3)
-        for image, total in ((faded, "faded"), (sharp, "sharp")):
-            grey = image.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
-            gradient = np.abs(np.diff(grey, axis=1))[rim[:, 1:] & rim[:, :-1]].sum()
-            if total == "faded":
-                rim_faded += gradient
-            else:
-                rim_sharp += gradient
+        depth = cv2.distanceTransform(objects, cv2.DIST_L2, 5)
+        rim = (depth > 0) & (depth <= 3)
+        rim_faded += rim_gradient(faded, rim)
+        rim_sharp += rim_gradient(sharp, rim)
     assert rim_faded < 0.9 * rim_sharp  # 1 without the fade; the pixel noise is not faded
 
 
