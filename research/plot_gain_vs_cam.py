@@ -29,7 +29,7 @@ TWINS = {"data_seed1_seed0.log": "demo_full_20261201/radius2_data_seed1.log",
          "make_seed0.log": "demo_full_20261201/radius2_seed0.log",
          "seed1.log": "demo_full_20261201/radius2_seed1.log"}
 ARROW = dict(arrowstyle="->", color="grey", connectionstyle="arc3,rad=0.15")
-FINAL = re.compile(r"val iter 3750: cam ([\d.]+) refined [\d.]+ aff_cam ([\d.]+) "
+FINAL = re.compile(r"val iter \d+: cam ([\d.]+) refined [\d.]+ aff_cam ([\d.]+) "
                    r"affinity [\d.]+ seg ([\d.]+)")
 
 
