@@ -18,18 +18,16 @@ $(STAMP): $(PY) requirements.txt requirements-dev.txt setup.py
 install: $(STAMP)
 
 # DEMO_ARGS: config overrides for either demo, e.g.
-#   make demo-full DEMO_ARGS="train.amp=auto"
-# (bfloat16 where the CPU has it: 29.7 minutes, every demo target in two runs of four), or
-#   make demo-full DEMO_ARGS="data.root=data/demo data.list_dir=data/demo data.crop_size=128"
-# (the set is made at data.crop_size pixels; 128 px: 22.4 minutes, every target in six runs of
-# nine; docs/demo.md).
+#   make demo-full DEMO_ARGS="seed=1 train.amp=none"
+# (another training seed, float32 throughout), or
+#   make demo-full DEMO_ARGS="data.root=data/demo160 data.list_dir=data/demo160 data.crop_size=160"
+# (a set made at data.crop_size pixels; docs/demo.md).
 demo: $(STAMP)
 	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
-# All of AFA's training, the affinity branch included, on 144-px images (docs/demo.md). On the
-# version-4 set (the default): every demo target in the one run so far, 41.7 minutes on 2 AMD
-# EPYC Zen 4 cores; on version-3 sets: 33.7 minutes on a Zen 5 EPYC (37-41 on slower
-# mornings), every target in six float32 runs of eight.
+# All of AFA's training, the affinity branch included, on 144-px images (docs/demo.md): every
+# demo target in each run of today's recipe so far, 38.2-40.5 minutes on 2 AMD EPYC Zen 4 cores
+# in bfloat16 (train.amp=auto; float32 where the CPU lacks bfloat16 instructions, slower).
 demo-full: $(STAMP)
 	DEMO_CONFIG=configs/demo_full.yaml $(PY) tools/run_demo.py $(DEMO_ARGS)
 
