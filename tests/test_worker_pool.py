@@ -180,21 +180,38 @@ _CRF_HELPER = textwrap.dedent("""
 """)
 
 
+def _semaphores() -> set[str]:
+    """The named semaphores of Python's multiprocessing on this machine (Linux: /dev/shm)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("sem.mp-*")} if shm.is_dir() else set()
+
+
 def test_crf_workers_die_when_their_tool_is_killed(tmp_path):
+    """And nothing of the killed tool's pool stays behind: its resource tracker, which outlives
+    it, removes the pool's semaphores (and says so on the tool's stderr, kept here in a file
+    rather than at the end of the test run's output)."""
     script = tmp_path / "crf_tool.py"
     script.write_text(_CRF_HELPER)
-    tool = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            cwd=REPO)
-    workers = []
+    before = _semaphores()
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        tool = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                stderr=stderr, text=True, cwd=REPO)
+    workers, tracker = [], []
     try:
         assert tool.stdout.readline().strip() == "done"  # the pool is up and has worked
-        workers = [(pid, start) for pid, start, command in _children(tool.pid)
+        children = _children(tool.pid)
+        workers = [(pid, start) for pid, start, command in children
                    if "multiprocessing" in command and "resource_tracker" not in command]
+        tracker = [(pid, start) for pid, start, command in children
+                   if "resource_tracker" in command]
         assert workers
         tool.kill()
         tool.wait()
         assert not _wait_until_dead(workers, 5.0), "CRF workers outlived their killed tool"
+        assert not _wait_until_dead(tracker, 10.0), "the resource tracker did not end"
+        assert not (_semaphores() - before), "the killed tool's semaphores were left behind"
     finally:
         tool.kill()
         tool.wait()
-        _kill_leftovers(workers)
+        tool.stdout.close()
+        _kill_leftovers(workers + tracker)
