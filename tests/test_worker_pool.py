@@ -192,13 +192,14 @@ def test_crf_workers_die_when_their_tool_is_killed(tmp_path):
     rather than at the end of the test run's output)."""
     script = tmp_path / "crf_tool.py"
     script.write_text(_CRF_HELPER)
-    before = _semaphores()
-    with open(tmp_path / "stderr.txt", "w") as stderr:
+    before, stderr_file = _semaphores(), tmp_path / "stderr.txt"
+    with open(stderr_file, "w") as stderr:
         tool = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                                 stderr=stderr, text=True, cwd=REPO)
     workers, tracker = [], []
     try:
-        assert tool.stdout.readline().strip() == "done"  # the pool is up and has worked
+        # the pool is up and has worked
+        assert tool.stdout.readline().strip() == "done", stderr_file.read_text()[-3000:]
         children = _children(tool.pid)
         workers = [(pid, start) for pid, start, command in children
                    if "multiprocessing" in command and "resource_tracker" not in command]
