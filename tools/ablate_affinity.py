@@ -1,7 +1,7 @@
 r"""Does the learned affinity help? The random walk against no walk and a perfect affinity.
 
     python tools/ablate_affinity.py --config configs/demo_full.yaml \
-        --checkpoint work_dirs/demo_full/checkpoints/iter_004500.pth \
+        --checkpoint work_dirs/demo_full/checkpoints/iter_004250.pth \
         [--split val] [--limit N] [--json OUT.json] [key=value ...]
 
 The validation (afa/engine/validate.py, tools/evaluate.py) compares the affinity CAM with the CAM
