@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(PY) tools/run_demo.py $(DEMO_ARGS)
 
 # All of AFA's training, the affinity branch included, on 144-px images (docs/demo.md): every
-# demo target in each of five runs of today's recipe, 30.0-31.2 minutes on 2 AMD EPYC Zen 4 cores
+# demo target in each of five runs of today's recipe, 29.4-31.2 minutes on 2 AMD EPYC Zen 4 cores
 # in bfloat16 (train.amp=auto; float32 where the CPU lacks bfloat16 instructions, slower).
 demo-full: $(STAMP)
 	DEMO_CONFIG=configs/demo_full.yaml $(PY) tools/run_demo.py $(DEMO_ARGS)
